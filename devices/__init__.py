@@ -1,0 +1,1 @@
+"""Edge devices: profiles, the device agent and the emulated fleet."""

@@ -1,0 +1,1 @@
+"""Server side: datasets and their arrival, models, training and partial-update strategies."""

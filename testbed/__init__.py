@@ -1,0 +1,1 @@
+"""Orchestration of edge-testbed runs: CLI, scenarios, broker, metrics, results and the wire format."""
