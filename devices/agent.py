@@ -1,0 +1,253 @@
+"""The device agent: receive an update's chunks, verify, apply atomically, evaluate, report energy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiomqtt
+import numpy as np
+
+from devices.assembly import UpdateAssembler
+from devices.energy import energy_by_phase, phase_times, radio_seconds
+from devices.profiles import DeviceProfile
+from testbed.manifest import ManifestError, UpdateManifest
+from testbed.mqtt import MqttEndpoint
+from testbed.topics import Topics, mqtt_publish_wire_bytes
+from testbed.wire import WireError, apply_update, decode_update, weights_hash
+
+logger = logging.getLogger("devices.agent")
+
+PUBACK_BYTES = 4
+RECONNECT_DELAY_S = 1.0
+
+
+class InferenceModel(Protocol):
+    """What a device runs: a model it can load weights into and evaluate on its local test split."""
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        """Weights of the architecture before any update (shapes and names the updates address)."""
+        ...
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
+
+    def accuracy(self) -> float:
+        """Accuracy on the device's local test split with the loaded weights."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Identity, profile and link rates of one device."""
+
+    device_id: str
+    profile: DeviceProfile
+    downlink_rate_bps: float | None
+    uplink_rate_bps: float | None
+
+
+@dataclass
+class RoundAccounting:
+    """What a device spent since its last report."""
+
+    started_at: float
+    received_bytes: int = 0
+    transmitted_bytes: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass
+class DeviceState:
+    """The device's deployed model and its counters."""
+
+    version: int
+    weights: dict[str, np.ndarray]
+    rejected_updates: int = 0
+    applied_updates: int = 0
+    total_received_bytes: int = 0
+    total_energy_joules: float = 0.0
+    energy_joules_by_phase: dict[str, float] = field(
+        default_factory=lambda: {"receive": 0.0, "transmit": 0.0, "compute": 0.0, "idle": 0.0}
+    )
+
+
+class DeviceAgent:
+    """One edge device speaking MQTT: the same logic for emulated devices and board agents."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        topics: Topics,
+        endpoint: MqttEndpoint,
+        inference: InferenceModel,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.topics = topics
+        self.endpoint = endpoint
+        self.inference = inference
+        self.clock = clock
+        self.state = DeviceState(version=0, weights=inference.initial_weights())
+        self.assembler = UpdateAssembler()
+        self.accounting = RoundAccounting(started_at=clock())
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._manifests: dict[str, UpdateManifest] = {}
+
+    @property
+    def device_id(self) -> str:
+        return self.config.device_id
+
+    async def run(self) -> None:
+        """Stay connected (reconnecting after broker or link failures) until cancelled."""
+        while True:
+            try:
+                await self._session()
+            except aiomqtt.MqttError as error:
+                self.connected.clear()
+                self.reconnects += 1
+                logger.warning("device %s: MQTT connection lost (%s); reconnecting", self.device_id, error)
+                await asyncio.sleep(RECONNECT_DELAY_S)
+
+    async def _session(self) -> None:
+        status_topic = self.topics.device(self.device_id, "status")
+        will = aiomqtt.Will(status_topic, json.dumps({"online": False}), qos=1, retain=True)
+        client = self.endpoint.client(f"{self.topics.run_id}-{self.device_id}", will=will)
+        async with client:
+            await client.subscribe(self.topics.manifest, qos=1)
+            await client.subscribe(self.topics.device(self.device_id, "manifest"), qos=1)
+            await client.subscribe(self.topics.update_chunks, qos=1)
+            await client.subscribe(self.topics.device_update_chunks(self.device_id), qos=1)
+            await self._publish(client, status_topic, {"online": True}, retain=True)
+            await self._publish(client, self.topics.device(self.device_id, "hello"), self._hello())
+            self.connected.set()
+            async for message in client.messages:
+                await self._handle(client, str(message.topic), bytes(message.payload), message.qos)
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "device": self.device_id,
+            "profile": self.config.profile.name,
+            "version": self.state.version,
+            "kind": "emulated",
+        }
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, message: dict[str, Any], retain: bool = False) -> None:
+        payload = json.dumps(message).encode("utf-8")
+        self.accounting.transmitted_bytes += mqtt_publish_wire_bytes(topic, len(payload), qos=1)
+        await client.publish(topic, payload, qos=1, retain=retain, timeout=60.0)
+
+    async def _handle(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
+        wire_bytes = mqtt_publish_wire_bytes(topic, len(payload), qos)
+        self.accounting.received_bytes += wire_bytes
+        self.state.total_received_bytes += wire_bytes
+        if qos > 0:
+            self.accounting.transmitted_bytes += PUBACK_BYTES
+        try:
+            completed = self._receive(topic, payload)
+        except (WireError, ManifestError) as error:
+            self.state.rejected_updates += 1
+            logger.warning("device %s: rejected message on %s: %s", self.device_id, topic, error)
+            await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
+            return
+        if completed is not None:
+            manifest, update_payload = completed
+            await self._apply_and_report(client, manifest, update_payload)
+
+    def _receive(self, topic: str, payload: bytes) -> tuple[UpdateManifest, bytes] | None:
+        chunk = self.topics.parse_update_chunk(topic)
+        if chunk is not None:
+            key, index = chunk
+            completed = self.assembler.add_chunk(key, index, payload)
+            return (self._manifests.pop(key), completed) if completed is not None else None
+        manifest = UpdateManifest.from_json(payload)
+        if manifest.target_version <= self.state.version:
+            return None
+        if manifest.base_version is not None and manifest.base_version != self.state.version:
+            raise WireError(
+                f"update {manifest.key} applies to version {manifest.base_version}, device holds {self.state.version}"
+            )
+        self._manifests[manifest.key] = manifest
+        completed = self.assembler.expect(manifest)
+        return (self._manifests.pop(manifest.key), completed) if completed is not None else None
+
+    def _nack(self, reason: str) -> dict[str, Any]:
+        return {"device": self.device_id, "version": self.state.version, "reason": reason}
+
+    async def _apply_and_report(self, client: aiomqtt.Client, manifest: UpdateManifest, payload: bytes) -> None:
+        delivered_at = self.clock()
+        started = time.perf_counter()
+        try:
+            update = decode_update(payload)
+            if update.header.target_version != manifest.target_version:
+                raise WireError(
+                    f"update header says version {update.header.target_version}, "
+                    f"manifest announced {manifest.target_version}"
+                )
+            new_weights = apply_update(self.state.weights, self.state.version, update)
+        except WireError as error:
+            self.state.rejected_updates += 1
+            logger.warning("device %s: update %s rejected: %s", self.device_id, manifest.key, error)
+            await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
+            return
+        self.inference.load_weights(new_weights)
+        self.state.weights = new_weights
+        self.state.version = update.header.target_version
+        self.state.applied_updates += 1
+        apply_host_s = time.perf_counter() - started
+        started = time.perf_counter()
+        accuracy = self.inference.accuracy()
+        evaluate_host_s = time.perf_counter() - started
+        await self._publish(
+            client, self.topics.device(self.device_id, "report"),
+            self._report(manifest, accuracy, delivered_at, len(payload), apply_host_s, evaluate_host_s),
+        )
+
+    def _report(
+        self, manifest: UpdateManifest, accuracy: float, delivered_at: float, update_bytes: int,
+        apply_host_s: float, evaluate_host_s: float,
+    ) -> dict[str, Any]:
+        profile = self.config.profile
+        now = self.clock()
+        compute_s = (apply_host_s + evaluate_host_s) * profile.compute_slowdown
+        times = phase_times(
+            round_seconds=now - self.accounting.started_at,
+            receive_s=radio_seconds(self.accounting.received_bytes, self.config.downlink_rate_bps),
+            transmit_s=radio_seconds(self.accounting.transmitted_bytes, self.config.uplink_rate_bps),
+            compute_s=compute_s,
+        )
+        energy = energy_by_phase(profile, times)
+        round_energy = sum(energy.values())
+        self.state.total_energy_joules += round_energy
+        for phase, joules in energy.items():
+            self.state.energy_joules_by_phase[phase] += joules
+        report = {
+            "device": self.device_id,
+            "profile": profile.name,
+            "round": manifest.round_index,
+            "version": self.state.version,
+            "weights_hash": weights_hash(self.state.weights).hex(),
+            "accuracy": accuracy,
+            "update_bytes": update_bytes,
+            "received_bytes": self.accounting.received_bytes,
+            "transmitted_bytes": self.accounting.transmitted_bytes,
+            "total_received_bytes": self.state.total_received_bytes,
+            "delivery_seconds": max(0.0, delivered_at - manifest.published_at),
+            "apply_seconds": apply_host_s * profile.compute_slowdown,
+            "evaluate_seconds": evaluate_host_s * profile.compute_slowdown,
+            "energy_joules": round_energy,
+            "energy_joules_by_phase": energy,
+            "phase_seconds": {
+                "receive": times.receive_s, "transmit": times.transmit_s,
+                "compute": times.compute_s, "idle": times.idle_s,
+            },
+            "total_energy_joules": self.state.total_energy_joules,
+            "rejected_updates": self.state.rejected_updates,
+        }
+        self.accounting = RoundAccounting(started_at=now)
+        return report

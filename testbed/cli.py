@@ -1,0 +1,202 @@
+"""The `testbed` command line: validate and run scenarios, with progress and a results table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from testbed.scenario import Scenario, ScenarioError, load_scenario
+
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_BAD_SCENARIO = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        description="Hardware-in-the-loop testbed for deep partial updating of neural networks over MQTT.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="run a scenario end to end")
+    run.add_argument("scenario", type=Path, help="scenario YAML file")
+    run.add_argument("--out", type=Path, default=None, help="results folder (default: runs/<name>-<time>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                     help="override a scenario field, e.g. --set update.ratio=0.01 (repeatable)")
+    run.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    validate = commands.add_parser("validate", help="check a scenario file and print it resolved")
+    validate.add_argument("scenario", type=Path)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    return parser
+
+
+def _default_out(scenario: Scenario) -> Path:
+    return Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class _RichProgress:
+    """Renders runner events: a progress bar over rounds and one line per round."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"), console=console, transient=False,
+        )
+        self.task: Any = None
+        self.devices = 0
+        self.reported = 0
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "starting":
+            self.devices = data["devices"]
+            self.console.print(
+                f"[bold]{data['devices']} devices[/] via broker {data['broker']}; "
+                f"downlink {data['downlink']}; uplink {data['uplink']}"
+                + (f"; metrics at {data['metrics']}" if data["metrics"] else "")
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("rounds", total=data["rounds"], status="")
+        elif self.task is None:
+            return
+        elif event == "training":
+            self.reported = 0
+            self.progress.update(self.task, status=f"round {data['round']}: training")
+        elif event == "publishing":
+            self.progress.update(self.task, status=(
+                f"round {data['round']}: sending v{data['version']} ({data['update_bytes']} B)"))
+        elif event == "device":
+            self.reported += 1
+            self.progress.update(self.task, status=f"round {data['round']}: {self.reported}/{self.devices} devices")
+        elif event == "catch-up":
+            self.console.print(f"  catch-up for {data['device']} from v{data['from']} ({data['bytes']} B): "
+                               f"{data['reason']}")
+        elif event == "round":
+            record = data["record"]
+            self.progress.advance(self.task)
+            self.console.print(
+                f"round {record.round}: server acc {record.server_accuracy:.3f}, update {record.update_bytes} B "
+                f"({100 * record.update_bytes / record.full_model_bytes:.1f}% of full), "
+                f"{record.devices_updated}/{self.devices} devices in {record.round_seconds:.1f} s"
+            )
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _round_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> Table:
+    """Per round: server accuracy and bytes sent, then one line per device (accuracy, energy, delivery)."""
+    table = Table(title=f"{summary['scenario']}: {summary['strategy']} at ratio {summary['ratio']}, per round")
+    for column in ("rnd", "srv acc", "bytes", "% full", "device", "acc", "J", "deliv s"):
+        table.add_column(column, justify="left" if column == "device" else "right", no_wrap=True)
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        by_round.setdefault(record["round"], []).append(record)
+    for round_record in summary["rounds"]:
+        server_cells = [
+            str(round_record["round"]), f"{round_record['server_accuracy']:.3f}",
+            str(round_record["update_bytes"]),
+            f"{100 * round_record['update_bytes'] / round_record['full_model_bytes']:.1f}",
+        ]
+        for position, record in enumerate(by_round.get(round_record["round"], [])):
+            cells = server_cells if position == 0 else [""] * len(server_cells)
+            if record.get("delivered"):
+                device_cells = [f"{record['accuracy']:.3f}", f"{record['energy_joules']:.2f}",
+                                f"{record['delivery_seconds']:.2f}"]
+            else:
+                device_cells = ["[red]missed[/]", "", ""]
+            table.add_row(*cells, record["device"], *device_cells,
+                          end_section=position == len(by_round[round_record["round"]]) - 1)
+    return table
+
+
+def _device_table(summary: dict[str, Any]) -> Table:
+    """Per device: where it ended and what it cost."""
+    table = Table(title="devices at the end of the run")
+    for column in ("device", "profile", "ver", "acc", "J", "bytes", "= server"):
+        table.add_column(column, justify="left" if column == "device" else "right", no_wrap=True)
+    for device_id, state in summary["devices"].items():
+        accuracy = state["final_accuracy"]
+        table.add_row(
+            device_id, state["profile"], str(state["final_version"]),
+            "-" if accuracy is None else f"{accuracy:.3f}", f"{state['energy_joules']:.1f}",
+            str(state["bytes_received"]), "[green]yes[/]" if state["hash_matches_server"] else "[red]no[/]",
+        )
+    return table
+
+
+def _load(path: Path, overrides: list[str], console: Console) -> Scenario | None:
+    try:
+        return load_scenario(path, overrides)
+    except ScenarioError as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        return None
+
+
+def _command_validate(args: argparse.Namespace, console: Console) -> int:
+    scenario = _load(args.scenario, args.overrides, console)
+    if scenario is None:
+        return EXIT_BAD_SCENARIO
+    console.print(f"{args.scenario}: valid, {len(scenario.device_ids())} devices", highlight=False)
+    console.print(scenario.to_yaml(), highlight=False, markup=False)
+    return EXIT_OK
+
+
+def _command_run(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from testbed.runner import run_scenario
+
+    scenario = _load(args.scenario, args.overrides, console)
+    if scenario is None:
+        return EXIT_BAD_SCENARIO
+    out_dir = args.out or _default_out(scenario)
+    console.print(f"[bold]{scenario.name}[/]: {scenario.rounds} rounds, strategy {scenario.update.strategy} "
+                  f"at ratio {scenario.update.ratio}; results in {out_dir}")
+    progress = _RichProgress(console)
+    started = time.monotonic()
+    try:
+        result = asyncio.run(run_scenario(scenario, out_dir, progress))
+    except KeyboardInterrupt:
+        progress.stop()
+        console.print("[yellow]interrupted[/]; results so far are in " + str(out_dir))
+        return EXIT_RUN_FAILED
+    except Exception as error:  # the run failed: say why in one line, details with -v
+        progress.stop()
+        logging.getLogger("testbed").debug("run failed", exc_info=True)
+        console.print(f"[red]run failed:[/] {type(error).__name__}: {error}", highlight=False)
+        return EXIT_RUN_FAILED
+    progress.stop()
+    records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines() if line]
+    console.print(_round_table(result.summary, records))
+    console.print(_device_table(result.summary))
+    missing = [d for d, s in result.summary["devices"].items() if not s["hash_matches_server"]]
+    console.print(f"done in {time.monotonic() - started:.1f} s; results in {out_dir}")
+    if missing:
+        console.print(f"[red]devices not on the server's final model:[/] {', '.join(missing)}")
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `testbed` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = Console()
+    if args.command == "validate":
+        return _command_validate(args, console)
+    return _command_run(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

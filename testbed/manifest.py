@@ -1,0 +1,55 @@
+"""The update manifest: the JSON announcement that tells devices which chunks make up an update."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+
+class ManifestError(ValueError):
+    """A manifest payload that is not valid JSON of the expected shape."""
+
+
+@dataclass(frozen=True)
+class UpdateManifest:
+    """What a device needs to collect and check one encoded update."""
+
+    run_id: str
+    round_index: int
+    key: str
+    target_version: int
+    base_version: int | None
+    total_bytes: int
+    chunk_count: int
+    chunk_size: int
+    payload_sha256: str
+    published_at: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> UpdateManifest:
+        try:
+            data = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ManifestError(f"manifest is not JSON: {error}") from None
+        if not isinstance(data, dict) or set(data) != set(cls.__dataclass_fields__):
+            raise ManifestError(f"manifest fields do not match {sorted(cls.__dataclass_fields__)}")
+        integer_fields = ("round_index", "target_version", "total_bytes", "chunk_count", "chunk_size")
+        for name in integer_fields:
+            if not isinstance(data[name], int) or isinstance(data[name], bool) or data[name] < 0:
+                raise ManifestError(f"manifest field {name} must be a non-negative integer, got {data[name]!r}")
+        if data["base_version"] is not None and not isinstance(data["base_version"], int):
+            raise ManifestError(f"manifest field base_version must be an integer or null, got {data['base_version']!r}")
+        if data["chunk_count"] < 1 or data["chunk_size"] < 1:
+            raise ManifestError("manifest chunk_count and chunk_size must be positive")
+        if not isinstance(data["key"], str) or not isinstance(data["payload_sha256"], str):
+            raise ManifestError("manifest key and payload_sha256 must be strings")
+        return cls(**data)
+
+
+def payload_digest(payload: bytes) -> str:
+    """Hex SHA-256 of an encoded update, as carried in the manifest."""
+    return hashlib.sha256(payload).hexdigest()

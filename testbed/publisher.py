@@ -1,0 +1,102 @@
+"""Publishing updates over MQTT: encode, announce with a manifest, send the chunks; catch-ups on request."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import aiomqtt
+import numpy as np
+
+from testbed.manifest import UpdateManifest, payload_digest
+from testbed.topics import Topics, mqtt_publish_wire_bytes, update_key
+from testbed.wire import encode_full_model, encode_update, split_chunks, update_sizes
+
+PUBLISH_TIMEOUT_S = 60.0
+
+WeightDict = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PublishedUpdate:
+    """What went out for one update: its manifest and its byte counts."""
+
+    manifest: UpdateManifest
+    payload_bytes: int
+    wire_bytes: int
+    index_bits: int
+    value_bytes: int
+    dense_bytes: int
+
+
+class UpdatePublisher:
+    """Keeps every published version's weights so that a lagging device can get a cumulative update."""
+
+    def __init__(self, client: aiomqtt.Client, topics: Topics, chunk_size: int) -> None:
+        self.client = client
+        self.topics = topics
+        self.chunk_size = chunk_size
+        self.versions: dict[int, WeightDict] = {}
+        self.latest_version = 0
+        self.published_bytes = 0
+
+    def encode(self, target_version: int, weights: WeightDict, base_version: int | None) -> bytes:
+        """The payload taking a device from `base_version` (None or unknown: full snapshot) to target."""
+        if base_version is None or base_version not in self.versions:
+            return encode_full_model(weights, target_version)
+        return encode_update(self.versions[base_version], weights, base_version, target_version)
+
+    async def publish_version(self, round_index: int, target_version: int, weights: WeightDict,
+                              base_version: int | None) -> PublishedUpdate:
+        """Broadcast a new version: retained manifest, then its chunks."""
+        payload = self.encode(target_version, weights, base_version)
+        effective_base = base_version if base_version in self.versions else None
+        self.versions[target_version] = {name: array.copy() for name, array in weights.items()}
+        self.latest_version = target_version
+        return await self._publish(round_index, target_version, effective_base, payload,
+                                   manifest_topic=self.topics.manifest, retain=True, key=update_key(target_version),
+                                   device_id=None)
+
+    async def publish_catch_up(self, round_index: int, device_id: str, device_version: int) -> PublishedUpdate:
+        """A cumulative update from the device's version (or a full snapshot) to the latest, for it alone."""
+        target = self.latest_version
+        base = device_version if device_version in self.versions else None
+        payload = self.encode(target, self.versions[target], base)
+        key = update_key(target, base if base is not None else 0)
+        return await self._publish(round_index, target, base, payload,
+                                   manifest_topic=self.topics.device(device_id, "manifest"), retain=False, key=key,
+                                   device_id=device_id)
+
+    async def _publish(self, round_index: int, target_version: int, base_version: int | None, payload: bytes,
+                       manifest_topic: str, retain: bool, key: str, device_id: str | None) -> PublishedUpdate:
+        chunks = split_chunks(payload, self.chunk_size)
+        manifest = UpdateManifest(
+            run_id=self.topics.run_id,
+            round_index=round_index,
+            key=key,
+            target_version=target_version,
+            base_version=base_version,
+            total_bytes=len(payload),
+            chunk_count=len(chunks),
+            chunk_size=self.chunk_size,
+            payload_sha256=payload_digest(payload),
+            published_at=time.time(),
+        )
+        manifest_payload = manifest.to_json()
+        await self.client.publish(manifest_topic, manifest_payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
+        wire_bytes = mqtt_publish_wire_bytes(manifest_topic, len(manifest_payload), qos=1)
+        for index, chunk in enumerate(chunks):
+            topic = (self.topics.update_chunk(key, index) if device_id is None
+                     else self.topics.device_update_chunk(device_id, key, index))
+            await self.client.publish(topic, chunk, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            wire_bytes += mqtt_publish_wire_bytes(topic, len(chunk), qos=1)
+        self.published_bytes += len(payload)
+        sizes = update_sizes(payload)
+        return PublishedUpdate(
+            manifest=manifest,
+            payload_bytes=len(payload),
+            wire_bytes=wire_bytes,
+            index_bits=sizes.index_bits,
+            value_bytes=sizes.value_bytes,
+            dense_bytes=sizes.dense_bytes,
+        )

@@ -1,0 +1,330 @@
+"""Run orchestration: broker, exporter, links, fleet and server rounds, wired together for one scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from channel.link import LinkParameters
+from channel.profiles import PROFILES
+from channel.proxy import LinkProxy
+from devices.agent import DeviceAgent, DeviceConfig
+from devices.fleet import EmulatedFleet
+from devices.profiles import get_device_profile
+from server.update_server import RoundOutcome, UpdateServer
+from testbed.broker import EmbeddedBroker
+from testbed.inference import TorchInference
+from testbed.metrics import MetricsExporter, RunMetrics
+from testbed.mqtt import MqttEndpoint
+from testbed.publisher import UpdatePublisher
+from testbed.results import ResultsWriter
+from testbed.scenario import ChannelSpec, LinkSpec, Scenario
+from testbed.topics import Topics
+from testbed.wire import encode_full_model, weights_hash
+
+logger = logging.getLogger("testbed.runner")
+
+ONLINE_TIMEOUT_S = 60.0
+MAX_CATCH_UPS_PER_ROUND = 3
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+class RunError(Exception):
+    """A run that could not complete (devices missing, a broker that went away, ...)."""
+
+
+@dataclass
+class RoundRecord:
+    """The server's side of one round, as kept in summary.json."""
+
+    round: int
+    version: int
+    server_accuracy: float
+    validation_accuracy: float
+    update_bytes: int
+    full_model_bytes: int
+    index_bits: int
+    selected_weights: int | None
+    partial_weights: int
+    training_samples: int
+    training_seconds: float
+    round_seconds: float = 0.0
+    devices_updated: int = 0
+
+
+@dataclass
+class RunResult:
+    """Where the results went and what they say."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    metrics_url: str | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+
+def link_parameters(spec: LinkSpec | None, profile: LinkParameters | None) -> LinkParameters:
+    """One direction's parameters: explicit fields over the named profile, else an unlimited link."""
+    base = profile or LinkParameters(rate_bps=None)
+    if spec is None:
+        return base
+    explicit = spec.model_fields_set
+    return LinkParameters(
+        rate_bps=spec.rate_bps if "rate_bps" in explicit else base.rate_bps,
+        delay_s=spec.delay_s if "delay_s" in explicit else base.delay_s,
+        jitter_s=spec.jitter_s if "jitter_s" in explicit else base.jitter_s,
+        loss=spec.loss if "loss" in explicit else base.loss,
+    )
+
+
+def resolve_links(channel: ChannelSpec) -> tuple[LinkParameters, LinkParameters]:
+    """(downlink, uplink) of every device's link in this scenario."""
+    profile = PROFILES[channel.profile] if channel.profile else None
+    return (
+        link_parameters(channel.downlink, profile.downlink if profile else None),
+        link_parameters(channel.uplink, profile.uplink if profile else None),
+    )
+
+
+def derived_seed(seed: int, *stream: int) -> int:
+    """A 32-bit seed for one consumer, derived from the scenario seed."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+
+
+def new_run_id(scenario: Scenario) -> str:
+    return f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+class _DeviceMessages:
+    """Reports and nacks from devices, read off the control client into queues."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self.reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.nacks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def pump(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            parsed = self.topics.parse_device_topic(str(message.topic))
+            if parsed is None:
+                continue
+            device_id, kind = parsed
+            try:
+                body = json.loads(bytes(message.payload))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                logger.warning("ignoring malformed %s message from %s", kind, device_id)
+                continue
+            if not isinstance(body, dict):
+                continue
+            body["device"] = device_id
+            if kind == "report":
+                await self.reports.put(body)
+            elif kind == "nack":
+                await self.nacks.put(body)
+
+
+class ScenarioRun:
+    """One run of a scenario; `execute()` does it all and returns the results."""
+
+    def __init__(self, scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None) -> None:
+        self.scenario = scenario
+        self.out_dir = Path(out_dir)
+        self.progress = progress or (lambda event, data: None)
+        self.run_id = new_run_id(scenario)
+        self.topics = Topics(self.run_id)
+        self.profiles = scenario.device_profiles()
+        self.metrics = RunMetrics(self.run_id, scenario.update.strategy)
+        self.rounds: list[RoundRecord] = []
+        self.device_state: dict[str, dict[str, Any]] = {
+            device_id: {"profile": profile, "final_version": 0, "final_accuracy": None, "energy_joules": 0.0,
+                        "bytes_received": 0, "weights_hash": None, "rounds_missed": 0}
+            for device_id, profile in self.profiles.items()
+        }
+        self.metrics_url: str | None = None
+
+    async def execute(self) -> RunResult:
+        scenario = self.scenario
+        self.progress("preparing", {"run_id": self.run_id})
+        server = await asyncio.to_thread(UpdateServer, scenario)
+        downlink, uplink = resolve_links(scenario.channel)
+        async with AsyncExitStack() as stack:
+            results = stack.enter_context(ResultsWriter(self.out_dir))
+            results.write_scenario(scenario)
+            endpoint = await self._broker(stack)
+            if scenario.metrics.enabled:
+                exporter = await stack.enter_async_context(
+                    MetricsExporter(self.metrics.registry, scenario.metrics.host, scenario.metrics.port)
+                )
+                self.metrics_url = exporter.url
+            agents = []
+            for index, (device_id, profile_name) in enumerate(self.profiles.items()):
+                proxy = await stack.enter_async_context(LinkProxy(
+                    endpoint.host, endpoint.port, downlink=downlink, uplink=uplink,
+                    seed=derived_seed(scenario.seed, 1, index), name=device_id,
+                ))
+                inference = TorchInference(server.build_device_model(), server.device_test_split(index))
+                config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps)
+                agents.append(DeviceAgent(config, self.topics, endpoint.via("127.0.0.1", proxy.port), inference))
+            control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
+            messages = _DeviceMessages(self.topics)
+            await control.subscribe(self.topics.devices("report"), qos=1)
+            await control.subscribe(self.topics.devices("nack"), qos=1)
+            pump = asyncio.create_task(messages.pump(control), name="device-messages")
+            stack.push_async_callback(_cancel, pump)
+            fleet = await stack.enter_async_context(EmulatedFleet(agents))
+            self.progress("starting", {"devices": len(agents), "broker": f"{endpoint.host}:{endpoint.port}",
+                                       "metrics": self.metrics_url, "downlink": downlink.description, "uplink": uplink.description,
+                                       "rounds": server.rounds})
+            await fleet.wait_online(ONLINE_TIMEOUT_S)
+            publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size)
+            for round_index in range(server.rounds):
+                await self._round(round_index, server, publisher, messages, fleet, pump, results)
+            summary = self._summary(server, publisher)
+            results.write_summary(summary)
+        return RunResult(self.out_dir, summary, self.metrics_url, self.rounds)
+
+    async def _broker(self, stack: AsyncExitStack) -> MqttEndpoint:
+        spec = self.scenario.broker
+        if spec.embedded:
+            broker = await stack.enter_async_context(EmbeddedBroker())
+            return MqttEndpoint(broker.host, broker.port)
+        return MqttEndpoint.from_spec(spec, spec.host, spec.port)
+
+    async def _round(self, round_index: int, server: UpdateServer, publisher: UpdatePublisher,
+                     messages: _DeviceMessages, fleet: EmulatedFleet, pump: asyncio.Task[None],
+                     results: ResultsWriter) -> None:
+        self.progress("training", {"round": round_index})
+        outcome: RoundOutcome = await asyncio.to_thread(server.run_round, round_index)
+        started = time.monotonic()
+        base = outcome.version - 1 if round_index > 0 else None
+        published = await publisher.publish_version(round_index, outcome.version, outcome.weights, base)
+        self.metrics.record_published(published.payload_bytes)
+        full_model_bytes = len(encode_full_model(outcome.weights, outcome.version))
+        self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy,
+                                  published.payload_bytes, full_model_bytes)
+        self.progress("publishing", {"round": round_index, "version": outcome.version,
+                                     "update_bytes": published.payload_bytes, "full_model_bytes": full_model_bytes})
+        reports = await self._collect_reports(round_index, outcome.version, publisher, messages, fleet, pump)
+        expected_hash = weights_hash(outcome.weights).hex()
+        for device_id, profile in self.profiles.items():
+            record = self._device_record(round_index, outcome, device_id, profile, reports.get(device_id), expected_hash)
+            results.append_record(record)
+        record = RoundRecord(
+            round=round_index, version=outcome.version, server_accuracy=outcome.server_accuracy,
+            validation_accuracy=outcome.validation_accuracy, update_bytes=published.payload_bytes,
+            full_model_bytes=full_model_bytes, index_bits=published.index_bits, selected_weights=outcome.selected,
+            partial_weights=outcome.partial_count, training_samples=outcome.training_samples,
+            training_seconds=outcome.seconds, round_seconds=time.monotonic() - started, devices_updated=len(reports),
+        )
+        self.rounds.append(record)
+        self.progress("round", {"record": record, "reports": reports})
+
+    async def _collect_reports(self, round_index: int, version: int, publisher: UpdatePublisher,
+                               messages: _DeviceMessages, fleet: EmulatedFleet,
+                               pump: asyncio.Task[None]) -> dict[str, dict[str, Any]]:
+        """Wait until every device reports `version`, serving catch-ups to those that nack."""
+        deadline = time.monotonic() + self.scenario.round_timeout_s
+        reports: dict[str, dict[str, Any]] = {}
+        catch_ups: dict[str, int] = {}
+        while len(reports) < len(self.profiles):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            report_wait = asyncio.create_task(messages.reports.get())
+            nack_wait = asyncio.create_task(messages.nacks.get())
+            done, _ = await asyncio.wait({report_wait, nack_wait, pump}, timeout=min(remaining, 1.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in (report_wait, nack_wait):
+                if task not in done:
+                    task.cancel()
+            if pump in done:
+                raise RunError(f"lost the connection to the broker: {pump.exception()!r}")
+            fleet.raise_if_failed()
+            if report_wait in done:
+                report = report_wait.result()
+                if report.get("device") in self.profiles and report.get("version") == version:
+                    reports[report["device"]] = report
+                    self.progress("device", {"round": round_index, "report": report})
+            if nack_wait in done:
+                nack = nack_wait.result()
+                device_id = nack.get("device")
+                if device_id not in self.profiles or device_id in reports:
+                    continue
+                self.metrics.record_nack(device_id, self.profiles[device_id])
+                if catch_ups.get(device_id, 0) >= MAX_CATCH_UPS_PER_ROUND:
+                    logger.warning("device %s keeps rejecting version %s: %s", device_id, version, nack.get("reason"))
+                    continue
+                catch_ups[device_id] = catch_ups.get(device_id, 0) + 1
+                held = nack.get("version")
+                catch_up = await publisher.publish_catch_up(round_index, device_id, held if isinstance(held, int) else -1)
+                self.metrics.record_published(catch_up.payload_bytes)
+                self.progress("catch-up", {"round": round_index, "device": device_id, "from": held,
+                                           "bytes": catch_up.payload_bytes, "reason": nack.get("reason")})
+        return reports
+
+    def _device_record(self, round_index: int, outcome: RoundOutcome, device_id: str, profile: str,
+                       report: dict[str, Any] | None, expected_hash: str) -> dict[str, Any]:
+        state = self.device_state[device_id]
+        record: dict[str, Any] = {"run": self.run_id, "round": round_index, "device": device_id, "profile": profile,
+                                  "server_version": outcome.version, "delivered": report is not None}
+        if report is None:
+            state["rounds_missed"] += 1
+            return record
+        self.metrics.record_device_report(report, state["bytes_received"])
+        state.update(final_version=report["version"], final_accuracy=report["accuracy"],
+                     energy_joules=report["total_energy_joules"], bytes_received=report["total_received_bytes"],
+                     weights_hash=report["weights_hash"])
+        record.update({
+            key: report[key] for key in (
+                "version", "accuracy", "energy_joules", "energy_joules_by_phase", "phase_seconds",
+                "delivery_seconds", "received_bytes", "transmitted_bytes", "update_bytes",
+                "apply_seconds", "evaluate_seconds", "weights_hash", "rejected_updates",
+            )
+        })
+        record["hash_matches_server"] = report["weights_hash"] == expected_hash
+        return record
+
+    def _summary(self, server: UpdateServer, publisher: UpdatePublisher) -> dict[str, Any]:
+        final_hash = weights_hash(publisher.versions[publisher.latest_version]).hex()
+        return {
+            "scenario": self.scenario.name,
+            "run_id": self.run_id,
+            "seed": self.scenario.seed,
+            "strategy": self.scenario.update.strategy,
+            "ratio": self.scenario.update.ratio,
+            "rounds": [vars(record) for record in self.rounds],
+            "devices": {
+                device_id: {**state, "hash_matches_server": state["weights_hash"] == final_hash}
+                for device_id, state in self.device_state.items()
+            },
+            "server": {
+                "final_version": publisher.latest_version,
+                "final_accuracy": self.rounds[-1].server_accuracy if self.rounds else None,
+                "weights_hash": final_hash,
+                "published_bytes": publisher.published_bytes,
+            },
+        }
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, aiomqtt.MqttError):
+        pass
+
+
+async def run_scenario(scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None) -> RunResult:
+    """Run a scenario end to end and write its results to `out_dir`."""
+    return await ScenarioRun(scenario, out_dir, progress).execute()

@@ -1,0 +1,330 @@
+"""Scenario files: typed models, loading with `--set` overrides, and one clear error per bad file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from testbed.units import (
+    UnitError,
+    parse_duration_s,
+    parse_fraction,
+    parse_rate_bps,
+    parse_size_bytes,
+)
+
+
+class ScenarioError(Exception):
+    """A scenario file (or an override) that cannot be run; the message names the field and value."""
+
+
+def _unit(parser):  # type: ignore[no-untyped-def]
+    def parse(value: Any) -> Any:
+        try:
+            return parser(value)
+        except UnitError as error:
+            raise ValueError(str(error)) from None
+
+    return BeforeValidator(parse)
+
+
+RateBps = Annotated[float, _unit(parse_rate_bps)]
+DurationSeconds = Annotated[float, _unit(parse_duration_s)]
+Fraction = Annotated[float, _unit(parse_fraction)]
+SizeBytes = Annotated[int, _unit(parse_size_bytes)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataSpec(_Model):
+    """Which data set, and how it arrives round by round."""
+
+    dataset: Literal["digits"] = "digits"
+    initial_samples: int = Field(300, ge=10)
+    new_samples_per_round: int = Field(100, ge=1)
+    validation_samples: int = Field(180, ge=10)
+    test_samples: int = Field(360, ge=10)
+    device_test_samples: int = Field(200, ge=10)
+
+
+class ModelSpec(_Model):
+    """The network the server trains and the devices run."""
+
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128, 64])
+
+
+class UpdateSpec(_Model):
+    """How the server updates the deployed model each round."""
+
+    strategy: str = "dpu"
+    ratio: float = Field(0.05, gt=0.0, le=1.0)
+    epochs: int = Field(20, ge=1, le=10_000)
+    lr: float = Field(0.005, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda")
+    chunk_size: SizeBytes = Field(1024, alias="chunk_size")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from server.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        return name
+
+
+class LinkSpec(_Model):
+    """One direction of a link: rate, delay, jitter and segment loss."""
+
+    rate_bps: RateBps | None = Field(None, alias="rate")
+    delay_s: DurationSeconds = Field(0.0, alias="delay")
+    jitter_s: DurationSeconds = Field(0.0, alias="jitter")
+    loss: Fraction = 0.0
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_below_one(cls, loss: float) -> float:
+        if loss >= 1.0:
+            raise ValueError("loss must be below 100% (nothing would ever arrive)")
+        return loss
+
+
+class ChannelSpec(_Model):
+    """The emulated link between the broker and each device."""
+
+    profile: str | None = None
+    downlink: LinkSpec | None = None
+    uplink: LinkSpec | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        from channel.profiles import PROFILES
+
+        if name not in PROFILES:
+            raise ValueError(f"unknown channel profile {name!r}; choose one of {', '.join(sorted(PROFILES))}")
+        return name
+
+
+class DeviceGroup(_Model):
+    """Either `count` emulated devices of a profile, or one named device."""
+
+    profile: str
+    count: int | None = Field(None, ge=1, le=1000)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, name: str) -> str:
+        from devices.profiles import DEVICE_PROFILES
+
+        if name not in DEVICE_PROFILES:
+            raise ValueError(f"unknown device profile {name!r}; choose one of {', '.join(sorted(DEVICE_PROFILES))}")
+        return name
+
+    @model_validator(mode="after")
+    def _count_or_name(self) -> DeviceGroup:
+        if self.count is not None and self.name is not None:
+            raise ValueError("give either 'count' (a group of emulated devices) or 'name' (one device), not both")
+        return self
+
+    def device_ids(self) -> list[str]:
+        """The ids of the devices this entry stands for."""
+        if self.name is not None:
+            return [self.name]
+        return [f"{self.profile}-{index}" for index in range(self.count or 1)]
+
+
+class TlsSpec(_Model):
+    """TLS settings for an external broker."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+
+class BrokerSpec(_Model):
+    """`embedded` (amqtt started by the run) or an external MQTT broker URL."""
+
+    url: str = "embedded"
+    username: str | None = None
+    password: str | None = None
+    tls: TlsSpec | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        if url == "embedded":
+            return url
+        parsed = urlparse(url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise ValueError(f"broker must be 'embedded' or mqtt://host[:port] / mqtts://host[:port], got {url!r}")
+        try:
+            parsed.port
+        except ValueError:
+            raise ValueError(f"bad port in broker url {url!r}") from None
+        return url
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.url)
+        return parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls is not None or urlparse(self.url).scheme == "mqtts"
+
+
+def _broker_from_shorthand(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class MetricsSpec(_Model):
+    """The Prometheus exporter of the run."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class Scenario(_Model):
+    """A whole experiment: data, model, update strategy, channel, devices, broker, metrics."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    rounds: int = Field(ge=1, le=10_000)
+    round_timeout_s: DurationSeconds = Field(300.0, alias="round_timeout")
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    update: UpdateSpec = Field(default_factory=UpdateSpec)
+    channel: ChannelSpec = Field(default_factory=ChannelSpec)
+    devices: list[DeviceGroup] = Field(min_length=1)
+    broker: Annotated[BrokerSpec, BeforeValidator(_broker_from_shorthand)] = Field(default_factory=BrokerSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+
+    @model_validator(mode="after")
+    def _unique_device_ids(self) -> Scenario:
+        seen: set[str] = set()
+        for device_id in self.device_ids():
+            if device_id in seen:
+                raise ValueError(f"device id {device_id!r} appears twice; give named devices distinct names")
+            seen.add(device_id)
+        return self
+
+    def device_ids(self) -> list[str]:
+        """Every device id of the run, in scenario order."""
+        return [device_id for group in self.devices for device_id in group.device_ids()]
+
+    def device_profiles(self) -> dict[str, str]:
+        """Device id -> profile name."""
+        return {device_id: group.profile for group in self.devices for device_id in group.device_ids()}
+
+    def to_yaml(self) -> str:
+        """The resolved scenario as YAML (units in SI numbers: bit/s, seconds, fractions, bytes)."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    parts = [str(part) for part in location if not str(part).startswith(("function-", "function-after"))]
+    return ".".join(parts) or "<top level>"
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid scenario"]
+    for detail in error.errors():
+        location = _format_location(tuple(detail["loc"]))
+        message = detail["msg"].removeprefix("Value error, ")
+        if detail["type"] == "extra_forbidden":
+            message = "unknown field"
+        value = detail.get("input")
+        shown = "" if detail["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {location}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `path.to.field=value` override to a raw scenario mapping (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ScenarioError(f"--set {assignment!r}: expected path=value, e.g. update.ratio=0.01")
+    path, _, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ScenarioError(f"--set {assignment!r}: empty field name in {path!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"--set {assignment!r}: value is not valid YAML: {error}") from None
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ScenarioError(f"--set {assignment!r}: {where} is not an index of a list of {len(node)}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ScenarioError(f"--set {assignment!r}: {'.'.join(keys[:depth])} is a value, not a section")
+
+
+def parse_scenario(raw: Any, source: str = "<scenario>", overrides: list[str] | None = None) -> Scenario:
+    """Validate a raw mapping (as from YAML) with optional overrides into a Scenario."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{source}: a scenario must be a mapping of fields, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as error:
+        raise ScenarioError(_format_validation_error(error, source)) from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario file; every problem is one ScenarioError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ScenarioError(f"{path}: cannot read scenario file: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"{path}: not valid YAML: {error}") from None
+    return parse_scenario(raw, str(path), overrides)

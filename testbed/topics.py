@@ -1,0 +1,84 @@
+"""MQTT topic names of a run: the one place they are spelled out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICE_MESSAGE_KINDS = ("hello", "status", "report", "nack", "manifest")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topics under `testbed/<run>/` for manifests, update chunks and per-device messages."""
+
+    run_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"testbed/{self.run_id}/"
+
+    @property
+    def manifest(self) -> str:
+        """Retained: the latest update every device should hold."""
+        return self.prefix + "manifest"
+
+    def update_chunk(self, update_key: str, chunk_index: int) -> str:
+        """One chunk of an encoded update; `update_key` is the target version, or `<target>-from-<base>`."""
+        return f"{self.prefix}update/{update_key}/{chunk_index}"
+
+    @property
+    def update_chunks(self) -> str:
+        """Wildcard matching every update chunk."""
+        return self.prefix + "update/+/+"
+
+    def device_update_chunk(self, device_id: str, update_key: str, chunk_index: int) -> str:
+        """One chunk of a catch-up update meant for one device only."""
+        return f"{self.prefix}device/{device_id}/update/{update_key}/{chunk_index}"
+
+    def device_update_chunks(self, device_id: str) -> str:
+        """Wildcard matching the catch-up chunks of one device."""
+        return f"{self.prefix}device/{device_id}/update/+/+"
+
+    def device(self, device_id: str, kind: str) -> str:
+        """A device's own topic of one kind (hello, status, report, nack, manifest)."""
+        if kind not in DEVICE_MESSAGE_KINDS:
+            raise ValueError(f"unknown device message kind {kind!r}")
+        return f"{self.prefix}device/{device_id}/{kind}"
+
+    def devices(self, kind: str) -> str:
+        """Wildcard matching one kind of message from every device."""
+        return self.device("+", kind)
+
+    def parse_update_chunk(self, topic: str) -> tuple[str, int] | None:
+        """(update key, chunk index) of a broadcast or per-device chunk topic, or None if it is not one."""
+        if not topic.startswith(self.prefix):
+            return None
+        parts = topic[len(self.prefix):].split("/")
+        if len(parts) == 5 and parts[0] == "device" and parts[2] == "update":
+            parts = parts[2:]
+        if len(parts) != 3 or parts[0] != "update" or not parts[2].isdigit():
+            return None
+        return parts[1], int(parts[2])
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
+        """(device id, kind) of a device topic, or None."""
+        if not topic.startswith(self.prefix + "device/"):
+            return None
+        parts = topic[len(self.prefix + "device/"):].split("/")
+        if len(parts) != 2 or parts[1] not in DEVICE_MESSAGE_KINDS:
+            return None
+        return parts[0], parts[1]
+
+
+def update_key(target_version: int, base_version: int | None = None) -> str:
+    """The topic key of an update: the version alone for the broadcast, `T-from-B` for a catch-up."""
+    return str(target_version) if base_version is None else f"{target_version}-from-{base_version}"
+
+
+def mqtt_publish_wire_bytes(topic: str, payload_bytes: int, qos: int) -> int:
+    """Bytes of an MQTT 3.1.1 PUBLISH packet on the wire (fixed header, topic, packet id, payload)."""
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0) + payload_bytes
+    length_bytes = 1
+    while remaining >= 128 ** length_bytes and length_bytes < 4:
+        length_bytes += 1
+    return 1 + length_bytes + remaining
