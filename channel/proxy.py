@@ -1,0 +1,360 @@
+"""Asyncio TCP proxy that carries each direction of a connection through a seeded LinkModel."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from types import TracebackType
+
+import numpy as np
+
+from channel.errors import ChannelError
+from channel.link import LinkCounters, LinkModel, LinkParameters
+
+logger = logging.getLogger("channel.proxy")
+
+READ_CHUNK_BYTES = 65536
+UNLIMITED_RATE_WINDOW_BYTES = 4 * 1024 * 1024
+
+
+def undelivered_limit_bytes(params: LinkParameters, max_in_flight_bytes: int) -> int:
+    """Bytes a direction may hold before it stops reading its source.
+
+    ``max_in_flight_bytes`` waiting to be sent plus what the link itself holds in flight
+    (rate × (delay + jitter)), so that a long delay does not cap throughput below the rate.
+    An unlimited-rate link may hold ``UNLIMITED_RATE_WINDOW_BYTES`` in flight.
+    """
+    if params.rate_bps is None:
+        return max_in_flight_bytes + UNLIMITED_RATE_WINDOW_BYTES
+    in_flight = params.rate_bps / 8.0 * (params.delay_s + params.jitter_s)
+    return max_in_flight_bytes + int(in_flight) + 1
+
+
+class _Direction:
+    """Moves bytes from one stream to another, each segment released at its modelled delivery time."""
+
+    def __init__(
+        self,
+        label: str,
+        source: asyncio.StreamReader,
+        destination: asyncio.StreamWriter,
+        model: LinkModel,
+        proxy: LinkProxy,
+        closing: asyncio.Event,
+    ) -> None:
+        self.label = label
+        self.source = source
+        self.destination = destination
+        self.model = model
+        self.proxy = proxy
+        self.closing = closing
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.in_flight_bytes = 0
+        self.finished = False
+        self.destination_gone = False
+        self._queued = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def finish(self) -> None:
+        """No more data will be queued: the writer exits once the queue is empty."""
+        self.finished = True
+        self._queued.set()
+
+    async def read_loop(self) -> None:
+        """Read from the source, schedule every MSS segment, queue it; return at EOF."""
+        loop = asyncio.get_running_loop()
+        mss = self.model.params.mss_bytes
+        limit = undelivered_limit_bytes(self.model.params, self.proxy.max_in_flight_bytes)
+        transmit = self.model.transmit
+        while True:
+            while self.in_flight_bytes >= limit:
+                self._room.clear()
+                await self._room.wait()
+            data = await self.source.read(READ_CHUNK_BYTES)
+            if not data:
+                return
+            now = loop.time()
+            for offset in range(0, len(data), mss):
+                segment = data[offset:offset + mss]
+                self.queue.append((transmit(now, len(segment)), segment))
+            self.in_flight_bytes += len(data)
+            self._queued.set()
+
+    async def write_loop(self) -> None:
+        """Release queued segments at their delivery times; after ``finish``, drain and return."""
+        loop = asyncio.get_running_loop()
+        queue = self.queue
+        while True:
+            if not queue:
+                if self.finished:
+                    return
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            wait_s = queue[0][0] - loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            now = loop.time()
+            batch: list[bytes] = []
+            while queue and queue[0][0] <= now:
+                batch.append(queue.popleft()[1])
+            if batch:
+                await self._deliver(b"".join(batch) if len(batch) > 1 else batch[0])
+
+    async def _deliver(self, data: bytes) -> None:
+        try:
+            if self.destination_gone or self.destination.is_closing():
+                if not self.destination_gone:
+                    self._mark_gone("destination closed")
+                self.proxy.dropped_bytes += len(data)
+                return
+            self.destination.write(data)
+            await asyncio.wait_for(self.destination.drain(), self.proxy.write_timeout_s)
+        except ConnectionError as error:
+            self.proxy.dropped_bytes += len(data)
+            self._mark_gone(f"{type(error).__name__}: {error}")
+        except asyncio.TimeoutError as error:
+            self.proxy.dropped_bytes += len(data)
+            self.proxy._record_error(
+                f"{self.label} destination did not take data for {self.proxy.write_timeout_s} s", error
+            )
+            self._mark_gone("write timed out")
+        finally:
+            self.in_flight_bytes -= len(data)
+            self._room.set()
+
+    def _mark_gone(self, reason: str) -> None:
+        self.destination_gone = True
+        self.proxy.connection_resets += 1
+        logger.info("%s %s: destination gone (%s); dropping its queued bytes",
+                    self.proxy.name, self.label, reason)
+        self.closing.set()
+
+
+async def _close_writer(writer: asyncio.StreamWriter, proxy: LinkProxy) -> None:
+    """Close a stream, waiting a bounded time; a failure to close cleanly is logged and counted."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), proxy.write_timeout_s)
+    except (OSError, asyncio.TimeoutError) as error:
+        proxy.close_errors += 1
+        logger.info("%s: closing a stream failed: %r", proxy.name, error)
+
+
+async def _stop(tasks: list[asyncio.Task[None]], proxy: LinkProxy, what: str) -> None:
+    """Cancel tasks, await them, and log/count any failure other than cancellation."""
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            proxy._record_error(f"{what} failed", result)
+
+
+class LinkProxy:
+    """TCP proxy emulating a link: ``async with LinkProxy(host, port, downlink, uplink, seed) as p``.
+
+    ``downlink`` shapes bytes upstream → client (broker → device), ``uplink`` client → upstream.
+    One LinkModel per direction, shared by all connections and kept across reconnections.
+    """
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        downlink: LinkParameters,
+        uplink: LinkParameters,
+        seed: int,
+        name: str = "link",
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        max_in_flight_bytes: int = 64 * 1024,
+        connect_timeout_s: float = 5.0,
+        write_timeout_s: float = 30.0,
+    ) -> None:
+        if max_in_flight_bytes <= 0:
+            raise ChannelError(f"max_in_flight_bytes={max_in_flight_bytes!r} is invalid: expected > 0")
+        if connect_timeout_s <= 0 or write_timeout_s <= 0:
+            raise ChannelError(
+                f"timeouts must be > 0 (connect_timeout_s={connect_timeout_s!r}, "
+                f"write_timeout_s={write_timeout_s!r})"
+            )
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.downlink = downlink
+        self.uplink = uplink
+        self.seed = seed
+        self.name = name
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.downlink_model = LinkModel(downlink, np.random.default_rng([seed, 0]))
+        self.uplink_model = LinkModel(uplink, np.random.default_rng([seed, 1]))
+        self.connections_accepted = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.dropped_bytes = 0
+        self.connection_resets = 0
+        self.close_errors = 0
+        self._server: asyncio.Server | None = None  # set while running
+        self._connection_tasks: set[asyncio.Task[None]] = set()
+        self._callback_tasks: set[asyncio.Task[object]] = set()
+        self._closing = False
+        self.port: int | None = None
+
+    @property
+    def downlink_counters(self) -> LinkCounters:
+        """Counters of the upstream → client model."""
+        return self.downlink_model.counters
+
+    @property
+    def uplink_counters(self) -> LinkCounters:
+        """Counters of the client → upstream model."""
+        return self.uplink_model.counters
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the proxy listens on; valid inside ``async with``."""
+        if self.port is None:
+            raise ChannelError(f"LinkProxy {self.name!r} is not running: use it inside 'async with'")
+        return self.listen_host, self.port
+
+    @property
+    def active_connections(self) -> int:
+        """Client connections currently being served."""
+        return len(self._connection_tasks)
+
+    async def __aenter__(self) -> LinkProxy:
+        self._closing = False
+        try:
+            self._server = await asyncio.start_server(
+                self._serve_client, self.listen_host, self.listen_port
+            )
+        except OSError as error:
+            raise ChannelError(
+                f"LinkProxy {self.name!r} cannot listen on {self.listen_host}:{self.listen_port}: {error}"
+            ) from error
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("%s: listening on %s:%d → %s:%d (down: %s; up: %s)", self.name,
+                    self.listen_host, self.port, self.upstream_host, self.upstream_port,
+                    self.downlink.description, self.uplink.description)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening and cancel every connection; returns when no task is left."""
+        self._closing = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        await _stop(list(self._connection_tasks), self, "connection")
+        if self._callback_tasks:  # they return as soon as their connection task is done
+            _, pending = await asyncio.wait(list(self._callback_tasks), timeout=self.write_timeout_s)
+            if pending:
+                self._record_error("connection callbacks did not finish",
+                                   ChannelError(f"{len(pending)} still running"))
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), self.write_timeout_s)
+            except asyncio.TimeoutError as error:
+                self._record_error("server did not close in time", error)
+        self.port = None
+
+    def _record_error(self, what: str, error: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{what}: {type(error).__name__}: {error}"
+        logger.error("%s: %s", self.name, self.last_error, exc_info=error)
+
+    async def _serve_client(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        # asyncio owns this callback's task and mishandles its cancellation on some Python
+        # versions, so the connection runs in a task of our own that ``aclose`` cancels.
+        self.connections_accepted += 1
+        if self._closing:  # accepted just as the proxy was shutting down
+            await _close_writer(client_writer, self)
+            return
+        callback_task = asyncio.current_task()
+        assert callback_task is not None
+        self._callback_tasks.add(callback_task)
+        task = asyncio.create_task(self._serve_connection(client_reader, client_writer))
+        self._connection_tasks.add(task)
+        task.add_done_callback(self._connection_tasks.discard)
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self._callback_tasks.discard(callback_task)
+
+    async def _serve_connection(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            try:
+                upstream_reader, upstream_writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.upstream_host, self.upstream_port),
+                    self.connect_timeout_s,
+                )
+            except (OSError, asyncio.TimeoutError) as error:
+                self._record_error(
+                    f"cannot connect to upstream {self.upstream_host}:{self.upstream_port}", error
+                )
+                return
+            try:
+                await self._pump(client_reader, client_writer, upstream_reader, upstream_writer)
+            finally:
+                await _close_writer(upstream_writer, self)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a background task must not fail silently
+            self._record_error("connection failed", error)
+        finally:
+            await _close_writer(client_writer, self)
+
+    async def _pump(
+        self,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        upstream_reader: asyncio.StreamReader,
+        upstream_writer: asyncio.StreamWriter,
+    ) -> None:
+        closing = asyncio.Event()
+        down = _Direction("downlink", upstream_reader, client_writer, self.downlink_model, self, closing)
+        up = _Direction("uplink", client_reader, upstream_writer, self.uplink_model, self, closing)
+        readers = [asyncio.create_task(down.read_loop()), asyncio.create_task(up.read_loop())]
+        writers = [asyncio.create_task(down.write_loop()), asyncio.create_task(up.write_loop())]
+        closing_waiter = asyncio.create_task(closing.wait())
+        try:
+            await asyncio.wait([*readers, closing_waiter], return_when=asyncio.FIRST_COMPLETED)
+            # One side closed (or a destination vanished): stop reading, flush what is queued.
+            for task in readers:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    self._record_read_failure(task.exception())
+            await _stop([task for task in readers if not task.done()], self, "reader")
+            down.finish()
+            up.finish()
+            for result in await asyncio.gather(*writers, return_exceptions=True):
+                if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                    self._record_error("writing failed", result)
+        finally:
+            await _stop([task for task in (*readers, *writers, closing_waiter) if not task.done()],
+                        self, "pump")
+
+    def _record_read_failure(self, error: BaseException) -> None:
+        if isinstance(error, ConnectionError):
+            self.connection_resets += 1
+            logger.info("%s: a side reset the connection: %r", self.name, error)
+        else:
+            self._record_error("reading failed", error)
