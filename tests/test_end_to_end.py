@@ -1,0 +1,111 @@
+"""Whole runs: a scenario over a real Mosquitto broker through the link proxies, and lowband via the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.runner import ScenarioRun
+from testbed.scenario import load_scenario, parse_scenario
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of one metric in Prometheus text format."""
+    values = {}
+    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, flags=re.M):
+        values[match.group(1)] = float(match.group(2))
+    return values
+
+
+@pytest.mark.slow
+async def test_run_over_mosquitto_through_lossy_links(mosquitto: tuple[str, int], tmp_path: Path) -> None:
+    host, port = mosquitto
+    scenario = parse_scenario({
+        "name": "e2e", "seed": 11, "rounds": 3,
+        "data": {"initial_samples": 300, "new_samples_per_round": 150},
+        "update": {"strategy": "dpu", "ratio": 0.05, "epochs": 10},
+        "channel": {"downlink": {"rate": "300kbit", "delay": "30ms", "jitter": "5ms", "loss": "2%"},
+                    "uplink": {"rate": "100kbit", "delay": "30ms", "loss": "1%"}},
+        "devices": [{"profile": "jetson-nano", "count": 1}, {"profile": "rpi4", "count": 2}],
+        "broker": f"mqtt://{host}:{port}",
+        "metrics": {"port": 0},
+    })
+    scrapes: list[str] = []
+    run = ScenarioRun(scenario, tmp_path / "out", lambda event, data: None)
+
+    def scrape_after_each_round(event: str, data: dict[str, Any]) -> None:
+        # The exporter serves from its own thread, so a blocking scrape here sees the live run.
+        if event == "round":
+            assert run.metrics_url is not None
+            scrapes.append(scrape(run.metrics_url))
+
+    run.progress = scrape_after_each_round
+    result = await run.execute()
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    final_version = summary["server"]["final_version"]
+    assert final_version == 3
+    for device_id, state in summary["devices"].items():
+        assert state["final_version"] == final_version, device_id
+        assert state["hash_matches_server"], device_id
+        assert state["final_accuracy"] >= 0.85
+        assert state["energy_joules"] > 0 and state["bytes_received"] > 0
+    for record in summary["rounds"][1:]:
+        assert record["update_bytes"] <= 0.15 * record["full_model_bytes"]
+    assert summary["rounds"][0]["update_bytes"] == summary["rounds"][0]["full_model_bytes"]
+
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 3 and all(record["delivered"] for record in records)
+    assert all(record["hash_matches_server"] for record in records)
+    resolved = load_scenario(tmp_path / "out" / "scenario.yaml")
+    assert resolved == scenario
+
+    # The exporter served live metrics during the run, one scrape per finished round.
+    assert len(scrapes) == 3
+    last = scrapes[-1]
+    versions = metric_values(last, "testbed_device_model_version")
+    assert len(versions) == 3 and all(value == final_version for value in versions.values())
+    assert all('profile="' in labels and 'device="' in labels for labels in versions)
+    assert metric_values(last, "testbed_server_accuracy_ratio")
+    energy = metric_values(last, "testbed_device_energy_joules_total")
+    assert len(energy) == 3 and all(value > 0 for value in energy.values())
+
+
+@pytest.mark.slow
+def test_lowband_from_the_command_line(tmp_path: Path) -> None:
+    """The README's first command: `testbed run scenarios/lowband.yaml`, here with a free metrics port."""
+    out = tmp_path / "lowband"
+    environment = {**os.environ, "COLUMNS": "120"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "testbed.cli", "run", str(REPO / "scenarios" / "lowband.yaml"),
+         "--out", str(out), "--set", "metrics.port=0"],
+        capture_output=True, text=True, timeout=240, env=environment, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "devices at the end of the run" in completed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    scenario = yaml.safe_load((REPO / "scenarios" / "lowband.yaml").read_text())
+    assert len(summary["rounds"]) == scenario["rounds"]
+    assert len(summary["devices"]) == 5
+    for state in summary["devices"].values():
+        assert state["final_version"] == summary["server"]["final_version"]
+        assert state["hash_matches_server"] and state["final_accuracy"] >= 0.85
+    for record in summary["rounds"][1:]:
+        assert record["update_bytes"] <= 0.15 * record["full_model_bytes"]
