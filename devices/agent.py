@@ -53,7 +53,7 @@ class DeviceConfig:
 
 @dataclass
 class RoundAccounting:
-    """What a device spent since its last report."""
+    """What a device spent since its last report (`started_at` on the monotonic clock)."""
 
     started_at: float
     received_bytes: int = 0
@@ -94,7 +94,7 @@ class DeviceAgent:
         self.clock = clock
         self.state = DeviceState(version=0, weights=inference.initial_weights())
         self.assembler = UpdateAssembler()
-        self.accounting = RoundAccounting(started_at=clock())
+        self.accounting = RoundAccounting(started_at=time.monotonic())
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._manifests: dict[str, UpdateManifest] = {}
@@ -213,7 +213,7 @@ class DeviceAgent:
         apply_host_s: float, evaluate_host_s: float,
     ) -> dict[str, Any]:
         profile = self.config.profile
-        now = self.clock()
+        now = time.monotonic()
         compute_s = (apply_host_s + evaluate_host_s) * profile.compute_slowdown
         times = phase_times(
             round_seconds=now - self.accounting.started_at,

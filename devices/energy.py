@@ -21,14 +21,18 @@ class PhaseTimes:
     def __post_init__(self) -> None:
         for name, value in (("receive_s", self.receive_s), ("transmit_s", self.transmit_s),
                             ("compute_s", self.compute_s), ("idle_s", self.idle_s)):
-            if value < 0:
+            if not value >= 0:  # also rejects NaN
                 raise ValueError(f"{name} must not be negative, got {value}")
 
 
 def radio_seconds(wire_bytes: int, rate_bps: float | None) -> float:
     """Airtime of `wire_bytes` at the link rate (0 for an unlimited link)."""
+    if wire_bytes < 0:
+        raise ValueError(f"wire_bytes must not be negative, got {wire_bytes}")
     if rate_bps is None:
         return 0.0
+    if not rate_bps > 0:
+        raise ValueError(f"rate_bps must be positive (or None for an unlimited link), got {rate_bps}")
     return wire_bytes * 8.0 / rate_bps
 
 

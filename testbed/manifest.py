@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -33,7 +34,7 @@ class UpdateManifest:
     def from_json(cls, payload: bytes) -> UpdateManifest:
         try:
             data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (ValueError, TypeError, RecursionError) as error:  # ValueError covers decode errors
             raise ManifestError(f"manifest is not JSON: {error}") from None
         if not isinstance(data, dict) or set(data) != set(cls.__dataclass_fields__):
             raise ManifestError(f"manifest fields do not match {sorted(cls.__dataclass_fields__)}")
@@ -41,12 +42,29 @@ class UpdateManifest:
         for name in integer_fields:
             if not isinstance(data[name], int) or isinstance(data[name], bool) or data[name] < 0:
                 raise ManifestError(f"manifest field {name} must be a non-negative integer, got {data[name]!r}")
-        if data["base_version"] is not None and not isinstance(data["base_version"], int):
-            raise ManifestError(f"manifest field base_version must be an integer or null, got {data['base_version']!r}")
+        base_version = data["base_version"]
+        if base_version is not None and (
+            not isinstance(base_version, int) or isinstance(base_version, bool) or base_version < 0
+        ):
+            raise ManifestError(
+                f"manifest field base_version must be a non-negative integer or null, got {base_version!r}"
+            )
         if data["chunk_count"] < 1 or data["chunk_size"] < 1:
             raise ManifestError("manifest chunk_count and chunk_size must be positive")
-        if not isinstance(data["key"], str) or not isinstance(data["payload_sha256"], str):
-            raise ManifestError("manifest key and payload_sha256 must be strings")
+        expected_chunks = max(1, -(-data["total_bytes"] // data["chunk_size"]))
+        if data["chunk_count"] != expected_chunks:
+            raise ManifestError(
+                f"manifest chunk_count {data['chunk_count']} does not fit {data['total_bytes']} bytes "
+                f"in chunks of {data['chunk_size']} (expected {expected_chunks})"
+            )
+        for name in ("run_id", "key", "payload_sha256"):
+            if not isinstance(data[name], str):
+                raise ManifestError(f"manifest field {name} must be a string, got {data[name]!r}")
+        published_at = data["published_at"]
+        if isinstance(published_at, bool) or not (
+            isinstance(published_at, int) or (isinstance(published_at, float) and math.isfinite(published_at))
+        ):
+            raise ManifestError(f"manifest field published_at must be a finite number, got {published_at!r}")
         return cls(**data)
 
 

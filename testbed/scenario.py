@@ -48,7 +48,15 @@ SizeBytes = Annotated[int, _unit(parse_size_bytes)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_non_boolean(cls, value: Any, info: Any) -> Any:
+        # YAML turns yes/no/on/off/true into booleans; pydantic would quietly read them as 1/0.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("expected a value of this field's type, not a boolean")
+        return value
 
 
 class DataSpec(_Model):
@@ -180,9 +188,11 @@ class BrokerSpec(_Model):
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
             raise ValueError(f"broker must be 'embedded' or mqtt://host[:port] / mqtts://host[:port], got {url!r}")
         try:
-            parsed.port
+            port = parsed.port
         except ValueError:
             raise ValueError(f"bad port in broker url {url!r}") from None
+        if port == 0:
+            raise ValueError(f"bad port in broker url {url!r}")
         return url
 
     @property
@@ -230,14 +240,15 @@ class Scenario(_Model):
     broker: Annotated[BrokerSpec, BeforeValidator(_broker_from_shorthand)] = Field(default_factory=BrokerSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
 
-    @model_validator(mode="after")
-    def _unique_device_ids(self) -> Scenario:
+    @field_validator("devices")
+    @classmethod
+    def _unique_device_ids(cls, devices: list[DeviceGroup]) -> list[DeviceGroup]:
         seen: set[str] = set()
-        for device_id in self.device_ids():
+        for device_id in (device_id for group in devices for device_id in group.device_ids()):
             if device_id in seen:
                 raise ValueError(f"device id {device_id!r} appears twice; give named devices distinct names")
             seen.add(device_id)
-        return self
+        return devices
 
     def device_ids(self) -> list[str]:
         """Every device id of the run, in scenario order."""
@@ -323,6 +334,8 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ScenarioError(f"{path}: cannot read scenario file: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ScenarioError(f"{path}: scenario file is not UTF-8 text: {error}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

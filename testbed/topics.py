@@ -56,7 +56,7 @@ class Topics:
         parts = topic[len(self.prefix):].split("/")
         if len(parts) == 5 and parts[0] == "device" and parts[2] == "update":
             parts = parts[2:]
-        if len(parts) != 3 or parts[0] != "update" or not parts[2].isdigit():
+        if len(parts) != 3 or parts[0] != "update" or not parts[1] or not _is_ascii_digits(parts[2]):
             return None
         return parts[1], int(parts[2])
 
@@ -65,9 +65,14 @@ class Topics:
         if not topic.startswith(self.prefix + "device/"):
             return None
         parts = topic[len(self.prefix + "device/"):].split("/")
-        if len(parts) != 2 or parts[1] not in DEVICE_MESSAGE_KINDS:
+        if len(parts) != 2 or not parts[0] or parts[1] not in DEVICE_MESSAGE_KINDS:
             return None
         return parts[0], parts[1]
+
+
+def _is_ascii_digits(text: str) -> bool:
+    # str.isdigit() also accepts superscripts and other scripts' digits, which int() rejects or misreads.
+    return text.isascii() and text.isdigit()
 
 
 def update_key(target_version: int, base_version: int | None = None) -> str:

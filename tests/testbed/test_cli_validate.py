@@ -1,0 +1,87 @@
+"""The CLI refuses bad scenarios with exit code 2 before anything starts, and validates good ones."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.cli import EXIT_BAD_SCENARIO, EXIT_OK, main
+
+ROOT = Path(__file__).resolve().parents[2]
+LOWBAND = ROOT / "scenarios" / "lowband.yaml"
+
+
+@pytest.fixture
+def bad_scenario(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(LOWBAND.read_text().replace("ratio: 0.05", "ratoi: 0.05"))
+    return path
+
+
+def _output(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    return " ".join((captured.out + captured.err).split())  # undo the console's line wrapping
+
+
+def test_validate_lowband(capsys):
+    assert main(["validate", str(LOWBAND)]) == EXIT_OK
+    output = _output(capsys)
+    assert "valid, 5 devices" in output
+    assert "rate: 50000.0" in output
+
+
+def test_validate_with_override(capsys):
+    assert main(["validate", str(LOWBAND), "--set", "devices.0.count=20"]) == EXIT_OK
+    assert "valid, 23 devices" in _output(capsys)
+
+
+def test_validate_bad_file_names_the_field(bad_scenario, capsys):
+    assert main(["validate", str(bad_scenario)]) == EXIT_BAD_SCENARIO
+    output = _output(capsys)
+    assert "update.ratoi" in output
+    assert "unknown field" in output
+
+
+def test_validate_missing_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == EXIT_BAD_SCENARIO
+    assert "nope.yaml" in _output(capsys)
+
+
+def test_validate_bad_override(capsys):
+    assert main(["validate", str(LOWBAND), "--set", "update.ratio=2"]) == EXIT_BAD_SCENARIO
+    assert "update.ratio" in _output(capsys)
+
+
+def test_run_bad_file_starts_nothing(bad_scenario, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(bad_scenario), "--out", str(out)]) == EXIT_BAD_SCENARIO
+    assert not out.exists()
+    assert "update.ratoi" in _output(capsys)
+
+
+def test_run_bad_override_starts_nothing(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(LOWBAND), "--set", "update.ratio=abc", "--out", str(out)]) == EXIT_BAD_SCENARIO
+    assert not out.exists()
+    output = _output(capsys)
+    assert "update.ratio" in output
+    assert "abc" in output
+
+
+def test_run_override_without_equals(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(LOWBAND), "--set", "update.ratio", "--out", str(out)]) == EXIT_BAD_SCENARIO
+    assert not out.exists()
+    assert "path=value" in _output(capsys)
+
+
+def test_console_script_exit_code(bad_scenario):
+    script = Path(sys.executable).parent / "testbed"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "testbed.cli"]
+    completed = subprocess.run([*command, "validate", str(bad_scenario)], capture_output=True, text=True,
+                               timeout=60, check=False)
+    assert completed.returncode == EXIT_BAD_SCENARIO
+    assert "update.ratoi" in " ".join((completed.stdout + completed.stderr).split())

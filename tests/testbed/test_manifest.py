@@ -1,0 +1,192 @@
+"""The update manifest: JSON round trip, and every malformed payload is a ManifestError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from testbed.manifest import ManifestError, UpdateManifest, payload_digest
+
+FIELDS = sorted(UpdateManifest.__dataclass_fields__)
+
+
+def _good(**changes) -> dict:
+    data = {
+        "run_id": "r1", "round_index": 2, "key": "3", "target_version": 3, "base_version": None,
+        "total_bytes": 2500, "chunk_count": 3, "chunk_size": 1024,
+        "payload_sha256": payload_digest(b"x"), "published_at": 1700000000.5,
+    }
+    data.update(changes)
+    return data
+
+
+def _encode(data) -> bytes:
+    return json.dumps(data).encode("utf-8")
+
+
+def test_good_manifest_parses():
+    manifest = UpdateManifest.from_json(_encode(_good()))
+    assert manifest == UpdateManifest(**_good())
+
+
+def test_payload_digest_is_hex_sha256():
+    assert payload_digest(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@st.composite
+def manifests(draw) -> UpdateManifest:
+    chunk_size = draw(st.integers(min_value=1, max_value=2**20))
+    total_bytes = draw(st.integers(min_value=0, max_value=2**31))
+    return UpdateManifest(
+        run_id=draw(st.text()),
+        round_index=draw(st.integers(min_value=0, max_value=2**63)),
+        key=draw(st.text()),
+        target_version=draw(st.integers(min_value=0, max_value=2**32)),
+        base_version=draw(st.none() | st.integers(min_value=0, max_value=2**32)),
+        total_bytes=total_bytes,
+        chunk_count=max(1, -(-total_bytes // chunk_size)),
+        chunk_size=chunk_size,
+        payload_sha256=draw(st.binary(max_size=64).map(payload_digest)),
+        published_at=draw(st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40)),
+    )
+
+
+@given(manifests())
+def test_json_round_trip(manifest):
+    payload = manifest.to_json()
+    assert isinstance(payload, bytes)
+    assert UpdateManifest.from_json(payload) == manifest
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not json", b"\xff\xfe\x00garbage", b"{", b"[]", b"null", b"3", b'"manifest"', b"[" * 100_000,
+     b"1" * 5000],
+)
+def test_not_a_json_object(payload):
+    with pytest.raises(ManifestError):
+        UpdateManifest.from_json(payload)
+
+
+def test_missing_field():
+    data = _good()
+    del data["key"]
+    with pytest.raises(ManifestError, match="fields"):
+        UpdateManifest.from_json(_encode(data))
+
+
+def test_extra_field():
+    with pytest.raises(ManifestError, match="fields"):
+        UpdateManifest.from_json(_encode(_good(surprise=1)))
+
+
+@pytest.mark.parametrize("name", ["round_index", "target_version", "total_bytes", "chunk_count", "chunk_size"])
+@pytest.mark.parametrize("value", [-1, True, False, 1.5, 2.0, "3", None, [1], {"n": 1}])
+def test_bad_integer_fields(name, value):
+    with pytest.raises(ManifestError):
+        UpdateManifest.from_json(_encode(_good(**{name: value})))
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2", [2]])
+def test_bad_base_version(value):
+    with pytest.raises(ManifestError, match="base_version"):
+        UpdateManifest.from_json(_encode(_good(base_version=value)))
+
+
+def test_chunk_count_zero():
+    with pytest.raises(ManifestError):
+        UpdateManifest.from_json(_encode(_good(total_bytes=0, chunk_count=0)))
+
+
+def test_chunk_size_zero():
+    with pytest.raises(ManifestError):
+        UpdateManifest.from_json(_encode(_good(chunk_size=0)))
+
+
+@pytest.mark.parametrize(("total_bytes", "chunk_size", "chunk_count"), [(2500, 1024, 2), (2500, 1024, 4),
+                                                                        (0, 1024, 2), (1, 1, 10**9)])
+def test_chunk_count_must_fit_total_and_chunk_size(total_bytes, chunk_size, chunk_count):
+    with pytest.raises(ManifestError, match="chunk_count"):
+        UpdateManifest.from_json(
+            _encode(_good(total_bytes=total_bytes, chunk_size=chunk_size, chunk_count=chunk_count))
+        )
+
+
+@pytest.mark.parametrize(("total_bytes", "chunk_size", "chunk_count"), [(0, 1024, 1), (1024, 1024, 1), (1025, 1024, 2)])
+def test_chunk_count_edges_accepted(total_bytes, chunk_size, chunk_count):
+    manifest = UpdateManifest.from_json(
+        _encode(_good(total_bytes=total_bytes, chunk_size=chunk_size, chunk_count=chunk_count))
+    )
+    assert manifest.chunk_count == chunk_count
+
+
+@pytest.mark.parametrize("name", ["run_id", "key", "payload_sha256"])
+@pytest.mark.parametrize("value", [1, None, True, ["a"], {"a": 1}])
+def test_bad_string_fields(name, value):
+    with pytest.raises(ManifestError, match=name):
+        UpdateManifest.from_json(_encode(_good(**{name: value})))
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"published_at": NaN}', b'{"published_at": Infinity}',
+])
+def test_non_finite_published_at(payload):
+    data = _good()
+    del data["published_at"]
+    text = json.dumps(data)[:-1] + ", " + payload.decode()[1:]
+    with pytest.raises(ManifestError, match="published_at"):
+        UpdateManifest.from_json(text.encode())
+
+
+def test_huge_integers_are_not_an_overflow():
+    for name in ("published_at", "total_bytes", "round_index"):
+        try:
+            UpdateManifest.from_json(_encode(_good(**{name: 10**400})))
+        except ManifestError:
+            pass
+
+
+@pytest.mark.parametrize("value", ["now", None, True, [1.0]])
+def test_bad_published_at(value):
+    with pytest.raises(ManifestError, match="published_at"):
+        UpdateManifest.from_json(_encode(_good(published_at=value)))
+
+
+def _parse_or_manifest_error(payload: bytes) -> None:
+    try:
+        manifest = UpdateManifest.from_json(payload)
+    except ManifestError:
+        return
+    assert isinstance(manifest, UpdateManifest)
+
+
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_never_raise_anything_else(payload):
+    _parse_or_manifest_error(payload)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=12))
+def test_arbitrary_json_objects_never_raise_anything_else(data):
+    _parse_or_manifest_error(json.dumps(data).encode())
+
+
+@given(st.fixed_dictionaries({name: json_values for name in FIELDS}))
+def test_arbitrary_values_for_the_right_fields_never_raise_anything_else(data):
+    _parse_or_manifest_error(json.dumps(data).encode())
+
+
+@given(manifests(), st.sampled_from(FIELDS), json_values)
+def test_one_field_replaced_by_anything(manifest, name, value):
+    data = json.loads(manifest.to_json())
+    data[name] = value
+    _parse_or_manifest_error(json.dumps(data).encode())
