@@ -1,26 +1,31 @@
-"""Wire format of sparse weight updates: encode, decode, verify, apply, and chunk them (pure, no I/O)."""
+"""Wire format of sparse weight updates: encode, decode, verify, apply, and chunk them (pure, no I/O).
+
+Index and value codecs live in `testbed.codecs`; this module owns the header, the section layout
+(header, index section, value section, dense section) and what a device holds after applying.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class WireError(Exception):
-    """An update, a chunk set or a weight dict is malformed or does not match what it claims."""
-
+from testbed.codecs import INDEX_CODEC_REGISTRY, VALUE_CODEC_REGISTRY, StoredValues, ValueCodec
+from testbed.codecs import WireError as WireError  # re-exported: the one error of the wire format
+from testbed.codecs import choose_index_codec, tensor_of, value_codec_named
+from testbed.codecs import index_floor_bits as index_floor_bits  # re-exported for benchmarks
 
 FORMAT_VERSION = 1
 MAGIC = b"EDTB"
-INDEX_CODECS = ("dense", "raw", "bitmap")  # wire id = position in this tuple
-VALUE_CODECS = ("fp32",)  # wire id = position in this tuple
-FULL_SNAPSHOT_BASE = 0xFFFFFFFF  # base_version of a full snapshot: applies to any base
-FLAG_FULL_SNAPSHOT = 0x01
-_KNOWN_FLAGS = FLAG_FULL_SNAPSHOT
+INDEX_CODECS = tuple(INDEX_CODEC_REGISTRY)  # wire id = position: dense, raw, bitmap, golomb-rice
+VALUE_CODECS = tuple(VALUE_CODEC_REGISTRY)  # wire id = position: fp32, fp16, int8
+FULL_SNAPSHOT_BASE = 0xFFFFFFFF  # base_version of a snapshot: applies to any base
+FLAG_FULL_SNAPSHOT = 0x01  # every partial weight, dense index, values relative to zeros
+FLAG_SPARSE_SNAPSHOT = 0x02  # listed positions relative to an all-zeros partial base; the rest become 0
+_KNOWN_FLAGS = FLAG_FULL_SNAPSHOT | FLAG_SPARSE_SNAPSHOT
 _U32_MAX = 0xFFFFFFFF
 
 # The one definition of the header layout (little-endian, no padding):
@@ -48,21 +53,34 @@ class UpdateHeader:
     dense_bytes: int
     payload_hash: bytes
     post_apply_hash: bytes
+    flags: int = 0
 
     @property
     def is_full_snapshot(self) -> bool:
-        """True when the update carries every weight and needs no particular base version."""
+        """True when the update carries every partial weight (dense index) and needs no base version."""
+        return bool(self.flags & FLAG_FULL_SNAPSHOT)
+
+    @property
+    def is_sparse_snapshot(self) -> bool:
+        """True when unlisted partial weights become 0 and the update needs no base version."""
+        return bool(self.flags & FLAG_SPARSE_SNAPSHOT)
+
+    @property
+    def is_snapshot(self) -> bool:
+        """True when the update applies to any base of the same model (full or sparse snapshot)."""
         return self.base_version == FULL_SNAPSHOT_BASE
 
 
 @dataclass(frozen=True)
 class DecodedUpdate:
-    """A verified update: sorted partial positions, their new values, and all dense tensors."""
+    """A verified update: sorted partial positions, their values as the value codec stores them (fp32:
+    float32 new values; fp16: float16 deltas; int8: int8 deltas + one scale per partial tensor), dense tensors."""
 
     header: UpdateHeader
     positions: np.ndarray  # int64, strictly increasing, in [0, n)
-    values: np.ndarray  # float32, len k
+    values: np.ndarray  # len k, dtype of the value codec
     dense: np.ndarray  # float32, all dense tensors concatenated in order
+    scales: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,7 @@ class UpdateSizes:
     dense_bytes: int
     total_bytes: int
     index_bits: int
+    value_bits: int
 
 
 def _as_float32(name: str, tensor: object) -> np.ndarray:
@@ -144,53 +163,38 @@ def flatten_partial(weights: Mapping[str, np.ndarray]) -> np.ndarray:
     return _concat(weights, partial_tensor_names(weights))
 
 
+def _partial_sizes(weights: Mapping[str, np.ndarray]) -> list[int]:
+    return [int(np.asarray(weights[name]).size) for name in partial_tensor_names(weights)]
+
+
 def count_partial(weights: Mapping[str, np.ndarray]) -> int:
     """I: the total number of partially updated weights."""
-    return sum(int(np.asarray(weights[name]).size) for name in partial_tensor_names(weights))
+    return sum(_partial_sizes(weights))
 
 
 def _flatten_dense(weights: Mapping[str, np.ndarray]) -> np.ndarray:
     return _concat(weights, _dense_tensor_names(weights))
 
 
-def _index_size(codec: str, n: int, k: int) -> int | None:
-    """Bytes the index section takes in `codec`, or None when the codec cannot represent it."""
-    if codec == "dense":
-        return 0 if k == n else None
-    if codec == "raw":
-        return 4 * k if n <= _U32_MAX + 1 else None
-    if codec == "bitmap":
-        return (n + 7) // 8
-    raise WireError(f"unknown index codec {codec!r}; expected one of {INDEX_CODECS} or 'auto'")
-
-
-def _encode_index(codec: str, positions: np.ndarray, n: int) -> bytes:
-    if codec == "dense":
-        return b""
-    if codec == "raw":
-        return positions.astype("<u4").tobytes()
-    bits = np.zeros(n, dtype=np.uint8)
-    bits[positions] = 1
-    return np.packbits(bits, bitorder="little").tobytes()
-
-
-def _decode_index(codec: str, section: bytes, n: int, k: int) -> np.ndarray:
-    if codec == "dense":
-        return np.arange(n, dtype=np.int64)
-    if codec == "raw":
-        positions = np.frombuffer(section, dtype="<u4").astype(np.int64)
-        if k and np.any(np.diff(positions) <= 0):
-            raise WireError("raw index positions are not strictly increasing (sorted, unique)")
-        if k and positions[-1] >= n:
-            raise WireError(f"raw index position {int(positions[-1])} is out of range for n={n}")
-        return positions
-    bits = np.unpackbits(np.frombuffer(section, dtype=np.uint8), bitorder="little")
-    if np.any(bits[n:]):
-        raise WireError("bitmap index has bits set in the padding after position n")
-    positions = np.flatnonzero(bits[:n]).astype(np.int64)
-    if positions.size != k:
-        raise WireError(f"bitmap index has {positions.size} bits set but the header says k={k}")
-    return positions
+def _held_weights(
+    template: Mapping[str, np.ndarray], base_partial: np.ndarray, positions: np.ndarray,
+    values: ValueCodec, stored: StoredValues, dense: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The one definition of what a device holds: base partial weights with the codec's held values
+    at the positions, and the dense tensors as sent (names and shapes from the template)."""
+    flat = np.array(base_partial, dtype=np.float32, copy=True)  # always fresh: the base stays untouched
+    flat[positions] = values.held(flat[positions], stored, tensor_of(positions, _partial_sizes(template)))
+    partial_offset = dense_offset = 0
+    result: dict[str, np.ndarray] = {}
+    for name, array in _checked(template):
+        if array.ndim > 1:
+            chunk = flat[partial_offset:partial_offset + array.size]
+            partial_offset += array.size
+        else:
+            chunk = dense[dense_offset:dense_offset + array.size]
+            dense_offset += array.size
+        result[name] = np.array(chunk, dtype=np.float32).reshape(array.shape)
+    return result
 
 
 def _check_version(label: str, value: object, limit: int) -> int:
@@ -207,20 +211,32 @@ def _u32(label: str, value: int) -> int:
     return value
 
 
-def _assemble(
-    fingerprint: bytes, base_version: int, target_version: int, flags: int, n: int, codec: str,
-    positions: np.ndarray, values: np.ndarray, dense: np.ndarray, post_apply_hash: bytes,
+def _encode(
+    template: Mapping[str, np.ndarray], base_partial: np.ndarray, target_partial: np.ndarray,
+    positions: np.ndarray, base_version: int, target_version: int, flags: int,
+    index_name: str, value_name: str,
 ) -> bytes:
-    index = _encode_index(codec, positions, n)
-    body = index + _le_bytes(values) + _le_bytes(dense)
+    """Quantise, compute what the device will hold, hash that, and lay out header + sections."""
+    values = value_codec_named(value_name)
+    n = int(target_partial.size)
+    index_name = choose_index_codec(index_name, positions, n)
+    sizes = _partial_sizes(template)
+    stored = values.quantise(
+        target_partial[positions], base_partial[positions], tensor_of(positions, sizes), len(sizes)
+    )
+    dense = _flatten_dense(template)
+    held = _held_weights(template, base_partial, positions, values, stored, dense)
+    index = INDEX_CODEC_REGISTRY[index_name].encode(positions, n)
+    value_section = values.pack(stored)
+    body = index + value_section + _le_bytes(dense)
     header = HEADER.pack(
-        MAGIC, FORMAT_VERSION, INDEX_CODECS.index(codec), VALUE_CODECS.index("fp32"), flags,
-        fingerprint, base_version, target_version, n, int(positions.size),
+        MAGIC, FORMAT_VERSION, INDEX_CODECS.index(index_name), VALUE_CODECS.index(value_name), flags,
+        model_fingerprint(template), base_version, target_version, n, int(positions.size),
         _u32("index section", len(index)),
-        _u32("value section", 4 * int(values.size)),
+        _u32("value section", len(value_section)),
         _u32("dense section", 4 * int(dense.size)),
         hashlib.sha256(body).digest(),
-        post_apply_hash,
+        weights_hash(held),
     )
     return header + body
 
@@ -231,10 +247,14 @@ def encode_update(
     base_version: int,
     target_version: int,
     index_codec: str = "auto",
+    value_codec: str = "fp32",
 ) -> bytes:
     """Encode the partial positions where target differs bitwise from base, plus every dense tensor.
 
-    `index_codec="auto"` picks the smallest codec that can represent the set (ties: tuple order).
+    `index_codec="auto"` picks the smallest index section of all codecs that can represent the set
+    (ties: registry order). fp32 values make the device hold exactly `target`; fp16/int8 carry
+    quantised deltas and the device holds `held_weights_after(base, payload)`, whose hash the header
+    carries.
     """
     base_version = _check_version("base_version", base_version, FULL_SNAPSHOT_BASE)
     target_version = _check_version("target_version", target_version, FULL_SNAPSHOT_BASE)
@@ -245,33 +265,37 @@ def encode_update(
         raise WireError("base and target have different architectures (names, shapes or dtypes)")
     base_flat = flatten_partial(base)
     target_flat = flatten_partial(target)
-    n = int(target_flat.size)
     # Compare bit patterns, so -0.0 vs 0.0 is a change and an unchanged NaN is not.
     changed = base_flat.view(np.uint32) != target_flat.view(np.uint32)
     positions = np.flatnonzero(changed).astype(np.int64)
-    k = int(positions.size)
-    if index_codec == "auto":
-        sizes = {codec: _index_size(codec, n, k) for codec in INDEX_CODECS}
-        codec = min((c for c in INDEX_CODECS if sizes[c] is not None), key=lambda c: sizes[c])
-    else:
-        if _index_size(index_codec, n, k) is None:
-            raise WireError(f"index codec {index_codec!r} cannot represent k={k} of n={n} positions")
-        codec = index_codec
-    return _assemble(
-        fingerprint, base_version, target_version, 0, n, codec,
-        positions, target_flat[positions], _flatten_dense(target), weights_hash(target),
-    )
+    return _encode(target, base_flat, target_flat, positions, base_version, target_version, 0,
+                   index_codec, value_codec)
 
 
-def encode_full_model(weights: Mapping[str, np.ndarray], target_version: int) -> bytes:
-    """Encode a full snapshot (dense codec, every weight) that applies to any base of the same model."""
+def encode_full_model(weights: Mapping[str, np.ndarray], target_version: int, value_codec: str = "fp32") -> bytes:
+    """Encode a full snapshot (dense index, every weight) that applies to any base of the same model.
+
+    fp16/int8 quantise the values themselves (deltas against an all-zeros base).
+    """
     target_version = _check_version("target_version", target_version, FULL_SNAPSHOT_BASE)
     flat = flatten_partial(weights)
-    n = int(flat.size)
-    return _assemble(
-        model_fingerprint(weights), FULL_SNAPSHOT_BASE, target_version, FLAG_FULL_SNAPSHOT, n, "dense",
-        np.arange(n, dtype=np.int64), flat, _flatten_dense(weights), weights_hash(weights),
-    )
+    return _encode(weights, np.zeros_like(flat), flat, np.arange(flat.size, dtype=np.int64),
+                   FULL_SNAPSHOT_BASE, target_version, FLAG_FULL_SNAPSHOT, "dense", value_codec)
+
+
+def encode_sparse_snapshot(
+    weights: Mapping[str, np.ndarray], target_version: int, index_codec: str = "auto", value_codec: str = "fp32",
+) -> bytes:
+    """Encode the non-zero partial entries (bitwise: -0.0 is listed) against an all-zeros partial base.
+
+    Applies to any base of the same model; partial entries not listed become +0.0; dense tensors are
+    sent whole. Meant for mostly-zero (pruned) models.
+    """
+    target_version = _check_version("target_version", target_version, FULL_SNAPSHOT_BASE)
+    flat = flatten_partial(weights)
+    positions = np.flatnonzero(flat.view(np.uint32) != 0).astype(np.int64)
+    return _encode(weights, np.zeros_like(flat), flat, positions, FULL_SNAPSHOT_BASE, target_version,
+                   FLAG_SPARSE_SNAPSHOT, index_codec, value_codec)
 
 
 def _parse_header(data: bytes) -> UpdateHeader:
@@ -292,39 +316,39 @@ def _parse_header(data: bytes) -> UpdateHeader:
         raise WireError(f"unknown value codec id {value_id}")
     if flags & ~_KNOWN_FLAGS:
         raise WireError(f"unknown header flags 0x{flags:02x}")
-    full = bool(flags & FLAG_FULL_SNAPSHOT)
+    if flags == FLAG_FULL_SNAPSHOT | FLAG_SPARSE_SNAPSHOT:
+        raise WireError("an update cannot be both a full and a sparse snapshot")
     index_codec = INDEX_CODECS[index_id]
-    if full != (base_version == FULL_SNAPSHOT_BASE):
-        raise WireError("the full-snapshot flag and the base_version sentinel disagree")
-    if full and index_codec != "dense":
+    if bool(flags) != (base_version == FULL_SNAPSHOT_BASE):
+        raise WireError("the snapshot flags and the base_version sentinel disagree")
+    if flags & FLAG_FULL_SNAPSHOT and index_codec != "dense":
         raise WireError("a full snapshot must use the dense index codec")
-    if not full and target_version <= base_version:
+    if not flags and target_version <= base_version:
         raise WireError(f"target_version {target_version} is not after base_version {base_version}")
     if target_version == FULL_SNAPSHOT_BASE:
         raise WireError("target_version uses the reserved value 0xFFFFFFFF")
     if k > n:
         raise WireError(f"k={k} exceeds n={n}")
-    expected_index = _index_size(index_codec, n, k)
-    if expected_index is None:
+    bounds = INDEX_CODEC_REGISTRY[index_codec].section_bounds(n, k)
+    if bounds is None:
         raise WireError(f"index codec {index_codec} cannot represent k={k} of n={n} positions")
-    if index_bytes != expected_index:
-        raise WireError(
-            f"index section is {index_bytes} bytes; {index_codec} needs {expected_index} (k={k}, n={n})"
-        )
-    if value_bytes != 4 * k:
-        raise WireError(f"value section is {value_bytes} bytes; fp32 needs {4 * k} for k={k}")
+    if not bounds[0] <= index_bytes <= bounds[1]:
+        expected = bounds[0] if bounds[0] == bounds[1] else f"{bounds[0]}..{bounds[1]}"
+        raise WireError(f"index section is {index_bytes} bytes; {index_codec} needs {expected} (k={k}, n={n})")
+    values = VALUE_CODEC_REGISTRY[VALUE_CODECS[value_id]]
+    if values.tensor_entries(k, value_bytes) is None:
+        layout = f"{values.value_bytes}*k" + (f" + {values.tensor_bytes}*tensors" if values.tensor_bytes else "")
+        raise WireError(f"value section is {value_bytes} bytes; {values.name} needs {layout} for k={k}")
     if dense_bytes % 4:
         raise WireError(f"dense section of {dense_bytes} bytes is not a whole number of float32")
     expected_total = HEADER_BYTES + index_bytes + value_bytes + dense_bytes
     if len(data) != expected_total:
-        raise WireError(
-            f"update is {len(data)} bytes, its header describes {expected_total} (truncated or padded)"
-        )
+        raise WireError(f"update is {len(data)} bytes, its header describes {expected_total} (truncated or padded)")
     return UpdateHeader(
         format_version=version, fingerprint=bytes(fingerprint), base_version=base_version,
-        target_version=target_version, n=n, k=k, index_codec=index_codec,
-        value_codec=VALUE_CODECS[value_id], index_bytes=index_bytes, value_bytes=value_bytes,
-        dense_bytes=dense_bytes, payload_hash=bytes(payload_hash), post_apply_hash=bytes(post_apply_hash),
+        target_version=target_version, n=n, k=k, index_codec=index_codec, value_codec=values.name,
+        index_bytes=index_bytes, value_bytes=value_bytes, dense_bytes=dense_bytes,
+        payload_hash=bytes(payload_hash), post_apply_hash=bytes(post_apply_hash), flags=flags,
     )
 
 
@@ -340,10 +364,12 @@ def decode_update(data: bytes) -> DecodedUpdate:
         raise WireError("payload hash mismatch: the update body is corrupted")
     index_end = header.index_bytes
     value_end = index_end + header.value_bytes
-    positions = _decode_index(header.index_codec, body[:index_end], header.n, header.k)
-    values = np.frombuffer(body[index_end:value_end], dtype="<f4").astype(np.float32)
+    positions = INDEX_CODEC_REGISTRY[header.index_codec].decode(body[:index_end], header.n, header.k)
+    values = VALUE_CODEC_REGISTRY[header.value_codec]
+    entries = values.tensor_entries(header.k, header.value_bytes) or 0
+    stored = values.unpack(body[index_end:value_end], header.k, entries)
     dense = np.frombuffer(body[value_end:], dtype="<f4").astype(np.float32)
-    return DecodedUpdate(header=header, positions=positions, values=values, dense=dense)
+    return DecodedUpdate(header=header, positions=positions, values=stored.values, dense=dense, scales=stored.scales)
 
 
 def update_sizes(data: bytes) -> UpdateSizes:
@@ -352,20 +378,22 @@ def update_sizes(data: bytes) -> UpdateSizes:
     return UpdateSizes(
         header_bytes=HEADER_BYTES, index_bytes=header.index_bytes, value_bytes=header.value_bytes,
         dense_bytes=header.dense_bytes, total_bytes=len(data), index_bits=8 * header.index_bytes,
+        value_bits=8 * header.value_bytes,
     )
 
 
 def apply_update(
     base: Mapping[str, np.ndarray], base_version: int, update: DecodedUpdate
 ) -> dict[str, np.ndarray]:
-    """Return new weights = base + update, verified against the post-apply hash; base is never mutated."""
+    """Return the weights a device holds after the update, verified against the post-apply hash.
+
+    The base is never mutated; a snapshot ignores the base's values (but not its architecture).
+    """
     header = update.header
     if model_fingerprint(base) != header.fingerprint:
         raise WireError("update is for a different model (fingerprint mismatch)")
-    if not header.is_full_snapshot and base_version != header.base_version:
-        raise WireError(
-            f"update applies to version {header.base_version}, but the device holds {base_version}"
-        )
+    if not header.is_snapshot and base_version != header.base_version:
+        raise WireError(f"update applies to version {header.base_version}, but the device holds {base_version}")
     n = count_partial(base)
     if header.n != n:
         raise WireError(f"update addresses n={header.n} partial weights, the model has {n}")
@@ -376,26 +404,26 @@ def apply_update(
         )
     if header.k and (update.positions.min() < 0 or update.positions.max() >= n):
         raise WireError("update positions fall outside the model")
-    dense_names = _dense_tensor_names(base)
-    dense_count = sum(int(np.asarray(base[name]).size) for name in dense_names)
+    values = value_codec_named(header.value_codec)
+    tensor_count = len(partial_tensor_names(base)) if values.tensor_bytes else 0
+    if update.scales.size != tensor_count:
+        raise WireError(f"update carries {update.scales.size} scales, the model has {tensor_count} partial tensors")
+    dense_count = sum(int(np.asarray(base[name]).size) for name in _dense_tensor_names(base))
     if update.dense.size != dense_count:
         raise WireError(f"update carries {update.dense.size} dense values, the model has {dense_count}")
-
-    flat = flatten_partial(base).copy()  # always a fresh array, so base stays untouched
-    flat[update.positions] = update.values
-    partial_offset = dense_offset = 0
-    result: dict[str, np.ndarray] = {}
-    for name, array in _checked(base):
-        if array.ndim > 1:
-            chunk = flat[partial_offset:partial_offset + array.size]
-            partial_offset += array.size
-        else:
-            chunk = update.dense[dense_offset:dense_offset + array.size]
-            dense_offset += array.size
-        result[name] = np.array(chunk, dtype=np.float32).reshape(array.shape)
+    base_partial = np.zeros(n, dtype=np.float32) if header.is_snapshot else flatten_partial(base)
+    stored = StoredValues(values=update.values, scales=update.scales)
+    result = _held_weights(base, base_partial, update.positions, values, stored, update.dense)
     if weights_hash(result) != header.post_apply_hash:
         raise WireError("post-apply hash mismatch: the base weights differ from what the server assumed")
     return result
+
+
+def held_weights_after(base: Mapping[str, np.ndarray], payload: bytes) -> dict[str, np.ndarray]:
+    """What a device holding `base` (at the update's base version) ends with: decode + apply, WireError
+    when a device would reject it. The server deploys exactly this, so lossy codecs never make it drift."""
+    update = decode_update(payload)
+    return apply_update(base, update.header.base_version, update)
 
 
 def split_chunks(data: bytes, chunk_size: int) -> list[bytes]:
