@@ -44,3 +44,29 @@ def test_device_test_split_is_seeded_per_device_and_bounded() -> None:
     assert not np.array_equal(first.y, device_test_split(test, 1, 10, seed=1).y)
     np.testing.assert_array_equal(first.y, device_test_split(test, 0, 10, seed=1).y)
     assert sorted(device_test_split(test, 2, 99, seed=1).y.tolist()) == list(range(20))
+
+
+def test_digits_keep_flat_samples_and_increments_are_read_lazily() -> None:
+    arrival = load_dataset_arrival(DataSpec(), seed=2)
+    assert arrival.input_shape == (64,) and arrival.initial.x.shape == (300, 64)
+    assert len(arrival.increments[2:4]) == 2 and len(arrival.increments[-1]) == 57
+    np.testing.assert_array_equal(arrival.increments[2:4][1].x, arrival.increments[3].x)
+    late, early, again = arrival.training_set(5), arrival.training_set(2), arrival.training_set(7)
+    np.testing.assert_array_equal(again.x[: len(late)], late.x)
+    np.testing.assert_array_equal(again.x[: len(early)], early.x)
+    assert len(again) == 300 + 7 * 100
+
+
+def test_split_keeps_image_shapes_and_rejects_mismatches() -> None:
+    images = Split(np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, np.int64))
+    assert images.subset(np.array([1, 2])).x.shape == (2, 3, 2, 2)
+    with pytest.raises(ServerError, match=r"x of shape \(N, ...\)"):
+        Split(np.zeros(4, np.float32), np.zeros(4, np.int64))
+    with pytest.raises(ServerError):
+        Split(np.zeros((4, 3), np.float32), np.zeros(3, np.int64))
+
+
+def test_unknown_data_set_lists_the_known_ones() -> None:
+    spec = DataSpec.model_construct(dataset="imagenet")
+    with pytest.raises(ServerError, match="choose one of cifar10, digits, mnist"):
+        load_dataset_arrival(spec, seed=0)
