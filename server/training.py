@@ -127,11 +127,10 @@ def train_epochs(
             if best_accuracy is None or accuracy > best_accuracy:
                 best_accuracy, best_epoch = accuracy, epoch + 1
                 if keep_best:
-                    best_state = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+                    # The whole state, so BatchNorm running statistics come back with the best epoch too.
+                    best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     if keep_best and best_state is not None:
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                parameter.copy_(best_state[name])
+        model.load_state_dict(best_state)
     model.train(was_training)
     return TrainingResult(
         epochs_run=epochs,

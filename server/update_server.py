@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -19,33 +21,93 @@ from server.strategies import (
     StrategyResult,
     make_strategy,
     partial_tensor_count,
+    should_reinitialise,
+    should_send,
 )
+from testbed import wire
+from testbed.initial_weights import initial_weights, layout_of
 
 if TYPE_CHECKING:
-    from testbed.scenario import Scenario
+    from testbed.scenario import Scenario, UpdateSpec
 
 
 @dataclass
 class RoundOutcome:
-    """One round's result: version `version` of the weights and how it was made."""
+    """One round's result: the version devices hold afterwards, the payload that gets them there, and how."""
 
     round_index: int
     version: int
+    """The deployed version after this round (unchanged when nothing was sent)."""
     weights: WeightDict
+    """Exactly what a device holds after applying `payload` (the previous weights when nothing was sent)."""
     previous_weights: WeightDict | None
     server_accuracy: float
-    """Accuracy on the server's test split."""
+    """Accuracy of the deployed weights (after this round) on the server's test split."""
     validation_accuracy: float
+    """Validation accuracy of this round's candidate as devices would hold it (sent or not)."""
     selected: int | None
     """Partial weights chosen by the strategy; None for a full update (round 0 or `full`)."""
     partial_count: int
     """I: scalar weights in ndim > 1 tensors."""
     training_samples: int
     seconds: float
+    base_version: int | None = None
+    """What `payload` applies to: None = a snapshot (any base), 0 = w⁰, v = version v. When nothing was
+    sent, the base the withheld update would have had."""
+    sent: bool = True
+    reinitialised: bool = False
+    """The round started from w⁰ because the training set doubled since the last (re)initialisation."""
+    payload: bytes = b""
+    """The encoded update (scenario index/value codecs); empty when nothing was sent."""
+
+
+def _accepts(function: Callable[..., Any], parameter: str) -> bool:
+    return parameter in inspect.signature(function).parameters
+
+
+def _value_codec_arguments(function: Callable[..., Any], spec: UpdateSpec) -> dict[str, str]:
+    """`value_codec=…` when the wire encoder knows it; fp32 works with any wire version."""
+    if _accepts(function, "value_codec"):
+        return {"value_codec": spec.value_codec}
+    if spec.value_codec != "fp32":
+        raise ServerError(f"value codec {spec.value_codec!r} is not supported by this testbed.wire; use fp32")
+    return {}
+
+
+def encode_full_snapshot(weights: WeightDict, target_version: int, spec: UpdateSpec) -> bytes:
+    """Every weight, applicable to any base (round 0 and `full`)."""
+    return wire.encode_full_model(weights, target_version, **_value_codec_arguments(wire.encode_full_model, spec))
+
+
+def encode_sparse_snapshot(weights: WeightDict, target_version: int, spec: UpdateSpec) -> bytes:
+    """A model whose unsent partial entries are zero (pruning); a full snapshot where the wire lacks the codec."""
+    encoder = getattr(wire, "encode_sparse_snapshot", None)
+    if encoder is None:
+        return encode_full_snapshot(weights, target_version, spec)
+    return encoder(weights, target_version, index_codec=spec.index_codec, **_value_codec_arguments(encoder, spec))
+
+
+def encode_partial_update(
+    base: WeightDict, target: WeightDict, base_version: int, target_version: int, spec: UpdateSpec
+) -> bytes:
+    """The positions where `target` differs from `base`, plus every always-sent tensor."""
+    return wire.encode_update(
+        base, target, base_version, target_version,
+        index_codec=spec.index_codec, **_value_codec_arguments(wire.encode_update, spec),
+    )
+
+
+def held_weights_after(base: WeightDict, payload: bytes) -> WeightDict:
+    """What a device holding `base` (the payload's base, or anything for a snapshot) ends with."""
+    held = getattr(wire, "held_weights_after", None)
+    if held is not None:
+        return dict(held(base, payload))
+    decoded = wire.decode_update(payload)
+    return wire.apply_update(base, decoded.header.base_version, decoded)
 
 
 class UpdateServer:
-    """Trains the initial deployment (round 0 → version 1), then version r+1 from version r each round."""
+    """Trains the initial deployment (round 0 → version 1), then one version per round that sends something."""
 
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
@@ -53,22 +115,44 @@ class UpdateServer:
         self.arrival: DataArrival = load_dataset_arrival(scenario.data, self.seed)
         self.model: nn.Module = self.build_device_model()
         self.initial_weights: WeightDict = get_weights(self.model)
+        """w⁰: regenerable on every device from the seed and the tensor layout."""
         self.strategy: Strategy = make_strategy(scenario.update)
         self.rounds: int = min(int(scenario.rounds), self.arrival.max_rounds)
         self.deployed_weights: WeightDict | None = None
+        self.deployed_validation_accuracy: float | None = None
         self.version: int = 0
         self.next_round: int = 0
+        self.size_at_last_init: int | None = None
+        """Training-set size at the last round that started from w⁰ (round 0 or a re-init, sent or not)."""
 
     def build_device_model(self) -> nn.Module:
-        """A fresh model of the served architecture (initialised as w⁰ from the scenario seed)."""
-        return build_model(self.scenario.model, self.arrival.num_features, self.arrival.num_classes, self.seed)
+        """A fresh model of the served architecture holding w⁰ (testbed.initial_weights from the seed)."""
+        arguments: dict[str, Any] = {}
+        input_shape = getattr(self.arrival, "input_shape", None)
+        if input_shape is not None and _accepts(build_model, "input_shape"):
+            arguments["input_shape"] = input_shape
+        model = build_model(
+            self.scenario.model, self.arrival.num_features, self.arrival.num_classes, self.seed, **arguments
+        )
+        set_weights(model, initial_weights(layout_of(get_weights(model)), self.seed))
+        return model
 
     def device_test_split(self, device_index: int) -> Split:
         """The local test data of device number `device_index`."""
         return device_test_split(self.arrival.test, device_index, self.scenario.data.device_test_samples, self.seed)
 
+    def run_all(self, progress: Callable[[RoundOutcome], None] | None = None) -> list[RoundOutcome]:
+        """Run every remaining round in order (server only, no devices); `progress` sees each outcome."""
+        outcomes: list[RoundOutcome] = []
+        for round_index in range(self.next_round, self.rounds):
+            outcome = self.run_round(round_index)
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome)
+        return outcomes
+
     def run_round(self, round_index: int) -> RoundOutcome:
-        """Run round `round_index` (rounds go in order 0, 1, …) and deploy its result as version r+1."""
+        """Run round `round_index` (rounds go in order 0, 1, …); deploy its result if it is sent."""
         if round_index != self.next_round:
             raise ServerError(f"round {round_index} requested, but the next round to run is {self.next_round}")
         if round_index >= self.rounds:
@@ -77,34 +161,83 @@ class UpdateServer:
                 f"(scenario rounds {self.scenario.rounds}, data allows {self.arrival.max_rounds})"
             )
         began = time.perf_counter()
+        spec = self.scenario.update
         train = self.arrival.training_set(round_index)
         previous = self.deployed_weights
+        # Round 0 is the initial deployment: always trained from w⁰ and sent in full.
+        strategy: Strategy = FullUpdating(spec) if previous is None else self.strategy
+        reinitialised = (
+            previous is not None
+            and spec.reinit
+            and strategy.reinitialises
+            and self.size_at_last_init is not None
+            and should_reinitialise(len(train), self.size_at_last_init)
+        )
+        start = self.initial_weights if previous is None or reinitialised else previous
         context = RoundContext(
             round_index=round_index,
             model=self.model,
-            start_weights=self.initial_weights if previous is None else previous,
+            start_weights=start,
             train=train,
             validation=self.arrival.validation,
-            spec=self.scenario.update,
+            spec=spec,
             seed=derive_seed(self.seed, round_index),
+            initial_weights=self.initial_weights,
+            reinitialised=reinitialised,
         )
-        # Round 0 is the initial deployment: always trained and sent in full.
-        strategy = FullUpdating(self.scenario.update) if round_index == 0 else self.strategy
         result: StrategyResult = strategy.update(context)
-        set_weights(self.model, result.weights)
+        if previous is None or reinitialised:
+            # Counted when the (re)initialised round runs, sent or not: a rejected re-init is not retried
+            # every round, only once the data doubles again.
+            self.size_at_last_init = len(train)
+        target_version = self.version + 1
+        base_version, payload = self._encode(result, start, reinitialised, previous is None, target_version)
+        held = held_weights_after(start, payload)
+        set_weights(self.model, held)
+        validation_accuracy = evaluate_accuracy(self.model, self.arrival.validation)
+        sent = not (
+            previous is not None
+            and spec.skip_if_worse
+            and strategy.skips_when_worse
+            and not should_send(validation_accuracy, self.deployed_validation_accuracy)
+        )
+        if sent:
+            self.deployed_weights = held
+            self.deployed_validation_accuracy = validation_accuracy
+            self.version = target_version
+        else:
+            assert previous is not None
+            set_weights(self.model, previous)
+            payload = b""
         server_accuracy = evaluate_accuracy(self.model, self.arrival.test)
-        self.deployed_weights = result.weights
-        self.version = round_index + 1
         self.next_round = round_index + 1
+        deployed = self.deployed_weights
+        assert deployed is not None
         return RoundOutcome(
             round_index=round_index,
             version=self.version,
-            weights=result.weights,
+            weights=deployed,
             previous_weights=previous,
             server_accuracy=server_accuracy,
-            validation_accuracy=result.validation_accuracy,
+            validation_accuracy=validation_accuracy,
             selected=result.selected,
-            partial_count=partial_tensor_count(result.weights),
+            partial_count=partial_tensor_count(deployed),
             training_samples=len(train),
             seconds=time.perf_counter() - began,
+            base_version=base_version,
+            sent=sent,
+            reinitialised=reinitialised,
+            payload=payload,
         )
+
+    def _encode(
+        self, result: StrategyResult, start: WeightDict, reinitialised: bool, first: bool, target_version: int
+    ) -> tuple[int | None, bytes]:
+        """(base version, payload) for a strategy result: a snapshot, or an update relative to w⁰ / the deployed."""
+        spec = self.scenario.update
+        if first or result.snapshot == "full":
+            return None, encode_full_snapshot(result.weights, target_version, spec)
+        if result.snapshot == "sparse":
+            return None, encode_sparse_snapshot(result.weights, target_version, spec)
+        base_version = 0 if reinitialised else self.version
+        return base_version, encode_partial_update(start, result.weights, base_version, target_version, spec)

@@ -143,8 +143,12 @@ def test_rewind_keeps_selected_and_one_dimensional_trained_values() -> None:
 
 
 def test_registry_and_factory() -> None:
-    assert STRATEGIES == {"full": FullUpdating, "dpu": DeepPartialUpdating}
-    assert isinstance(make_strategy(UpdateSpec(strategy="dpu")), DeepPartialUpdating)
+    assert set(STRATEGIES) == {"full", "dpu", "gcpu", "lcpu", "rpu", "pruning", "magnitude"}
+    assert STRATEGIES["full"] is FullUpdating and STRATEGIES["dpu"] is DeepPartialUpdating
+    for name, strategy in STRATEGIES.items():
+        made = make_strategy(UpdateSpec(strategy=name))
+        assert type(made) is strategy and made.name == name
+    assert isinstance(make_strategy(UpdateSpec(strategy="gcpu")), DeepPartialUpdating)
     with pytest.raises(ServerError, match="unknown strategy"):
         make_strategy(UpdateSpec.model_construct(strategy="nope"))
 

@@ -1,0 +1,88 @@
+"""Update strategies (full updating, DPU and its ablations, baselines), registered by their scenario name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.errors import ServerError
+from server.strategies.base import RoundContext, SnapshotKind, Strategy, StrategyResult
+from server.strategies.baselines import MagnitudeUpdating, PruningUpdating, RandomPartialUpdating
+from server.strategies.dpu import (
+    DeepPartialUpdating,
+    FullUpdating,
+    GlobalContributionPartialUpdating,
+    LocalContributionPartialUpdating,
+)
+from server.strategies.selection import (
+    Masks,
+    absolute_change,
+    absolute_value,
+    changed_partial_weights,
+    dpu_metric,
+    global_contribution,
+    partial_count_for_ratio,
+    partial_tensor_count,
+    random_layer_masks,
+    rewind,
+    select_top_k,
+    selected_count,
+    should_reinitialise,
+    should_send,
+    zero_unselected,
+)
+
+if TYPE_CHECKING:
+    from testbed.scenario import UpdateSpec
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    strategy.name: strategy
+    for strategy in (
+        FullUpdating,
+        DeepPartialUpdating,
+        GlobalContributionPartialUpdating,
+        LocalContributionPartialUpdating,
+        RandomPartialUpdating,
+        PruningUpdating,
+        MagnitudeUpdating,
+    )
+}
+
+
+def make_strategy(spec: UpdateSpec) -> Strategy:
+    """The strategy registered under `spec.strategy`, configured with `spec`."""
+    strategy = STRATEGIES.get(spec.strategy)
+    if strategy is None:
+        raise ServerError(f"unknown strategy {spec.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    return strategy(spec)
+
+
+__all__ = [
+    "STRATEGIES",
+    "DeepPartialUpdating",
+    "FullUpdating",
+    "GlobalContributionPartialUpdating",
+    "LocalContributionPartialUpdating",
+    "MagnitudeUpdating",
+    "Masks",
+    "PruningUpdating",
+    "RandomPartialUpdating",
+    "RoundContext",
+    "SnapshotKind",
+    "Strategy",
+    "StrategyResult",
+    "absolute_change",
+    "absolute_value",
+    "changed_partial_weights",
+    "dpu_metric",
+    "global_contribution",
+    "make_strategy",
+    "partial_count_for_ratio",
+    "partial_tensor_count",
+    "random_layer_masks",
+    "rewind",
+    "select_top_k",
+    "selected_count",
+    "should_reinitialise",
+    "should_send",
+    "zero_unselected",
+]

@@ -1,0 +1,61 @@
+"""Baselines from the DPU paper: random partial updating, pruning, and naive magnitude-of-change updating."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.models import set_weights
+from server.seeds import derive_seed
+from server.strategies.base import RANDOM_MASK_STREAM, RoundContext, Strategy, StrategyResult
+from server.strategies.selection import (
+    absolute_change,
+    absolute_value,
+    partial_count_for_ratio,
+    partial_tensor_count,
+    random_layer_masks,
+    rewind,
+    select_top_k,
+    selected_count,
+    zero_unselected,
+)
+
+
+class RandomPartialUpdating(Strategy):
+    """RPU: ⌊ratio·I_l⌋ random weights per layer (seeded), fine-tuned from the deployed ones for 2·E epochs."""
+
+    name = "rpu"
+
+    def update(self, context: RoundContext) -> StrategyResult:
+        rng = np.random.default_rng(derive_seed(context.seed, RANDOM_MASK_STREAM))
+        masks = random_layer_masks(context.start_weights, self.spec.ratio, rng)
+        return self.sparse_fine_tune(context, context.start_weights, masks, epochs=2 * self.spec.epochs)
+
+
+class PruningUpdating(Strategy):
+    """Pruning: from w⁰ train E epochs, keep the top-⌊k·I⌋ by |w| (others zero), sparse fine-tune E epochs.
+
+    The result is a sparse snapshot: the device replaces its model, unsent partial entries are zero.
+    """
+
+    name = "pruning"
+
+    def update(self, context: RoundContext) -> StrategyResult:
+        trained, _ = self.train_fully(context, self.spec.epochs, start=context.required_initial_weights())
+        k = partial_count_for_ratio(partial_tensor_count(trained), self.spec.ratio)
+        masks = select_top_k(absolute_value(trained), k)
+        result = self.sparse_fine_tune(context, zero_unselected(trained, masks), masks)
+        result.snapshot = "sparse"
+        return result
+
+
+class MagnitudeUpdating(Strategy):
+    """Naive baseline: full training 2·E epochs, send the top-k by |w^f − w^s| at their w^f values, no fine-tune."""
+
+    name = "magnitude"
+
+    def update(self, context: RoundContext) -> StrategyResult:
+        trained, _ = self.train_fully(context, 2 * self.spec.epochs)
+        k = partial_count_for_ratio(partial_tensor_count(trained), self.spec.ratio)
+        masks = select_top_k(absolute_change(context.start_weights, trained), k)
+        set_weights(context.model, rewind(context.start_weights, trained, masks))
+        return self.result_from_model(context, selected_count(masks))
