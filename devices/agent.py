@@ -16,6 +16,7 @@ import numpy as np
 from devices.assembly import UpdateAssembler
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
+from testbed.initial_weights import initial_weights, layout_of
 from testbed.manifest import ManifestError, UpdateManifest
 from testbed.mqtt import MqttEndpoint
 from testbed.topics import Topics, mqtt_publish_wire_bytes
@@ -49,6 +50,7 @@ class DeviceConfig:
     profile: DeviceProfile
     downlink_rate_bps: float | None
     uplink_rate_bps: float | None
+    init_seed: int = 0
 
 
 @dataclass
@@ -92,7 +94,11 @@ class DeviceAgent:
         self.endpoint = endpoint
         self.inference = inference
         self.clock = clock
-        self.state = DeviceState(version=0, weights=inference.initial_weights())
+        # Version 0 is the shared initial model w⁰, regenerated here from the seed and the layout alone;
+        # re-initialisation rounds send sparse updates relative to it.
+        self.initial_weights = initial_weights(layout_of(inference.initial_weights()), config.init_seed)
+        self.state = DeviceState(version=0, weights=self.initial_weights)
+        inference.load_weights(self.initial_weights)
         self.assembler = UpdateAssembler()
         self.accounting = RoundAccounting(started_at=time.monotonic())
         self.connected = asyncio.Event()
@@ -168,7 +174,7 @@ class DeviceAgent:
         manifest = UpdateManifest.from_json(payload)
         if manifest.target_version <= self.state.version:
             return None
-        if manifest.base_version is not None and manifest.base_version != self.state.version:
+        if manifest.base_version not in (None, 0, self.state.version):
             raise WireError(
                 f"update {manifest.key} applies to version {manifest.base_version}, device holds {self.state.version}"
             )
@@ -189,7 +195,10 @@ class DeviceAgent:
                     f"update header says version {update.header.target_version}, "
                     f"manifest announced {manifest.target_version}"
                 )
-            new_weights = apply_update(self.state.weights, self.state.version, update)
+            if manifest.base_version == 0:
+                new_weights = apply_update(self.initial_weights, 0, update)
+            else:
+                new_weights = apply_update(self.state.weights, self.state.version, update)
         except WireError as error:
             self.state.rejected_updates += 1
             logger.warning("device %s: update %s rejected: %s", self.device_id, manifest.key, error)

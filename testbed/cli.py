@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                      help="override a scenario field, e.g. --set update.ratio=0.01 (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    compare = commands.add_parser("compare", help="compare update strategies and ratios on the server only")
+    compare.add_argument("scenario", type=Path, help="scenario YAML file (its data, model and training settings)")
+    compare.add_argument("--strategies", default="full,dpu,gcpu,rpu,pruning,magnitude",
+                         help="comma-separated strategies; 'full' is the reference and is always run")
+    compare.add_argument("--ratios", default="0.005,0.01,0.05", help="comma-separated update ratios k")
+    compare.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1 and average")
+    compare.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare-<name>-<time>)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     validate = commands.add_parser("validate", help="check a scenario file and print it resolved")
     validate.add_argument("scenario", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
@@ -77,12 +85,19 @@ class _RichProgress:
         elif event == "device":
             self.reported += 1
             self.progress.update(self.task, status=f"round {data['round']}: {self.reported}/{self.devices} devices")
+        elif event == "skipped":
+            self.progress.update(self.task, status=f"round {data['round']}: nothing sent")
         elif event == "catch-up":
             self.console.print(f"  catch-up for {data['device']} from v{data['from']} ({data['bytes']} B): "
                                f"{data['reason']}")
         elif event == "round":
             record = data["record"]
             self.progress.advance(self.task)
+            if not record.sent:
+                self.console.print(
+                    f"round {record.round}: server acc {record.server_accuracy:.3f}, nothing sent (the candidate "
+                    f"validated worse than the deployed v{record.version}: {record.validation_accuracy:.3f})")
+                return
             self.console.print(
                 f"round {record.round}: server acc {record.server_accuracy:.3f}, update {record.update_bytes} B "
                 f"({100 * record.update_bytes / record.full_model_bytes:.1f}% of full), "
@@ -107,6 +122,9 @@ def _round_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> Tabl
             str(round_record["update_bytes"]),
             f"{100 * round_record['update_bytes'] / round_record['full_model_bytes']:.1f}",
         ]
+        if not round_record["sent"]:
+            table.add_row(*server_cells, "[dim]nothing sent[/]", "", "", "", end_section=True)
+            continue
         for position, record in enumerate(by_round.get(round_record["round"], [])):
             cells = server_cells if position == 0 else [""] * len(server_cells)
             if record.get("delivered"):
@@ -187,6 +205,64 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _parse_compare_grid(args: argparse.Namespace, console: Console) -> tuple[list[str], list[float]] | None:
+    from server.strategies import STRATEGIES
+    from testbed.compare import REFERENCE_STRATEGY
+
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    unknown = [name for name in strategies if name not in STRATEGIES]
+    if unknown:
+        console.print(f"[red]error:[/] --strategies: unknown {', '.join(unknown)}; "
+                      f"choose from {', '.join(sorted(STRATEGIES))}", highlight=False)
+        return None
+    if REFERENCE_STRATEGY not in strategies:
+        strategies.insert(0, REFERENCE_STRATEGY)
+    try:
+        ratios = [float(text) for text in args.ratios.split(",") if text.strip()]
+    except ValueError:
+        console.print(f"[red]error:[/] --ratios: not a list of numbers: {args.ratios!r}", highlight=False)
+        return None
+    if not ratios or any(not 0.0 < ratio <= 1.0 for ratio in ratios):
+        console.print(f"[red]error:[/] --ratios: each ratio must be in (0, 1], got {args.ratios!r}", highlight=False)
+        return None
+    if args.seeds < 1:
+        console.print(f"[red]error:[/] --seeds must be at least 1, got {args.seeds}", highlight=False)
+        return None
+    return strategies, ratios
+
+
+def _command_compare(args: argparse.Namespace, console: Console) -> int:
+    from server.update_server import UpdateServer
+    from testbed.compare import markdown_table, paper_reference_table, run_comparison, runs_needed, write_report
+
+    scenario = _load(args.scenario, args.overrides, console)
+    grid = None if scenario is None else _parse_compare_grid(args, console)
+    if scenario is None or grid is None:
+        return EXIT_BAD_SCENARIO
+    strategies, ratios = grid
+    seeds = [scenario.seed + offset for offset in range(args.seeds)]
+    out_dir = args.out or Path("runs") / f"compare-{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rounds = UpdateServer(scenario).rounds
+    total = runs_needed(strategies, ratios, seeds) * rounds
+    console.print(f"[bold]compare {scenario.name}[/]: {', '.join(strategies)} at k = {', '.join(map(str, ratios))}, "
+                  f"{len(seeds)} seed(s), {rounds} rounds each; results in {out_dir}")
+    started = time.monotonic()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=console) as progress:
+        task = progress.add_task("rounds", total=total, status="")
+
+        def advance(strategy: str, ratio: float, seed: int, outcome: Any) -> None:
+            progress.update(task, advance=1, status=(
+                f"{strategy} k={ratio:g} seed {seed} round {outcome.round_index}: acc {outcome.server_accuracy:.3f}"))
+
+        rows = run_comparison(scenario, strategies, ratios, seeds, advance)
+    summaries = write_report(rows, out_dir, f"{scenario.name}: strategies compared")
+    console.print(markdown_table(summaries), markup=False, highlight=False)
+    console.print(paper_reference_table(), markup=False, highlight=False)
+    console.print(f"done in {time.monotonic() - started:.1f} s; compare.csv, compare.md, compare.png in {out_dir}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `testbed` console script; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -195,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if args.command == "validate":
         return _command_validate(args, console)
+    if args.command == "compare":
+        return _command_compare(args, console)
     return _command_run(args, console)
 
 

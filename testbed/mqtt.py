@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, replace
 
@@ -10,6 +11,33 @@ import aiomqtt
 from testbed.scenario import BrokerSpec
 
 MQTT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+CLEANUP_TIMEOUT_S = 1.0
+
+
+class BrokerConnectionError(Exception):
+    """The broker could not be reached, refused the credentials, or failed the TLS handshake."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot connect to broker {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+def connect_failure_reason(error: aiomqtt.MqttError, timeout_s: float) -> str:
+    """What a failed connect means, in words that say what to check."""
+    text = str(error)
+    if isinstance(error, aiomqtt.MqttCodeError):
+        # A negative CONNACK: "Not authorised", "Bad username or password", ...
+        return f"{text.lower()} (check broker.username / broker.password)"
+    if "mismatch" in text and ("CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text):
+        return f"TLS {text} (connect by a host name the broker's certificate lists)"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return f"TLS {text} (check broker.tls.ca_file)"
+    if text == "Operation timed out":
+        return (f"no CONNACK within {timeout_s:g} s (a TLS listener needs mqtts:// or a broker.tls section; "
+                "a plain one needs mqtt://)")
+    return text
 
 
 @dataclass(frozen=True)
@@ -51,7 +79,22 @@ class MqttEndpoint:
         """
         return replace(self, host=host, port=port, tls_check_hostname=False)
 
-    def client(self, identifier: str, keepalive: int = 60, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
+    @property
+    def address(self) -> str:
+        return f"{'mqtts' if self.tls_enabled else 'mqtt'}://{self.host}:{self.port}"
+
+    async def check_connection(self, identifier: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Connect once and disconnect; BrokerConnectionError says why when that fails."""
+        client = self.client(identifier, timeout_s=timeout_s)
+        try:
+            async with client:
+                pass
+        except aiomqtt.MqttError as error:
+            await _close_unfinished_connect(client)
+            raise BrokerConnectionError(self.address, connect_failure_reason(error, timeout_s)) from error
+
+    def client(self, identifier: str, keepalive: int = 60, will: aiomqtt.Will | None = None,
+               timeout_s: float = MQTT_TIMEOUT_S) -> aiomqtt.Client:
         """An aiomqtt client for this endpoint (use as `async with`)."""
         tls_params = None
         if self.tls_enabled:
@@ -69,8 +112,25 @@ class MqttEndpoint:
             identifier=identifier,
             keepalive=keepalive,
             will=will,
-            timeout=MQTT_TIMEOUT_S,
+            timeout=timeout_s,
             clean_session=True,
             tls_params=tls_params,
             tls_insecure=(not self.tls_check_hostname) if self.tls_enabled else None,
         )
+
+
+async def _close_unfinished_connect(client: aiomqtt.Client) -> None:
+    """Close the socket and end the background task of a connect that failed before its CONNACK.
+
+    aiomqtt 2.5 leaves both behind when `__aenter__` fails (it only cleans up on `__aexit__`), so a
+    connect that times out would keep a socket and a task alive for the rest of the process.
+    """
+    paho_client = getattr(client, "_client", None)
+    if paho_client is not None and paho_client.socket() is not None:
+        paho_client.disconnect()  # sends DISCONNECT if it can, then paho closes the socket
+    misc_task = getattr(client, "_misc_task", None)
+    if misc_task is not None and not misc_task.done():
+        await asyncio.wait({misc_task}, timeout=CLEANUP_TIMEOUT_S)
+        if not misc_task.done():
+            misc_task.cancel()
+            await asyncio.wait({misc_task}, timeout=CLEANUP_TIMEOUT_S)

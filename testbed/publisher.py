@@ -30,30 +30,35 @@ class PublishedUpdate:
 
 
 class UpdatePublisher:
-    """Keeps every published version's weights so that a lagging device can get a cumulative update."""
+    """Keeps every published version's weights so that a lagging device can get a cumulative update.
 
-    def __init__(self, client: aiomqtt.Client, topics: Topics, chunk_size: int) -> None:
+    Version 0 is the shared initial model w⁰, which devices regenerate themselves.
+    """
+
+    def __init__(self, client: aiomqtt.Client, topics: Topics, chunk_size: int,
+                 initial_weights: WeightDict | None = None) -> None:
         self.client = client
         self.topics = topics
         self.chunk_size = chunk_size
-        self.versions: dict[int, WeightDict] = {}
+        self.versions: dict[int, WeightDict] = {} if initial_weights is None else {0: initial_weights}
         self.latest_version = 0
         self.published_bytes = 0
 
     def encode(self, target_version: int, weights: WeightDict, base_version: int | None) -> bytes:
-        """The payload taking a device from `base_version` (None or unknown: full snapshot) to target."""
+        """An exact (fp32) cumulative update from `base_version` (None or unknown: a full snapshot) to target."""
         if base_version is None or base_version not in self.versions:
             return encode_full_model(weights, target_version)
         return encode_update(self.versions[base_version], weights, base_version, target_version)
 
     async def publish_version(self, round_index: int, target_version: int, weights: WeightDict,
-                              base_version: int | None) -> PublishedUpdate:
-        """Broadcast a new version: retained manifest, then its chunks."""
-        payload = self.encode(target_version, weights, base_version)
-        effective_base = base_version if base_version in self.versions else None
+                              base_version: int | None, payload: bytes) -> PublishedUpdate:
+        """Broadcast the server's encoded update for a new version: retained manifest, then its chunks.
+
+        `weights` is what a device holds after applying `payload`; it is kept for later catch-ups.
+        """
         self.versions[target_version] = {name: array.copy() for name, array in weights.items()}
         self.latest_version = target_version
-        return await self._publish(round_index, target_version, effective_base, payload,
+        return await self._publish(round_index, target_version, base_version, payload,
                                    manifest_topic=self.topics.manifest, retain=True, key=update_key(target_version),
                                    device_id=None)
 

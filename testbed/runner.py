@@ -26,7 +26,7 @@ from server.update_server import RoundOutcome, UpdateServer
 from testbed.broker import EmbeddedBroker
 from testbed.inference import TorchInference
 from testbed.metrics import MetricsExporter, RunMetrics
-from testbed.mqtt import MqttEndpoint
+from testbed.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.publisher import UpdatePublisher
 from testbed.results import ResultsWriter
 from testbed.scenario import ChannelSpec, LinkSpec, Scenario
@@ -51,6 +51,9 @@ class RoundRecord:
 
     round: int
     version: int
+    sent: bool
+    base_version: int | None
+    reinitialised: bool
     server_accuracy: float
     validation_accuracy: float
     update_bytes: int
@@ -174,7 +177,8 @@ class ScenarioRun:
                     seed=derived_seed(scenario.seed, 1, index), name=device_id,
                 ))
                 inference = TorchInference(server.build_device_model(), server.device_test_split(index))
-                config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps)
+                config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
+                                      init_seed=server.seed)
                 agents.append(DeviceAgent(config, self.topics, endpoint.via("127.0.0.1", proxy.port), inference))
             control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
             messages = _DeviceMessages(self.topics)
@@ -187,7 +191,7 @@ class ScenarioRun:
                                        "metrics": self.metrics_url, "downlink": downlink.description, "uplink": uplink.description,
                                        "rounds": server.rounds})
             await fleet.wait_online(ONLINE_TIMEOUT_S)
-            publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size)
+            publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, server.initial_weights)
             for round_index in range(server.rounds):
                 await self._round(round_index, server, publisher, messages, fleet, pump, results)
             summary = self._summary(server, publisher)
@@ -199,7 +203,12 @@ class ScenarioRun:
         if spec.embedded:
             broker = await stack.enter_async_context(EmbeddedBroker())
             return MqttEndpoint(broker.host, broker.port)
-        return MqttEndpoint.from_spec(spec, spec.host, spec.port)
+        endpoint = MqttEndpoint.from_spec(spec, spec.host, spec.port)
+        try:
+            await endpoint.check_connection(f"{self.run_id}-check")
+        except BrokerConnectionError as error:
+            raise RunError(f"cannot connect to broker {spec.url}: {error.reason}") from error
+        return endpoint
 
     async def _round(self, round_index: int, server: UpdateServer, publisher: UpdatePublisher,
                      messages: _DeviceMessages, fleet: EmulatedFleet, pump: asyncio.Task[None],
@@ -207,23 +216,30 @@ class ScenarioRun:
         self.progress("training", {"round": round_index})
         outcome: RoundOutcome = await asyncio.to_thread(server.run_round, round_index)
         started = time.monotonic()
-        base = outcome.version - 1 if round_index > 0 else None
-        published = await publisher.publish_version(round_index, outcome.version, outcome.weights, base)
-        self.metrics.record_published(published.payload_bytes)
-        full_model_bytes = len(encode_full_model(outcome.weights, outcome.version))
-        self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy,
-                                  published.payload_bytes, full_model_bytes)
-        self.progress("publishing", {"round": round_index, "version": outcome.version,
-                                     "update_bytes": published.payload_bytes, "full_model_bytes": full_model_bytes})
-        reports = await self._collect_reports(round_index, outcome.version, publisher, messages, fleet, pump)
+        full_model_bytes = len(encode_full_model(outcome.weights, max(outcome.version, 1)))
+        reports: dict[str, dict[str, Any]] = {}
+        update_bytes = index_bits = 0
+        if outcome.sent:
+            published = await publisher.publish_version(round_index, outcome.version, outcome.weights,
+                                                        outcome.base_version, outcome.payload)
+            update_bytes, index_bits = published.payload_bytes, published.index_bits
+            self.metrics.record_published(update_bytes)
+            self.progress("publishing", {"round": round_index, "version": outcome.version,
+                                         "update_bytes": update_bytes, "full_model_bytes": full_model_bytes})
+            reports = await self._collect_reports(round_index, outcome.version, publisher, messages, fleet, pump)
+        else:
+            self.progress("skipped", {"round": round_index, "version": outcome.version,
+                                      "validation_accuracy": outcome.validation_accuracy})
+        self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy, update_bytes, full_model_bytes)
         expected_hash = weights_hash(outcome.weights).hex()
         for device_id, profile in self.profiles.items():
             record = self._device_record(round_index, outcome, device_id, profile, reports.get(device_id), expected_hash)
             results.append_record(record)
         record = RoundRecord(
-            round=round_index, version=outcome.version, server_accuracy=outcome.server_accuracy,
-            validation_accuracy=outcome.validation_accuracy, update_bytes=published.payload_bytes,
-            full_model_bytes=full_model_bytes, index_bits=published.index_bits, selected_weights=outcome.selected,
+            round=round_index, version=outcome.version, sent=outcome.sent, base_version=outcome.base_version,
+            reinitialised=outcome.reinitialised, server_accuracy=outcome.server_accuracy,
+            validation_accuracy=outcome.validation_accuracy, update_bytes=update_bytes,
+            full_model_bytes=full_model_bytes, index_bits=index_bits, selected_weights=outcome.selected,
             partial_weights=outcome.partial_count, training_samples=outcome.training_samples,
             training_seconds=outcome.seconds, round_seconds=time.monotonic() - started, devices_updated=len(reports),
         )
@@ -277,9 +293,11 @@ class ScenarioRun:
                        report: dict[str, Any] | None, expected_hash: str) -> dict[str, Any]:
         state = self.device_state[device_id]
         record: dict[str, Any] = {"run": self.run_id, "round": round_index, "device": device_id, "profile": profile,
-                                  "server_version": outcome.version, "delivered": report is not None}
+                                  "server_version": outcome.version, "update_sent": outcome.sent,
+                                  "delivered": report is not None}
         if report is None:
-            state["rounds_missed"] += 1
+            if outcome.sent:
+                state["rounds_missed"] += 1
             return record
         self.metrics.record_device_report(report, state["bytes_received"])
         state.update(final_version=report["version"], final_accuracy=report["accuracy"],

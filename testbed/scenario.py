@@ -62,7 +62,9 @@ class _Model(BaseModel):
 class DataSpec(_Model):
     """Which data set, and how it arrives round by round."""
 
-    dataset: Literal["digits"] = "digits"
+    dataset: Literal["digits", "mnist", "cifar10"] = "digits"
+    root: Path | None = None
+    download: bool = True
     initial_samples: int = Field(300, ge=10)
     new_samples_per_round: int = Field(100, ge=1)
     validation_samples: int = Field(180, ge=10)
@@ -73,8 +75,10 @@ class DataSpec(_Model):
 class ModelSpec(_Model):
     """The network the server trains and the devices run."""
 
-    kind: Literal["mlp"] = "mlp"
+    kind: Literal["mlp", "vgg", "resnet"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128, 64])
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [16, 32, 64])
+    blocks_per_stage: int = Field(1, ge=1, le=32)
 
 
 class UpdateSpec(_Model):
@@ -86,6 +90,11 @@ class UpdateSpec(_Model):
     lr: float = Field(0.005, gt=0.0)
     batch_size: int = Field(64, ge=1)
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda")
+    full_variant: Literal["last_round", "same_init"] = "last_round"
+    reinit: bool = True
+    skip_if_worse: bool = True
+    index_codec: Literal["auto", "raw", "bitmap", "golomb-rice"] = "auto"
+    value_codec: Literal["fp32", "fp16", "int8"] = "fp32"
     chunk_size: SizeBytes = Field(1024, alias="chunk_size")
 
     @field_validator("strategy")

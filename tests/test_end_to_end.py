@@ -61,7 +61,7 @@ async def test_run_over_mosquitto_through_lossy_links(mosquitto: tuple[str, int]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
     final_version = summary["server"]["final_version"]
-    assert final_version == 3
+    assert final_version == sum(record["sent"] for record in summary["rounds"]) >= 2
     for device_id, state in summary["devices"].items():
         assert state["final_version"] == final_version, device_id
         assert state["hash_matches_server"], device_id
@@ -72,8 +72,10 @@ async def test_run_over_mosquitto_through_lossy_links(mosquitto: tuple[str, int]
     assert summary["rounds"][0]["update_bytes"] == summary["rounds"][0]["full_model_bytes"]
 
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * 3 and all(record["delivered"] for record in records)
-    assert all(record["hash_matches_server"] for record in records)
+    assert len(records) == 3 * 3
+    sent_records = [record for record in records if record["update_sent"]]
+    assert all(record["delivered"] and record["hash_matches_server"] for record in sent_records)
+    assert all(not record["delivered"] for record in records if not record["update_sent"])
     resolved = load_scenario(tmp_path / "out" / "scenario.yaml")
     assert resolved == scenario
 

@@ -70,7 +70,8 @@ async def harness(mosquitto: tuple[str, int], trained: tuple[UpdateServer, list[
     topics = Topics(f"agent-{time.monotonic_ns()}")
     endpoint = MqttEndpoint(host, port)
     inference = TorchInference(server.build_device_model(), server.device_test_split(0))
-    agent = DeviceAgent(DeviceConfig("dev-a", get_device_profile("rpi4"), 50_000.0, 50_000.0), topics, endpoint, inference)
+    config = DeviceConfig("dev-a", get_device_profile("rpi4"), 50_000.0, 50_000.0, init_seed=SCENARIO.seed)
+    agent = DeviceAgent(config, topics, endpoint, inference)
     async with endpoint.client(f"{topics.run_id}-control") as control:
         await control.subscribe(topics.devices("report"), qos=1)
         await control.subscribe(topics.devices("nack"), qos=1)
@@ -160,3 +161,19 @@ async def test_publisher_catch_up_brings_a_lagging_device_to_the_latest(harness:
     kind, report = await harness.reply()
     assert kind == "report" and report["version"] == 2
     assert report["weights_hash"] == weights_hash(second.weights).hex()
+
+
+async def test_device_regenerates_w0_and_applies_updates_relative_to_it(harness: Harness, trained: tuple[UpdateServer, list[Any]]) -> None:
+    server, (first, second) = trained
+    assert weights_hash(harness.agent.initial_weights) == weights_hash(server.initial_weights)
+    await harness.publish_update(encode_full_model(first.weights, 1), 1, None)
+    kind, report = await harness.reply()
+    assert kind == "report" and report["version"] == 1
+    # A re-initialisation round: a sparse update relative to w⁰ (version 0) while the device holds v1.
+    target = {name: array.copy() for name, array in server.initial_weights.items()}
+    first_partial = next(name for name, array in target.items() if array.ndim > 1)
+    target[first_partial].flat[:5] += 1.0
+    await harness.publish_update(encode_update(server.initial_weights, target, 0, 2), 2, 0)
+    kind, report = await harness.reply()
+    assert kind == "report" and report["version"] == 2
+    assert report["weights_hash"] == weights_hash(target).hex()
