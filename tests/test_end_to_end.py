@@ -111,3 +111,30 @@ def test_lowband_from_the_command_line(tmp_path: Path) -> None:
         assert state["hash_matches_server"] and state["final_accuracy"] >= 0.85
     for record in summary["rounds"][1:]:
         assert record["update_bytes"] <= 0.15 * record["full_model_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, index_codec, value_codec", [
+    ("dpu", "golomb-rice", "int8"),
+    ("pruning", "auto", "fp16"),
+])
+async def test_lossy_codecs_and_snapshots_reach_devices_exactly(strategy: str, index_codec: str, value_codec: str,
+                                                               tmp_path: Path) -> None:
+    """What devices hold after int8/fp16 updates and sparse snapshots is bit for bit what the server deployed."""
+    scenario = parse_scenario({
+        "name": "codecs", "seed": 4, "rounds": 4,
+        "data": {"initial_samples": 300, "new_samples_per_round": 300},
+        "update": {"strategy": strategy, "ratio": 0.05, "epochs": 5,
+                   "index_codec": index_codec, "value_codec": value_codec, "skip_if_worse": False},
+        "channel": {"downlink": {"rate": "1Mbit", "delay": "10ms", "loss": "1%"}},
+        "devices": [{"profile": "rpi4", "count": 2}],
+        "metrics": {"enabled": False},
+    })
+    result = await ScenarioRun(scenario, tmp_path / "out").execute()
+    summary = result.summary
+    assert all(record["sent"] for record in summary["rounds"])
+    assert summary["server"]["final_version"] == 4
+    for state in summary["devices"].values():
+        assert state["final_version"] == 4 and state["hash_matches_server"]
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all(record["delivered"] and record["hash_matches_server"] for record in records)
