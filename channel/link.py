@@ -1,13 +1,24 @@
-"""Pure, seeded model of one direction of a TCP stream over a rate-limited, delayed, lossy link."""
+"""Pure, seeded model of one direction of a link: a TCP stream (``transmit``) or IP packets (``packet_fates``)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from channel.delay import get_delay_distribution
 from channel.errors import ChannelError
+from channel.loss import BernoulliLoss, GilbertElliottLoss, LossModel
+from channel.outage import OutageTimeline, RandomOutages, ScheduledOutage, scheduled_outages
+from channel.shaper import Shaper, TokenBucket, make_shaper
+from channel.trace import MahimahiTrace, RateScheduleTrace, RateTrace
+
+#: Linux's TCP_RTO_MAX: retransmissions into an outage back off at most this far apart.
+MAX_RTO_S = 120.0
+#: Largest IP packet ``packet_fates`` accepts.
+MAX_IP_PACKET_BYTES = 65535
 
 
 def _require(condition: bool, field: str, value: object, expected: str) -> None:
@@ -26,10 +37,22 @@ def _format_rate(rate_bps: float | None) -> str:
 
 @dataclass(frozen=True)
 class LinkParameters:
-    """One direction of a link: rate, delay ± jitter, segment loss, and TCP details.
+    """One direction of a link: rate, delay ± jitter, loss, duplication, reordering, outages, TCP details.
 
     ``rate_bps`` counts every byte on the wire (payload plus ``overhead_bytes`` per packet);
     ``None`` means unlimited. ``burst_bytes`` is the token-bucket depth (``None`` = one full packet).
+
+    Additions (netem/Mahimahi names; all default to "off", leaving the original model unchanged):
+
+    * ``delay_distribution``: ``uniform`` (delay ± jitter, the default), ``normal`` (σ = jitter) or
+      ``pareto`` (netem's table law), all clipped at 0 — see ``channel.delay``.
+    * ``loss_model``: a ``BernoulliLoss`` or ``GilbertElliottLoss``; ``None`` = ``BernoulliLoss(loss)``.
+      Give either ``loss`` or ``loss_model``, not both.
+    * ``duplicate`` / ``reorder``: netem's ``duplicate P`` / ``reorder P`` (packet level only).
+    * ``outages``: ``[{at_s, duration_s}]`` (or ``ScheduledOutage``) from the model's first use;
+      ``random_outages``: ``RandomOutages(mean_up_s, mean_down_s)`` (or a dict of the two).
+    * ``trace``: a ``MahimahiTrace`` or ``RateScheduleTrace`` replacing the fixed rate
+      (``rate_bps`` must then be ``None``).
     """
 
     rate_bps: float | None
@@ -41,6 +64,13 @@ class LinkParameters:
     min_rto_s: float = 0.2
     max_backoffs: int = 6
     burst_bytes: int | None = None
+    delay_distribution: str = "uniform"
+    loss_model: LossModel | None = None
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    outages: tuple[ScheduledOutage, ...] = ()
+    random_outages: RandomOutages | None = None
+    trace: RateTrace | None = None
 
     def __post_init__(self) -> None:
         if self.rate_bps is not None:
@@ -62,6 +92,41 @@ class LinkParameters:
             packet = self.mss_bytes + self.overhead_bytes
             _require(self.burst_bytes >= packet, "burst_bytes", self.burst_bytes,
                      f"at least one full packet (mss_bytes + overhead_bytes = {packet}), or None")
+        get_delay_distribution(self.delay_distribution)
+        if self.loss_model is not None:
+            _require(isinstance(self.loss_model, (BernoulliLoss, GilbertElliottLoss)), "loss_model",
+                     self.loss_model, "a BernoulliLoss or GilbertElliottLoss, or None")
+            _require(self.loss == 0, "loss_model", self.loss_model,
+                     f"loss=0 when a loss_model is given (got loss={self.loss!r}); set one of them")
+        for name in ("duplicate", "reorder"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and 0.0 <= value < 1.0, name, value, "a probability in [0, 1)")
+        object.__setattr__(self, "outages", scheduled_outages(self.outages, "LinkParameters.outages"))
+        if isinstance(self.random_outages, Mapping):
+            _require(set(self.random_outages) == {"mean_up_s", "mean_down_s"}, "random_outages",
+                     self.random_outages, "{'mean_up_s': s, 'mean_down_s': s}")
+            try:
+                object.__setattr__(self, "random_outages", RandomOutages(**self.random_outages))
+            except ChannelError as error:
+                raise ChannelError(f"LinkParameters.random_outages: {error}") from None
+        if self.random_outages is not None:
+            _require(isinstance(self.random_outages, RandomOutages), "random_outages", self.random_outages,
+                     "a RandomOutages(mean_up_s, mean_down_s), a dict of the two, or None")
+        if self.trace is not None:
+            _require(isinstance(self.trace, (MahimahiTrace, RateScheduleTrace)), "trace", self.trace,
+                     "a MahimahiTrace or RateScheduleTrace (see channel.trace.load_trace), or None")
+            _require(self.rate_bps is None, "trace", self.trace,
+                     f"rate_bps=None when a trace gives the rate (got rate_bps={self.rate_bps!r})")
+
+    @property
+    def loss_process(self) -> LossModel:
+        """The loss model in use: ``loss_model``, or ``BernoulliLoss(loss)``."""
+        return self.loss_model if self.loss_model is not None else BernoulliLoss(self.loss)
+
+    @property
+    def mean_rate_bps(self) -> float | None:
+        """The fixed rate, or the trace's mean rate; None if unlimited."""
+        return self.trace.mean_rate_bps if self.trace is not None else self.rate_bps
 
     @property
     def packet_bytes(self) -> int:
@@ -75,10 +140,14 @@ class LinkParameters:
 
     @property
     def goodput_bps(self) -> float | None:
-        """Payload rate of a saturated link: ``rate * mss / (mss + overhead)`` (None if unlimited)."""
-        if self.rate_bps is None:
+        """Payload rate of a saturated link: ``rate * mss / (mss + overhead)`` (None if unlimited).
+
+        With a trace, ``rate`` is the trace's mean rate.
+        """
+        rate = self.mean_rate_bps
+        if rate is None:
             return None
-        return self.rate_bps * self.mss_bytes / self.packet_bytes
+        return rate * self.mss_bytes / self.packet_bytes
 
     @property
     def rto_s(self) -> float:
@@ -91,11 +160,31 @@ class LinkParameters:
 
     @property
     def description(self) -> str:
-        """One human line, e.g. ``"50.0 kbit/s, 100 ms ± 10 ms, 1.00% loss"``."""
+        """One human line, e.g. ``"50.0 kbit/s, 100 ms ± 10 ms, 1.00% loss"``.
+
+        Features that are on add their own phrase, e.g. ``"100 ms ± 20 ms (pareto)"``,
+        ``"GE loss 2.00% (p=0.01, ...)"``, ``"1.00% duplicate"``, ``"outage at 10 s for 5 s"``.
+        """
+        rate = self.trace.description if self.trace is not None else _format_rate(self.rate_bps)
         delay = f"{self.delay_s * 1e3:g} ms"
         if self.jitter_s > 0:
             delay += f" ± {self.jitter_s * 1e3:g} ms"
-        return f"{_format_rate(self.rate_bps)}, {delay}, {self.loss * 100:.2f}% loss"
+            if self.delay_distribution != "uniform":
+                delay += f" ({self.delay_distribution})"
+        loss = self.loss_model.description if self.loss_model is not None else f"{self.loss * 100:.2f}% loss"
+        parts = [rate, delay, loss]
+        if self.duplicate > 0:
+            parts.append(f"{self.duplicate * 100:.2f}% duplicate")
+        if self.reorder > 0:
+            parts.append(f"{self.reorder * 100:.2f}% reorder")
+        shown = [f"outage at {o.at_s:g} s for {o.duration_s:g} s" for o in self.outages[:3]]
+        if len(self.outages) > 3:
+            shown.append(f"{len(self.outages) - 3} more outages")
+        parts.extend(shown)
+        if self.random_outages is not None:
+            parts.append(f"random outages (mean up {self.random_outages.mean_up_s:g} s, "
+                         f"down {self.random_outages.mean_down_s:g} s)")
+        return ", ".join(parts)
 
     def __str__(self) -> str:
         return self.description
@@ -111,6 +200,9 @@ class LinkCounters:
     lost_segments: int = 0
     retransmissions: int = 0
     queueing_delay_s: float = 0.0
+    outage_losses: int = 0
+    duplicates: int = 0
+    reordered: int = 0
 
 
 def segment_sizes(n_bytes: int, mss: int) -> list[int]:
@@ -124,31 +216,51 @@ def segment_sizes(n_bytes: int, mss: int) -> list[int]:
 
 
 class LinkModel:
-    """One direction of a TCP stream over a link; ``transmit`` returns each segment's delivery time.
+    """One direction of a link; ``transmit`` (TCP stream) and ``packet_fates`` (IP packets) give delivery times.
 
-    Model, per segment handed to the link at ``now_s``:
+    Model, per segment handed to the link at ``now_s`` (``transmit``):
 
     * rate: a token bucket in bytes (payload + overhead) filling at ``rate_bps / 8`` up to
-      ``bucket_depth_bytes``; the segment departs once the bucket holds its cost. Segments are
-      sent in order, so departures never decrease (a retransmission holds back later segments).
-    * delay: arrival = departure + max(0, delay + uniform(-jitter, +jitter)).
-    * loss: each attempt is lost with probability ``loss``; the sender resends it ``rto`` after
-      the lost attempt departed, doubling ``rto`` for each further loss of the same segment.
+      ``bucket_depth_bytes`` (or the trace's shaper, see ``channel.shaper``); the segment departs
+      once the bucket holds its cost. Segments are sent in order, so departures never decrease
+      (a retransmission holds back later segments).
+    * delay: arrival = departure + a sample of ``delay_distribution`` (default
+      ``max(0, delay + uniform(-jitter, +jitter))``).
+    * loss: each attempt is lost when the loss process says so; the sender resends it ``rto``
+      after the lost attempt departed, doubling ``rto`` for each further loss of the same segment.
       After ``max_backoffs`` doublings the next attempt is delivered regardless. Every attempt
       costs tokens at the time it is sent.
+    * outages: an attempt whose flight ``[departure, arrival]`` meets an outage is lost and resent
+      on the same backoff schedule (each wait capped at ``MAX_RTO_S``, never "delivered
+      regardless"): the bytes wait until the outage ends plus up to one RTO-aligned backoff.
+    * duplication and reordering do not apply: TCP delivers one in-order copy, and a reordered
+      segment only waits for its predecessors, which in-order delivery already does.
     * in-order delivery: delivery = max(arrival, previous segment's delivery) (head-of-line blocking).
+
+    ``packet_fates`` is the packet-level view (netem semantics, no retransmission, no ordering);
+    see its docstring. Traces and outages are timed from the model's first use (``epoch_s``).
 
     Only ``rng`` supplies randomness: the same seed and inputs give the same outputs.
     """
+
+    #: SharedLink sets this: a retransmission's tokens are charged when it is scheduled, so a
+    #: flow waiting for its RTO does not hold the shared queue (see ``channel.shared``).
+    _defer_retransmissions = False
 
     def __init__(self, params: LinkParameters, rng: np.random.Generator) -> None:
         self.params = params
         self.counters = LinkCounters()
         self._rng = rng
-        self._bytes_per_s = None if params.rate_bps is None else params.rate_bps / 8.0
-        self._depth = float(params.bucket_depth_bytes)
-        self._tokens = self._depth
-        self._bucket_time: float | None = None
+        self._loss = params.loss_process.fresh()
+        self._sample_delay = get_delay_distribution(params.delay_distribution).sample
+        # random outages draw from their own stream, so querying them never shifts loss or delay draws
+        self._outage_rng = (
+            None if params.random_outages is None
+            else np.random.default_rng(int(rng.integers(2**63)))
+        )
+        self._shaper: Shaper = TokenBucket(params.rate_bps, params.bucket_depth_bytes)
+        self._outages: OutageTimeline | None = None
+        self._epoch: float | None = None
         self._last_departure = -math.inf
         self._last_delivery = -math.inf
 
@@ -157,43 +269,61 @@ class LinkModel:
         """Delivery time of the latest segment (-inf before the first)."""
         return self._last_delivery
 
+    @property
+    def epoch_s(self) -> float | None:
+        """Time of the first ``transmit``/``packet_fates`` call (traces and outages count from it)."""
+        return self._epoch
+
+    def outage_at(self, t: float) -> tuple[float, float] | None:
+        """``(start, end)`` of the outage covering time ``t``, or None (always None before first use)."""
+        if self._outages is None:
+            return None
+        return self._outages.outage_at(t)
+
+    def _begin(self, now_s: float) -> None:
+        if self._epoch is not None:
+            return
+        params = self.params
+        self._epoch = now_s
+        if params.trace is not None:
+            self._shaper = make_shaper(params.rate_bps, params.trace, params.bucket_depth_bytes, now_s)
+        if params.outages or params.random_outages is not None:
+            self._outages = OutageTimeline(now_s, params.outages, params.random_outages, self._outage_rng)
+
     def _depart(self, ready_s: float, cost: int) -> float:
         """Consume ``cost`` tokens at or after ``ready_s``; return the departure time."""
-        start = max(ready_s, self._last_departure)
-        if self._bytes_per_s is None:
-            departure = start
-        else:
-            if self._bucket_time is None:
-                tokens = self._depth
-            else:
-                tokens = min(self._depth, self._tokens + (start - self._bucket_time) * self._bytes_per_s)
-            if tokens >= cost:
-                departure = start
-                self._tokens = tokens - cost
-            else:
-                departure = start + (cost - tokens) / self._bytes_per_s
-                self._tokens = 0.0
-            self._bucket_time = departure
+        departure = self._shaper.grant(max(ready_s, self._last_departure), cost)
         self._last_departure = departure
         self.counters.wire_bytes += cost
         self.counters.queueing_delay_s += departure - ready_s
         return departure
 
-    def _one_way_delay(self) -> float:
-        params = self.params
-        if params.jitter_s <= 0:
-            return params.delay_s
-        return max(0.0, params.delay_s + self._rng.uniform(-params.jitter_s, params.jitter_s))
+    def _resend(self, resend_s: float, cost: int) -> float:
+        """Departure of a retransmission scheduled for ``resend_s``."""
+        if not self._defer_retransmissions:
+            return self._depart(resend_s, cost)
+        granted = self._shaper.grant(self._last_departure, cost)
+        self._last_departure = granted
+        departure = max(resend_s, granted)
+        self.counters.wire_bytes += cost
+        self.counters.queueing_delay_s += departure - resend_s
+        return departure
 
-    def transmit(self, now_s: float, size_bytes: int) -> float:
-        """Send one segment of ``size_bytes`` (1..mss) handed over at ``now_s``; return its delivery time."""
-        params = self.params
-        if not 0 < size_bytes <= params.mss_bytes:
+    def _one_way_delay(self) -> float:
+        return self._sample_delay(self._rng, self.params.delay_s, self.params.jitter_s)
+
+    def _check_segment(self, now_s: float, size_bytes: int) -> None:
+        if not 0 < size_bytes <= self.params.mss_bytes:
             raise ChannelError(
-                f"segment size {size_bytes!r} is invalid: expected 1..mss_bytes={params.mss_bytes}"
+                f"segment size {size_bytes!r} is invalid: expected 1..mss_bytes={self.params.mss_bytes}"
             )
         if not math.isfinite(now_s):
             raise ChannelError(f"now_s={now_s!r} is invalid: expected a finite time in seconds")
+
+    def _send_segment(self, now_s: float, size_bytes: int) -> float:
+        """Carry one TCP segment with retransmissions; return its arrival time (before in-order delivery)."""
+        self._begin(now_s)
+        params = self.params
         cost = size_bytes + params.overhead_bytes
         counters = self.counters
         counters.segments += 1
@@ -201,11 +331,85 @@ class LinkModel:
         departure = self._depart(now_s, cost)
         rto = params.rto_s
         losses = 0
-        while params.loss > 0 and losses <= params.max_backoffs and self._rng.random() < params.loss:
-            counters.lost_segments += 1
-            counters.retransmissions += 1
-            departure = self._depart(departure + rto * 2.0**losses, cost)
-            losses += 1
-        arrival = departure + self._one_way_delay()
+        while True:
+            if losses <= params.max_backoffs and self._loss.lost(self._rng):
+                counters.lost_segments += 1
+                counters.retransmissions += 1
+                departure = self._resend(departure + rto * 2.0**losses, cost)
+                losses += 1
+                continue
+            arrival = departure + self._one_way_delay()
+            if self._outages is not None and self._outages.overlapping(departure, arrival) is not None:
+                counters.outage_losses += 1
+                counters.retransmissions += 1
+                departure = self._resend(departure + min(MAX_RTO_S, rto * 2.0 ** min(losses, 64)), cost)
+                losses += 1
+                continue
+            return arrival
+
+    def transmit(self, now_s: float, size_bytes: int) -> float:
+        """Send one segment of ``size_bytes`` (1..mss) handed over at ``now_s``; return its delivery time."""
+        self._check_segment(now_s, size_bytes)
+        arrival = self._send_segment(now_s, size_bytes)
         self._last_delivery = max(arrival, self._last_delivery)
         return self._last_delivery
+
+    def packet_fates(self, now_s: float, size_bytes: int) -> list[float]:
+        """Delivery times of the copies of ONE IP packet of ``size_bytes`` handed over at ``now_s``.
+
+        ``[]`` = dropped, ``[t]`` = delivered once, ``[t1, t2]`` (ascending) = duplicated. No
+        retransmission and no in-order delivery: jitter and ``reorder`` may reorder packets.
+        ``size_bytes`` is the whole IP packet (1..65535), headers included, so ``overhead_bytes``
+        is not added. Per packet, in netem's order (``netem_enqueue``):
+
+        1. duplicate: with probability ``duplicate`` there are two copies;
+        2. loss: one draw of the loss process removes one copy (a lost duplicated packet still
+           delivers one copy); a dropped packet uses no link capacity, as in netem;
+        3. the extra copy, if any, passes through the link once more: its own loss draw, then
+           step 4; then the original goes through step 4;
+        4. reorder: with probability ``reorder`` the copy is sent immediately (arrival = ``now_s``,
+           bypassing rate and delay, as netem puts it at the head of its queue); otherwise it
+           departs through the shaper (FIFO) and arrives after a delay sample;
+        5. outage: a copy whose flight ``[departure, arrival]`` meets an outage is dropped.
+        """
+        if not 0 < size_bytes <= MAX_IP_PACKET_BYTES:
+            raise ChannelError(
+                f"packet size {size_bytes!r} is invalid: expected 1..{MAX_IP_PACKET_BYTES} bytes"
+            )
+        if not math.isfinite(now_s):
+            raise ChannelError(f"now_s={now_s!r} is invalid: expected a finite time in seconds")
+        self._begin(now_s)
+        params, counters, rng = self.params, self.counters, self._rng
+        counters.segments += 1
+        counters.payload_bytes += size_bytes
+        copies = 1
+        if params.duplicate > 0 and rng.random() < params.duplicate:
+            copies = 2
+            counters.duplicates += 1
+        if self._loss.lost(rng):
+            copies -= 1
+            counters.lost_segments += 1
+        fates: list[float] = []
+        if copies == 2:
+            if self._loss.lost(rng):
+                counters.lost_segments += 1
+            else:
+                fates.extend(self._packet_copy(now_s, size_bytes))
+        if copies >= 1:
+            fates.extend(self._packet_copy(now_s, size_bytes))
+        return sorted(fates)
+
+    def _packet_copy(self, now_s: float, size_bytes: int) -> list[float]:
+        """``[arrival]`` of one copy that survived the loss draw, or ``[]`` if an outage drops it."""
+        params = self.params
+        if params.reorder > 0 and self._rng.random() < params.reorder:
+            self.counters.reordered += 1
+            self.counters.wire_bytes += size_bytes
+            departure = arrival = now_s
+        else:
+            departure = self._depart(now_s, size_bytes)
+            arrival = departure + self._one_way_delay()
+        if self._outages is not None and self._outages.overlapping(departure, arrival) is not None:
+            self.counters.outage_losses += 1
+            return []
+        return [arrival]
