@@ -18,10 +18,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/testbed run scenarios/lowband.yaml
 
-# What the tests need besides Python packages: a real Mosquitto broker (Debian package).
+# What the tests need besides Python packages (Debian packages): a real Mosquitto broker, a real
+# Prometheus that scrapes a live run, and headless Chromium that renders the HTML report.
+TEST_SERVICE_PACKAGES := mosquitto prometheus chromium
 test-services:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
-		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto >/dev/null)
+	@missing=""; for package in $(TEST_SERVICE_PACKAGES); do \
+		command -v $$package >/dev/null 2>&1 || [ -x /usr/sbin/$$package ] || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 test: setup test-services
 	$(VENV)/bin/pytest

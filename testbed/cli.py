@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from testbed import channel_command
 from testbed.scenario import Scenario, ScenarioError, load_scenario
 
 EXIT_OK = 0
@@ -44,7 +45,52 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a scenario file and print it resolved")
     validate.add_argument("scenario", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    channel_command.add_commands(commands)
+    _add_report_commands(commands)
     return parser
+
+
+# --- `testbed report` and `testbed monitoring` ---------------------------------------------------------------
+
+def _add_report_commands(commands: Any) -> None:
+    report = commands.add_parser("report", help="write plots and report.html for one run, or several overlaid")
+    report.add_argument("runs", type=Path, nargs="+", metavar="DIR", help="results folder(s) of `testbed run`")
+    report.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: DIR itself for one run; required for several)")
+    monitoring = commands.add_parser("monitoring", help="how to watch runs live in Prometheus and Grafana")
+    monitoring.add_argument("--port", type=int, default=9464, help="the exporter port your scenarios use")
+
+
+def _command_report(args: argparse.Namespace, console: Console) -> int:
+    from testbed.report import ReportError, write_report
+
+    try:
+        page = write_report(args.runs, args.out)
+    except ReportError as error:
+        console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_SCENARIO
+    console.print(f"report: {page} (plots: accuracy.png, bytes.png, energy.png, delivery.png in {page.parent})",
+                  highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _command_monitoring(args: argparse.Namespace, console: Console) -> int:
+    from testbed.metrics import monitoring_guide
+
+    console.print(monitoring_guide(exporter_port=args.port), highlight=False, markup=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _write_run_report(out_dir: Path, console: Console) -> None:
+    """After a run: its plots and report.html; a report that fails is a warning, not a failed run."""
+    from testbed.report import ReportError, write_report
+
+    try:
+        console.print(f"report: {write_report(out_dir)}", highlight=False, soft_wrap=True)
+    except (ReportError, OSError, ValueError) as error:
+        console.print(f"[yellow]report not written:[/] {error}", highlight=False, soft_wrap=True)
+
+# --- end of `testbed report` and `testbed monitoring` --------------------------------------------------------
 
 
 def _default_out(scenario: Scenario) -> Path:
@@ -96,7 +142,7 @@ class _RichProgress:
             if not record.sent:
                 self.console.print(
                     f"round {record.round}: server acc {record.server_accuracy:.3f}, nothing sent (the candidate "
-                    f"validated worse than the deployed v{record.version}: {record.validation_accuracy:.3f})")
+                    f"validated {record.validation_accuracy:.3f}, worse than the deployed v{record.version})")
                 return
             self.console.print(
                 f"round {record.round}: server acc {record.server_accuracy:.3f}, update {record.update_bytes} B "
@@ -197,6 +243,7 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines() if line]
     console.print(_round_table(result.summary, records))
     console.print(_device_table(result.summary))
+    _write_run_report(out_dir, console)
     missing = [d for d, s in result.summary["devices"].items() if not s["hash_matches_server"]]
     console.print(f"done in {time.monotonic() - started:.1f} s; results in {out_dir}")
     if missing:
@@ -268,11 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in channel_command.COMMANDS:
+        return channel_command.run(args)
     console = Console()
     if args.command == "validate":
         return _command_validate(args, console)
     if args.command == "compare":
         return _command_compare(args, console)
+    if args.command == "report":
+        return _command_report(args, console)
+    if args.command == "monitoring":
+        return _command_monitoring(args, console)
     return _command_run(args, console)
 
 

@@ -2,60 +2,181 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 DELIVERY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, float("inf"))
+ENERGY_PHASES = ("receive", "transmit", "compute", "idle")
+LINK_DIRECTIONS = ("downlink", "uplink")
+RADIO_PHASES = ("receive", "transmit")
+MONITORING_DIR = Path(__file__).resolve().parents[1] / "monitoring"
+
+
+class LinkCountersView(Protocol):
+    """What the link collector reads: `channel.link.LinkCounters` (or anything with the same fields)."""
+
+    segments: int
+    payload_bytes: int
+    wire_bytes: int
+    lost_segments: int
+    retransmissions: int
+    queueing_delay_s: float
+
+
+class LinkView(Protocol):
+    """A device's link, as `channel.proxy.LinkProxy` exposes it: one counters object per direction."""
+
+    @property
+    def downlink_counters(self) -> LinkCountersView: ...
+
+    @property
+    def uplink_counters(self) -> LinkCountersView: ...
+
+
+# (metric name without `_total`, help, LinkCounters field); counters, one series per device link and direction.
+LINK_COUNTERS = (
+    ("testbed_link_segments", "Segments the link carried (delivered or lost)", "segments"),
+    ("testbed_link_payload_bytes", "Payload bytes handed to the link", "payload_bytes"),
+    ("testbed_link_wire_bytes", "Bytes on the wire including header overhead and retransmissions", "wire_bytes"),
+    ("testbed_link_dropped_segments", "Segments the link dropped (each costs a retransmission)", "lost_segments"),
+    ("testbed_link_retransmissions", "Retransmissions the link caused", "retransmissions"),
+    ("testbed_link_queueing_delay_seconds", "Queueing delay summed over all segments (divide by segments)",
+     "queueing_delay_s"),
+)
+
+
+@dataclass(frozen=True)
+class _WatchedLink:
+    device: str
+    profile: str
+    link: LinkView
+
+
+class _LinkCollector(Collector):
+    """Reads every watched link's counters when Prometheus scrapes (no sampling task, always current)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.links: dict[str, _WatchedLink] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("run", "device", "profile", "direction")
+        families = {name: CounterMetricFamily(name, text, labels=labels) for name, text, _ in LINK_COUNTERS}
+        mean_delay = GaugeMetricFamily("testbed_link_mean_queueing_delay_seconds",
+                                      "Mean queueing delay per segment since the run started", labels=labels)
+        for watched in list(self.links.values()):
+            for direction in LINK_DIRECTIONS:
+                counters = getattr(watched.link, f"{direction}_counters")
+                values = [self.run_id, watched.device, watched.profile, direction]
+                for name, _, field_name in LINK_COUNTERS:
+                    families[name].add_metric(values, float(getattr(counters, field_name)))
+                mean_delay.add_metric(values, counters.queueing_delay_s / counters.segments if counters.segments else 0.0)
+        yield from families.values()
+        yield mean_delay
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class RunMetrics:
-    """Every metric a run exports; labels are run, device, profile, strategy (all bounded)."""
+    """Every metric a run exports; labels are run, device, profile, strategy, phase, direction (all bounded)."""
 
-    def __init__(self, run_id: str, strategy: str) -> None:
+    def __init__(self, run_id: str, strategy: str, scenario: str = "", ratio: float | None = None) -> None:
         self.run_id = run_id
         self.strategy = strategy
         self.registry = CollectorRegistry()
         device_labels = ("run", "device", "profile")
+        phase_labels = ("run", "device", "profile", "phase")
         server_labels = ("run", "strategy")
         r = self.registry
+        self.run_info = Info("testbed_run", "What the run is: scenario, strategy, update ratio", ("run",), registry=r)
+        self.device_online = Gauge("testbed_device_online", "1 while the device is connected (from its retained status and will)", device_labels, registry=r)
         self.device_accuracy = Gauge("testbed_device_accuracy_ratio", "Accuracy of the device's model on its local test split", device_labels, registry=r)
         self.device_model_version = Gauge("testbed_device_model_version", "Model version the device holds", device_labels, registry=r)
         self.device_energy = Counter("testbed_device_energy_joules_total", "Energy the device spent (modelled or measured)", device_labels, registry=r)
+        self.device_phase_energy = Counter("testbed_device_phase_energy_joules_total", "Energy the device spent, by phase (receive, transmit, compute, idle)", phase_labels, registry=r)
+        self.device_phase_time = Counter("testbed_device_phase_seconds_total", "Time the device spent, by phase (receive and transmit are its airtime)", phase_labels, registry=r)
+        self.device_round_airtime = Gauge("testbed_device_round_airtime_seconds", "Radio time (receive + transmit) of the device's latest round", device_labels, registry=r)
         self.device_received = Counter("testbed_device_received_bytes_total", "Bytes the device received over MQTT", device_labels, registry=r)
+        self.device_transmitted = Counter("testbed_device_transmitted_bytes_total", "Bytes the device sent over MQTT (reports, acks)", device_labels, registry=r)
         self.device_delivery = Histogram("testbed_device_update_delivery_seconds", "Time from publishing an update to the device holding all of it", device_labels, buckets=DELIVERY_BUCKETS_S, registry=r)
         self.device_last_delivery = Gauge("testbed_device_last_update_delivery_seconds", "Delivery time of the device's latest update", device_labels, registry=r)
         self.device_rejected = Counter("testbed_device_rejected_updates_total", "Updates the device rejected (nacks)", device_labels, registry=r)
         self.server_round = Gauge("testbed_server_round", "Round the server completed last", server_labels, registry=r)
         self.server_accuracy = Gauge("testbed_server_accuracy_ratio", "Server model accuracy on the test split", server_labels, registry=r)
         self.server_model_version = Gauge("testbed_server_model_version", "Latest model version published", server_labels, registry=r)
-        self.server_update_bytes = Gauge("testbed_server_update_bytes", "Bytes of the latest encoded update", server_labels, registry=r)
+        self.server_update_bytes = Gauge("testbed_server_update_bytes", "Bytes of the latest encoded update (0 when the round sent nothing)", server_labels, registry=r)
+        self.server_index_bits = Gauge("testbed_server_update_index_bits", "Bits of the latest update's index section", server_labels, registry=r)
         self.server_full_model_bytes = Gauge("testbed_server_full_model_bytes", "Bytes of the full model encoded densely", server_labels, registry=r)
         self.server_published = Counter("testbed_server_published_bytes_total", "Update bytes published (broadcasts and catch-ups)", server_labels, registry=r)
+        self.server_rounds = Counter("testbed_server_rounds_total", "Rounds the server completed", server_labels, registry=r)
+        self.links = _LinkCollector(run_id)
+        r.register(self.links)
+        self.run_info.labels(run=run_id).info({"scenario": scenario, "strategy": strategy,
+                                               "ratio": "" if ratio is None else f"{ratio:g}"})
+        self.server_published.labels(run=run_id, strategy=strategy)
+        self.server_rounds.labels(run=run_id, strategy=strategy)
 
-    def record_round(self, round_index: int, version: int, accuracy: float, update_bytes: int, full_model_bytes: int) -> None:
+    def _device(self, device_id: str, profile: str) -> dict[str, str]:
+        return {"run": self.run_id, "device": device_id, "profile": profile}
+
+    def add_device(self, device_id: str, profile: str, link: LinkView | None = None) -> None:
+        """Announce a device (all its series start at 0, so every panel has data) and, optionally, its link."""
+        labels = self._device(device_id, profile)
+        self.device_online.labels(**labels).set(0)
+        for counter in (self.device_energy, self.device_received, self.device_transmitted, self.device_rejected):
+            counter.labels(**labels)
+        for phase in ENERGY_PHASES:
+            self.device_phase_energy.labels(**labels, phase=phase)
+            self.device_phase_time.labels(**labels, phase=phase)
+        if link is not None:
+            self.links.links[device_id] = _WatchedLink(device_id, profile, link)
+
+    def record_online(self, device_id: str, profile: str, online: bool) -> None:
+        self.device_online.labels(**self._device(device_id, profile)).set(1 if online else 0)
+
+    def record_round(self, round_index: int, version: int, accuracy: float, update_bytes: int, full_model_bytes: int,
+                     index_bits: int = 0) -> None:
         labels = {"run": self.run_id, "strategy": self.strategy}
         self.server_round.labels(**labels).set(round_index)
         self.server_model_version.labels(**labels).set(version)
         self.server_accuracy.labels(**labels).set(accuracy)
         self.server_update_bytes.labels(**labels).set(update_bytes)
+        self.server_index_bits.labels(**labels).set(index_bits)
         self.server_full_model_bytes.labels(**labels).set(full_model_bytes)
+        self.server_rounds.labels(**labels).inc()
 
     def record_published(self, payload_bytes: int) -> None:
         self.server_published.labels(run=self.run_id, strategy=self.strategy).inc(payload_bytes)
 
     def record_device_report(self, report: dict[str, Any], previous_total_bytes: int) -> None:
-        labels = {"run": self.run_id, "device": report["device"], "profile": report["profile"]}
+        labels = self._device(report["device"], report["profile"])
+        self.device_online.labels(**labels).set(1)
         self.device_accuracy.labels(**labels).set(report["accuracy"])
         self.device_model_version.labels(**labels).set(report["version"])
         self.device_energy.labels(**labels).inc(report["energy_joules"])
+        for phase, joules in report.get("energy_joules_by_phase", {}).items():
+            if phase in ENERGY_PHASES:
+                self.device_phase_energy.labels(**labels, phase=phase).inc(max(0.0, joules))
+        phase_seconds = report.get("phase_seconds", {})
+        for phase, seconds in phase_seconds.items():
+            if phase in ENERGY_PHASES:
+                self.device_phase_time.labels(**labels, phase=phase).inc(max(0.0, seconds))
+        self.device_round_airtime.labels(**labels).set(sum(phase_seconds.get(phase, 0.0) for phase in RADIO_PHASES))
         self.device_received.labels(**labels).inc(max(0, report["total_received_bytes"] - previous_total_bytes))
+        self.device_transmitted.labels(**labels).inc(max(0, report.get("transmitted_bytes", 0)))
         self.device_delivery.labels(**labels).observe(report["delivery_seconds"])
         self.device_last_delivery.labels(**labels).set(report["delivery_seconds"])
 
     def record_nack(self, device_id: str, profile: str) -> None:
-        self.device_rejected.labels(run=self.run_id, device=device_id, profile=profile).inc()
+        self.device_rejected.labels(**self._device(device_id, profile)).inc()
 
 
 class MetricsExporter:
@@ -89,3 +210,31 @@ class MetricsExporter:
             self._server.server_close()
             self._thread.join(timeout=5)
             self._server = None
+
+
+def monitoring_guide(monitoring_dir: Path = MONITORING_DIR, exporter_port: int = 9464) -> str:
+    """How to start Prometheus + Grafana on this repository's `monitoring/` files, and where to look."""
+    folder = monitoring_dir
+    return f"""\
+Live monitoring: the run's exporter -> Prometheus -> Grafana (dashboard "edge-testbed").
+
+  exporter    http://127.0.0.1:{exporter_port}/metrics   (while `testbed run` runs; metrics.port in the scenario)
+  Prometheus  http://127.0.0.1:9090                 (scrapes the exporter every 2 s; config {folder}/prometheus.yml)
+  Grafana     http://127.0.0.1:3000/d/edge-testbed  (anonymous viewer; admin/admin to edit)
+
+With Docker (Mosquitto on 1883, Prometheus, Grafana, all on the host network):
+  docker compose -f {folder}/compose.yaml up -d
+  testbed run scenarios/lowband.yaml            # then open the Grafana URL above
+  testbed run scenarios/lowband.yaml --set broker=mqtt://127.0.0.1:1883   # the same over the stack's Mosquitto
+  docker compose -f {folder}/compose.yaml down
+
+Without Docker (Debian packages `prometheus`, and Grafana from packages.grafana.com):
+  prometheus --config.file={folder}/prometheus.yml --storage.tsdb.path=/tmp/testbed-prometheus \\
+      --web.listen-address=127.0.0.1:9090
+  GF_PATHS_PROVISIONING={folder}/grafana/provisioning GF_AUTH_ANONYMOUS_ENABLED=true \\
+      TESTBED_DASHBOARDS={folder}/grafana/dashboards grafana-server --homepath /usr/share/grafana
+
+Panels: fleet and per-device accuracy, model versions, update bytes and airtime per round, energy per
+device and phase, delivery-time quantiles, link loss / retransmissions / queueing delay, devices online.
+Pick a run with the `run` variable; after the run, `testbed report runs/<dir>` writes report.html and plots.
+"""

@@ -16,8 +16,6 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from channel.link import LinkParameters
-from channel.profiles import PROFILES
 from channel.proxy import LinkProxy
 from devices.agent import DeviceAgent, DeviceConfig
 from devices.fleet import EmulatedFleet
@@ -29,7 +27,8 @@ from testbed.metrics import MetricsExporter, RunMetrics
 from testbed.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.publisher import UpdatePublisher
 from testbed.results import ResultsWriter
-from testbed.scenario import ChannelSpec, LinkSpec, Scenario
+from testbed.links import resolve_links
+from testbed.scenario import Scenario
 from testbed.topics import Topics
 from testbed.wire import encode_full_model, weights_hash
 
@@ -77,29 +76,6 @@ class RunResult:
     rounds: list[RoundRecord] = field(default_factory=list)
 
 
-def link_parameters(spec: LinkSpec | None, profile: LinkParameters | None) -> LinkParameters:
-    """One direction's parameters: explicit fields over the named profile, else an unlimited link."""
-    base = profile or LinkParameters(rate_bps=None)
-    if spec is None:
-        return base
-    explicit = spec.model_fields_set
-    return LinkParameters(
-        rate_bps=spec.rate_bps if "rate_bps" in explicit else base.rate_bps,
-        delay_s=spec.delay_s if "delay_s" in explicit else base.delay_s,
-        jitter_s=spec.jitter_s if "jitter_s" in explicit else base.jitter_s,
-        loss=spec.loss if "loss" in explicit else base.loss,
-    )
-
-
-def resolve_links(channel: ChannelSpec) -> tuple[LinkParameters, LinkParameters]:
-    """(downlink, uplink) of every device's link in this scenario."""
-    profile = PROFILES[channel.profile] if channel.profile else None
-    return (
-        link_parameters(channel.downlink, profile.downlink if profile else None),
-        link_parameters(channel.uplink, profile.uplink if profile else None),
-    )
-
-
 def derived_seed(seed: int, *stream: int) -> int:
     """A 32-bit seed for one consumer, derived from the scenario seed."""
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
@@ -112,8 +88,9 @@ def new_run_id(scenario: Scenario) -> str:
 class _DeviceMessages:
     """Reports and nacks from devices, read off the control client into queues."""
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics, on_status: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.topics = topics
+        self.on_status = on_status
         self.reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.nacks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -135,6 +112,8 @@ class _DeviceMessages:
                 await self.reports.put(body)
             elif kind == "nack":
                 await self.nacks.put(body)
+            elif kind == "status" and self.on_status is not None:
+                self.on_status(device_id, body)
 
 
 class ScenarioRun:
@@ -147,7 +126,7 @@ class ScenarioRun:
         self.run_id = new_run_id(scenario)
         self.topics = Topics(self.run_id)
         self.profiles = scenario.device_profiles()
-        self.metrics = RunMetrics(self.run_id, scenario.update.strategy)
+        self.metrics = RunMetrics(self.run_id, scenario.update.strategy, scenario.name, scenario.update.ratio)
         self.rounds: list[RoundRecord] = []
         self.device_state: dict[str, dict[str, Any]] = {
             device_id: {"profile": profile, "final_version": 0, "final_accuracy": None, "energy_joules": 0.0,
@@ -176,12 +155,14 @@ class ScenarioRun:
                     endpoint.host, endpoint.port, downlink=downlink, uplink=uplink,
                     seed=derived_seed(scenario.seed, 1, index), name=device_id,
                 ))
+                self.metrics.add_device(device_id, profile_name, proxy)
                 inference = TorchInference(server.build_device_model(), server.device_test_split(index))
                 config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
                                       init_seed=server.seed)
                 agents.append(DeviceAgent(config, self.topics, endpoint.via("127.0.0.1", proxy.port), inference))
             control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
-            messages = _DeviceMessages(self.topics)
+            messages = _DeviceMessages(self.topics, self._record_status)
+            await control.subscribe(self.topics.devices("status"), qos=1)
             await control.subscribe(self.topics.devices("report"), qos=1)
             await control.subscribe(self.topics.devices("nack"), qos=1)
             pump = asyncio.create_task(messages.pump(control), name="device-messages")
@@ -230,7 +211,8 @@ class ScenarioRun:
         else:
             self.progress("skipped", {"round": round_index, "version": outcome.version,
                                       "validation_accuracy": outcome.validation_accuracy})
-        self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy, update_bytes, full_model_bytes)
+        self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy, update_bytes, full_model_bytes,
+                                  index_bits)
         expected_hash = weights_hash(outcome.weights).hex()
         for device_id, profile in self.profiles.items():
             record = self._device_record(round_index, outcome, device_id, profile, reports.get(device_id), expected_hash)
@@ -288,6 +270,10 @@ class ScenarioRun:
                 self.progress("catch-up", {"round": round_index, "device": device_id, "from": held,
                                            "bytes": catch_up.payload_bytes, "reason": nack.get("reason")})
         return reports
+
+    def _record_status(self, device_id: str, status: dict[str, Any]) -> None:
+        if device_id in self.profiles and isinstance(status.get("online"), bool):
+            self.metrics.record_online(device_id, self.profiles[device_id], status["online"])
 
     def _device_record(self, round_index: int, outcome: RoundOutcome, device_id: str, profile: str,
                        report: dict[str, Any] | None, expected_hash: str) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""bench/channel.py --quick runs end to end against a real Mosquitto and writes well-formed, sane rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {
+    "backend": str, "profile": str, "case": str, "configured_rate_bps": float, "configured_delay_ms": float,
+    "configured_loss": float, "configured_goodput_bps": float, "goodput_bps": float, "goodput_ratio": float,
+    "model_goodput_bps": float, "goodput_model_ratio": float, "delay_p50_ms": float, "delay_p99_ms": float,
+    "loss": float, "loss_ci_low": float, "loss_ci_high": float, "segment_attempts": int, "lost_segments": int,
+    "messages": int, "reference": str,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_benchmark_writes_sane_rows(tmp_path: Path) -> None:
+    out = tmp_path / "channel.json"
+    completed = subprocess.run([sys.executable, "bench/channel.py", "--quick", "--json", str(out)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert completed.returncode == 0, completed.stderr
+    assert "targets:" in completed.stdout and "# rerun: python bench/channel.py --quick" in completed.stdout
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) >= 4
+    for row in rows:
+        for field, kind in ROW_FIELDS.items():
+            value = row[field]
+            assert isinstance(value, (int, float) if kind is float else kind), (field, value)
+            if kind is float:
+                assert math.isfinite(value), (field, value)
+        assert row["backend"] == "proxy"
+        assert 0.8 <= row["goodput_model_ratio"] <= 1.1, row  # the proxy keeps to its model's schedule
+        assert 0.0 < row["goodput_ratio"] <= 1.1, row
+        if row["configured_loss"] == 0:
+            assert 0.8 <= row["goodput_ratio"] <= 1.1, row
+        assert row["loss_ci_low"] <= row["loss"] <= row["loss_ci_high"]
+        assert row["delay_p50_ms"] <= row["delay_p99_ms"]
+        assert -1.0 < row["delay_p50_ms"] < 50.0, row
+    assert {row["profile"] for row in rows} > {"custom"}  # at least one named profile
+    overhead = result["overhead"]
+    assert overhead["messages"] >= 500
+    assert overhead["throughput_mb_s"] > 0 and overhead["direct_throughput_mb_s"] > 0
+    assert [target["met"] in (True, False) for target in result["targets"]] == [True] * len(result["targets"])
