@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from dataclasses import dataclass, replace
 
@@ -116,6 +117,9 @@ class MqttEndpoint:
             clean_session=True,
             tls_params=tls_params,
             tls_insecure=(not self.tls_check_hostname) if self.tls_enabled else None,
+            # paho leaves Nagle's algorithm on: a small publish (a report, the last chunk) would then
+            # wait for the previous segment's ACK, tens of ms that would be blamed on the channel.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
 
 

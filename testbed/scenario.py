@@ -107,13 +107,45 @@ class UpdateSpec(_Model):
         return name
 
 
+class GilbertElliottSpec(_Model):
+    """netem's `loss gemodel p r 1-h 1-k`: bursty loss from a two-state Markov chain."""
+
+    p: Fraction
+    r: Fraction | None = None
+    one_minus_h: Fraction = Field(1.0, alias="1-h")
+    one_minus_k: Fraction = Field(0.0, alias="1-k")
+
+
+class OutageSpec(_Model):
+    """A scheduled outage: the link is down from `at` for `duration` (from the link's first use)."""
+
+    at_s: DurationSeconds = Field(alias="at")
+    duration_s: DurationSeconds = Field(alias="duration")
+
+
+class RandomOutageSpec(_Model):
+    """Random outages: exponential up and down periods with these means."""
+
+    mean_up_s: DurationSeconds = Field(alias="mean_up")
+    mean_down_s: DurationSeconds = Field(alias="mean_down")
+
+
 class LinkSpec(_Model):
-    """One direction of a link: rate, delay, jitter and segment loss."""
+    """One direction of a link: rate (or a trace), delay distribution, loss model, outages."""
 
     rate_bps: RateBps | None = Field(None, alias="rate")
     delay_s: DurationSeconds = Field(0.0, alias="delay")
     jitter_s: DurationSeconds = Field(0.0, alias="jitter")
+    delay_distribution: Literal["uniform", "normal", "pareto"] = "uniform"
     loss: Fraction = 0.0
+    gilbert_elliott: GilbertElliottSpec | None = None
+    duplicate: Fraction = 0.0
+    reorder: Fraction = 0.0
+    outages: list[OutageSpec] = Field(default_factory=list)
+    random_outages: RandomOutageSpec | None = None
+    trace: Path | None = None
+    overhead_bytes: SizeBytes = Field(40, alias="overhead")
+    mss_bytes: SizeBytes = Field(1460, alias="mss")
 
     @field_validator("loss")
     @classmethod
@@ -121,6 +153,14 @@ class LinkSpec(_Model):
         if loss >= 1.0:
             raise ValueError("loss must be below 100% (nothing would ever arrive)")
         return loss
+
+    @model_validator(mode="after")
+    def _one_loss_model_one_rate(self) -> LinkSpec:
+        if self.gilbert_elliott is not None and self.loss > 0:
+            raise ValueError("give either 'loss' (Bernoulli) or 'gilbert_elliott', not both")
+        if self.trace is not None and self.rate_bps is not None:
+            raise ValueError("give either 'rate' or 'trace' (a trace sets the rate over time), not both")
+        return self
 
 
 class ChannelSpec(_Model):
@@ -140,6 +180,17 @@ class ChannelSpec(_Model):
         if name not in PROFILES:
             raise ValueError(f"unknown channel profile {name!r}; choose one of {', '.join(sorted(PROFILES))}")
         return name
+
+    @model_validator(mode="after")
+    def _links_buildable(self) -> ChannelSpec:
+        from channel.errors import ChannelError
+        from testbed.links import resolve_links
+
+        try:
+            resolve_links(self)
+        except ChannelError as error:
+            raise ValueError(str(error)) from None
+        return self
 
 
 class DeviceGroup(_Model):

@@ -17,6 +17,19 @@ from testbed.codecs import INDEX_CODEC_REGISTRY, VALUE_CODEC_REGISTRY, StoredVal
 from testbed.codecs import WireError as WireError  # re-exported: the one error of the wire format
 from testbed.codecs import choose_index_codec, tensor_of, value_codec_named
 from testbed.codecs import index_floor_bits as index_floor_bits  # re-exported for benchmarks
+from testbed.weight_layout import (  # re-exported: the layout is part of the wire contract
+    FINGERPRINT_BYTES as FINGERPRINT_BYTES,
+    _checked,
+    _dense_tensor_names,
+    _flatten_dense,
+    _le_bytes,
+    _partial_sizes,
+    count_partial as count_partial,
+    flatten_partial as flatten_partial,
+    model_fingerprint as model_fingerprint,
+    partial_tensor_names as partial_tensor_names,
+    weights_hash as weights_hash,
+)
 
 FORMAT_VERSION = 1
 MAGIC = b"EDTB"
@@ -33,7 +46,6 @@ _U32_MAX = 0xFFFFFFFF
 # target_version, n, k, index_bytes, value_bytes, dense_bytes, payload_hash, post_apply_hash.
 HEADER = struct.Struct("<4sBBBB16sIIQQIII32s32s")
 HEADER_BYTES = HEADER.size
-FINGERPRINT_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -94,86 +106,6 @@ class UpdateSizes:
     total_bytes: int
     index_bits: int
     value_bits: int
-
-
-def _as_float32(name: str, tensor: object) -> np.ndarray:
-    array = np.asarray(tensor)
-    if array.dtype.kind != "f" or array.dtype.itemsize != 4:
-        raise WireError(f"tensor {name!r} has dtype {array.dtype}; the wire carries float32 only")
-    return array
-
-
-def _checked(weights: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    items = []
-    for name, tensor in weights.items():
-        if not isinstance(name, str):
-            raise WireError(f"tensor name {name!r} is not a str")
-        items.append((name, _as_float32(name, tensor)))
-    return items
-
-
-def _le_bytes(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array, dtype="<f4").tobytes()
-
-
-def _name_bytes(name: str) -> bytes:
-    encoded = name.encode("utf-8")
-    return struct.pack("<I", len(encoded)) + encoded
-
-
-def model_fingerprint(weights: Mapping[str, np.ndarray]) -> bytes:
-    """16 bytes identifying the architecture: sha256 over names, shapes and dtype, in order."""
-    digest = hashlib.sha256(b"edge-testbed model fingerprint v1")
-    for name, array in _checked(weights):
-        digest.update(_name_bytes(name))
-        digest.update(struct.pack("<I", array.ndim))
-        digest.update(struct.pack(f"<{array.ndim}Q", *array.shape))
-        digest.update(b"float32")
-    return digest.digest()[:FINGERPRINT_BYTES]
-
-
-def weights_hash(weights: Mapping[str, np.ndarray]) -> bytes:
-    """32 bytes: sha256 over (length-prefixed name, byte count, little-endian float32 bytes) in order."""
-    digest = hashlib.sha256(b"edge-testbed weights v1")
-    for name, array in _checked(weights):
-        data = _le_bytes(array)
-        digest.update(_name_bytes(name))
-        digest.update(struct.pack("<Q", len(data)))
-        digest.update(data)
-    return digest.digest()
-
-
-def partial_tensor_names(weights: Mapping[str, np.ndarray]) -> list[str]:
-    """Names of the partially updated tensors (ndim > 1: conv and linear weights), in order."""
-    return [name for name, array in _checked(weights) if array.ndim > 1]
-
-
-def _dense_tensor_names(weights: Mapping[str, np.ndarray]) -> list[str]:
-    return [name for name, array in _checked(weights) if array.ndim <= 1]
-
-
-def _concat(weights: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
-    if not names:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate([np.asarray(weights[name], dtype=np.float32).ravel() for name in names])
-
-
-def flatten_partial(weights: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Float32 concatenation of all partial tensors in order; flat position i addresses it."""
-    return _concat(weights, partial_tensor_names(weights))
-
-
-def _partial_sizes(weights: Mapping[str, np.ndarray]) -> list[int]:
-    return [int(np.asarray(weights[name]).size) for name in partial_tensor_names(weights)]
-
-
-def count_partial(weights: Mapping[str, np.ndarray]) -> int:
-    """I: the total number of partially updated weights."""
-    return sum(_partial_sizes(weights))
-
-
-def _flatten_dense(weights: Mapping[str, np.ndarray]) -> np.ndarray:
-    return _concat(weights, _dense_tensor_names(weights))
 
 
 def _held_weights(
