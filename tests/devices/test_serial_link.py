@@ -1,0 +1,140 @@
+"""Serial link over real ptys (os.openpty) and a real socket: frames both ways, resync, hang-up, line-rate pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import tty
+
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+from devices.serial_framing import (
+    Frame,
+    Hello,
+    MessageType,
+    UpdateChunk,
+    encode_frame,
+    framing_overhead_bytes,
+)
+from devices.serial_link import (
+    SerialLink,
+    SerialLinkError,
+    SerialLinkTimeout,
+    line_rate_bytes_per_s,
+)
+
+
+@pytest.fixture
+def pty_pair():
+    """(master fd, slave path); the slave is opened by the test through pyserial like a real port."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    yield master, path, slave
+    for fd in (slave,):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+async def test_frames_both_ways_over_a_pty(pty_pair):
+    master, path, _ = pty_pair
+    async with SerialLink.from_fd(master, baud=1_000_000) as host, await SerialLink.open(path, baud=1_000_000) as board:
+        hello = await board.send_message(MessageType.HELLO, Hello("bench-pi", "rpi4", ("energy:model",)).to_payload())
+        received = await host.receive(timeout_s=5)
+        assert received == hello and Hello.from_payload(received.payload).board == "bench-pi"
+        chunks = [UpdateChunk("r1-v1", index, os.urandom(3000)) for index in range(5)]
+        for chunk in chunks:
+            await host.send_message(MessageType.UPDATE_CHUNK, chunk.to_payload())
+        got = [UpdateChunk.from_payload((await board.receive(timeout_s=5)).payload) for _ in chunks]
+        assert got == chunks
+        ping = await host.send_message(MessageType.PING, b"\x00\x01t=12.5")
+        assert await board.receive(timeout_s=5) == ping
+        await board.send(Frame(MessageType.PONG, ping.sequence, ping.payload))
+        assert (await host.receive(timeout_s=5)).message_type is MessageType.PONG
+        assert host.decoder.errors == {} and board.decoder.errors == {}
+
+
+async def test_resyncs_after_line_noise(pty_pair):
+    master, path, _ = pty_pair
+    async with await SerialLink.open(path, baud=1_000_000) as board:
+        noise = b"U-Boot 2023.01 \xff\xfe\x00\x13garbage\r\n" + os.urandom(500)
+        frame = encode_frame(MessageType.LOG, 3, b"after the noise")
+        os.write(master, noise + frame[:5])
+        await asyncio.sleep(0.05)
+        os.write(master, frame[5:])
+        received = await board.receive(timeout_s=5)
+        assert received == Frame(MessageType.LOG, 3, b"after the noise")
+        assert sum(board.decoder.errors.values()) >= 1
+    os.close(master)
+
+
+async def test_a_silent_board_times_out_and_a_hang_up_ends_the_stream(pty_pair):
+    master, path, slave = pty_pair
+    host = SerialLink.from_fd(master, baud=115200)
+    with pytest.raises(SerialLinkTimeout, match="no frame within 0.2 s"):
+        await host.receive(timeout_s=0.2)
+    board = await SerialLink.open(path, baud=1_000_000)
+    await board.send_message(MessageType.LOG, b"last words")
+    await asyncio.sleep(0.05)
+    await board.close()
+    os.close(slave)  # every slave fd closed: the master reads EIO, the end of the stream
+    assert [frame.payload async for frame in host.frames()] == [b"last words"]
+    with pytest.raises(SerialLinkError, match="closed"):
+        await host.receive(timeout_s=1)
+    await host.close()
+
+
+async def test_socket_url_link():
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, await SerialLink.open(f"socket://127.0.0.1:{port}", baud=1_000_000) as link:
+        sent = await link.send_message(MessageType.REPORT, b'{"accuracy":0.91}')
+        assert await link.receive(timeout_s=5) == sent
+
+
+async def test_open_errors():
+    with pytest.raises(SerialLinkError, match="cannot open serial port /dev/does-not-exist"):
+        await SerialLink.open("/dev/does-not-exist")
+    with pytest.raises(SerialLinkError, match="supports device paths and socket://"):
+        await SerialLink.open("rfc2217://localhost:2217")
+
+
+async def test_paced_throughput_at_115200_is_the_line_rate_net_of_framing(pty_pair):
+    master, path, _ = pty_pair
+    baud, payload_bytes, count = 115200, 1024, 24  # about 2.2 s of line time
+    payload = bytes(1 + index % 255 for index in range(payload_bytes))
+    expected = line_rate_bytes_per_s(baud) * payload_bytes / (payload_bytes + framing_overhead_bytes(payload_bytes))
+    arrivals: list[float] = []
+    async with SerialLink.from_fd(master, baud=baud) as host, await SerialLink.open(path, baud=baud) as board:
+
+        async def receive_all() -> None:
+            async for frame in board.frames():
+                assert frame.payload == payload
+                arrivals.append(time.perf_counter())
+                if len(arrivals) == count:
+                    return
+
+        receiver = asyncio.create_task(receive_all())
+        started = time.perf_counter()
+        for _ in range(count):
+            await host.send_message(MessageType.UPDATE_CHUNK, payload)
+        sender_seconds = time.perf_counter() - started
+        await asyncio.wait_for(receiver, 10)
+    sender_rate = count * payload_bytes / sender_seconds
+    receiver_rate = (count - 1) * payload_bytes / (arrivals[-1] - arrivals[0])
+    print(f"\n115200 baud 8N1, {payload_bytes}-byte payloads: net line rate {expected:.0f} B/s; "
+          f"sender {sender_rate:.0f} B/s ({sender_rate / expected:.3f}), "
+          f"receiver {receiver_rate:.0f} B/s ({receiver_rate / expected:.3f})")
+    assert sender_rate == pytest.approx(expected, rel=0.05)
+    assert receiver_rate == pytest.approx(expected, rel=0.05)
