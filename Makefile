@@ -20,7 +20,7 @@ demo: setup
 
 # What the tests need besides Python packages (Debian packages): a real Mosquitto broker, a real
 # Prometheus that scrapes a live run, and headless Chromium that renders the HTML report.
-TEST_SERVICE_PACKAGES := mosquitto prometheus chromium
+TEST_SERVICE_PACKAGES := mosquitto prometheus prometheus-pushgateway chromium
 test-services:
 	@missing=""; for package in $(TEST_SERVICE_PACKAGES); do \
 		command -v $$package >/dev/null 2>&1 || [ -x /usr/sbin/$$package ] || missing="$$missing $$package"; \

@@ -133,6 +133,8 @@ class _RichProgress:
             self.progress.update(self.task, status=f"round {data['round']}: {self.reported}/{self.devices} devices")
         elif event == "skipped":
             self.progress.update(self.task, status=f"round {data['round']}: nothing sent")
+        elif event == "push-failed":
+            self.console.print(f"[yellow]warning:[/] {data['error']}", highlight=False)
         elif event == "catch-up":
             self.console.print(f"  catch-up for {data['device']} from v{data['from']} ({data['bytes']} B): "
                                f"{data['reason']}")

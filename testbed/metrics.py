@@ -8,7 +8,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import push_to_gateway, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -177,6 +177,19 @@ class RunMetrics:
 
     def record_nack(self, device_id: str, profile: str) -> None:
         self.device_rejected.labels(**self._device(device_id, profile)).inc()
+
+
+class PushError(Exception):
+    """The Pushgateway refused or could not be reached."""
+
+
+def push_metrics(registry: CollectorRegistry, gateway_url: str, run_id: str, timeout_s: float = 10.0) -> None:
+    """Push every metric of the run to a Pushgateway (job `edge-testbed`, grouped by run)."""
+    try:
+        push_to_gateway(gateway_url, job="edge-testbed", registry=registry, grouping_key={"run": run_id},
+                        timeout=timeout_s)
+    except OSError as error:  # URLError and HTTPError are OSErrors
+        raise PushError(f"push to {gateway_url} failed: {error}") from None
 
 
 class MetricsExporter:

@@ -23,7 +23,7 @@ from devices.profiles import get_device_profile
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.broker import EmbeddedBroker
 from testbed.inference import TorchInference
-from testbed.metrics import MetricsExporter, RunMetrics
+from testbed.metrics import MetricsExporter, PushError, RunMetrics, push_metrics
 from testbed.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.publisher import UpdatePublisher
 from testbed.results import ResultsWriter
@@ -134,6 +134,8 @@ class ScenarioRun:
             for device_id, profile in self.profiles.items()
         }
         self.metrics_url: str | None = None
+        self.pushes = 0
+        self.push_errors: list[str] = []
 
     async def execute(self) -> RunResult:
         scenario = self.scenario
@@ -227,6 +229,20 @@ class ScenarioRun:
         )
         self.rounds.append(record)
         self.progress("round", {"record": record, "reports": reports})
+        await self._push_metrics()
+
+    async def _push_metrics(self) -> None:
+        """Push to the scenario's Pushgateway, if any; a failure is logged, counted and reported, not fatal."""
+        url = self.scenario.metrics.pushgateway
+        if url is None:
+            return
+        try:
+            await asyncio.to_thread(push_metrics, self.metrics.registry, url, self.run_id)
+            self.pushes += 1
+        except PushError as error:
+            logger.warning("%s", error)
+            self.push_errors.append(str(error))
+            self.progress("push-failed", {"error": str(error)})
 
     async def _collect_reports(self, round_index: int, version: int, publisher: UpdatePublisher,
                                messages: _DeviceMessages, fleet: EmulatedFleet,
@@ -311,6 +327,9 @@ class ScenarioRun:
             "devices": {
                 device_id: {**state, "hash_matches_server": state["weights_hash"] == final_hash}
                 for device_id, state in self.device_state.items()
+            },
+            "pushgateway": None if self.scenario.metrics.pushgateway is None else {
+                "url": self.scenario.metrics.pushgateway, "pushes": self.pushes, "errors": self.push_errors,
             },
             "server": {
                 "final_version": publisher.latest_version,

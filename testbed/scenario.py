@@ -283,6 +283,17 @@ class MetricsSpec(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
+    pushgateway: str | None = None
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"pushgateway must be an http(s)://host:port URL, got {url!r}")
+        return url
 
 
 class Scenario(_Model):
