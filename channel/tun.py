@@ -1,0 +1,473 @@
+"""Packet-level link backend: a device namespace joined to the host by two TUN devices, IP packets through LinkModels.
+
+Topology of one ``TunLink`` (Linux, root)::
+
+    MQTT client ──► 127.0.0.1:relay ═(relay socket lives in the device namespace)═► tun0 198.18.n.2/30
+      (host netns, loopback, unconstrained)                                           │ IP packets
+                                                                 emulator: uplink LinkModel ▲ ▼ downlink LinkModel
+                                                                                      │
+    broker 127.0.0.1:P ◄── forwarder ◄── 198.18.n.1:F on host TUN ``tb-XXXXXXXX`` ◄───┘
+
+* Each direction's IP packets are read from one TUN fd and written to the other at the delivery
+  times ``LinkModel.packet_fates`` gives (downlink: host → device, uplink: device → host), so the
+  kernel's real TCP in the namespace reacts to real drops, delays, duplicates and reordering.
+  ``rate_bps`` counts whole IP packets (headers included); non-IPv4 packets are dropped uncounted.
+* The broker stays where it is: a forwarder on ``host_address:forward_port`` (host side, reachable
+  only through the link) copies bytes to ``upstream_host:upstream_port``. A program inside the
+  namespace (``ip netns exec``, ``open_device_connection``) connects to ``broker_address``.
+* paho/aiomqtt have no socket-factory hook, so ``address`` is a relay on 127.0.0.1 (host netns)
+  whose outbound socket is created inside the namespace: an MQTT client connects to ``address``
+  exactly as it would to a ``LinkProxy``. The relay and forwarder hops are on loopback (unshaped);
+  they add a user-space copy each, tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import heapq
+import ipaddress
+import logging
+import os
+import random
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import numpy as np
+
+from channel.errors import ChannelError
+from channel.link import LinkCounters, LinkModel, LinkParameters
+from channel.netns import NetworkNamespace, entered, host_ip, open_connection_in, require_netns_support
+
+logger = logging.getLogger("channel.tun")
+
+TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+#: The emulated devices' addresses: one /30 per link inside 198.18.0.0/15 (RFC 2544 benchmarking).
+SUBNET_POOL = ipaddress.IPv4Network("198.18.0.0/15")
+SUBNET_COUNT = 512  # 198.18.0.0/30 … 198.19.255.0/30, one per third octet
+DEVICE_INTERFACE = "tun0"
+READ_BATCH_PACKETS = 256
+MAX_PACKET_BYTES = 65535
+RELAY_CHUNK_BYTES = 65536
+#: Python's epoll waits whole milliseconds (rounded up), so a timer fires 0–1 ms late; releasing
+#: copies up to this much before their time centres the delivery error on zero (±0.5 ms).
+TIMER_SLACK_S = 0.0005
+
+
+def subnet_addresses(index: int) -> tuple[str, str]:
+    """(host, device) addresses of link ``index``: 198.18.n.1 and 198.18.n.2 (198.19.* from 256)."""
+    if not 0 <= index < SUBNET_COUNT:
+        raise ChannelError(f"subnet_index={index!r} is invalid: expected 0..{SUBNET_COUNT - 1}")
+    base = SUBNET_POOL.network_address + index * 256
+    return str(base + 1), str(base + 2)
+
+
+def _free_subnet_index() -> int:
+    """A subnet index whose host address no interface of the host namespace uses yet."""
+    used = set()
+    for line in host_ip("-o", "-4", "addr", "show").splitlines():
+        for word in line.split():
+            if "/" in word:
+                try:
+                    address = ipaddress.IPv4Interface(word).ip
+                except ValueError:
+                    continue
+                if address in SUBNET_POOL:
+                    used.add(int(address - SUBNET_POOL.network_address) // 256)
+    free = [index for index in range(SUBNET_COUNT) if index not in used and index not in _claimed]
+    if not free:
+        raise ChannelError(f"no free /30 left in {SUBNET_POOL}: {SUBNET_COUNT} links already exist")
+    return random.SystemRandom().choice(free)  # concurrent processes rarely pick the same one
+
+
+_claimed: set[int] = set()
+
+
+def open_tun(name: str) -> int:
+    """Create TUN device ``name`` (IFF_TUN | IFF_NO_PI) in the calling thread's namespace; its non-blocking fd.
+
+    The device exists while the fd is open.
+    """
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise ChannelError(f"cannot open {TUN_DEVICE}: {error} (load the 'tun' module; needs root)") from error
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError as error:
+        os.close(fd)
+        raise ChannelError(f"TUNSETIFF {name!r} failed: {error}") from error
+    return fd
+
+
+@dataclass
+class TunDirectionCounters:
+    """Packets one direction of a TunLink has seen (bytes are whole IP packets)."""
+
+    packets: int = 0
+    bytes: int = 0
+    delivered_packets: int = 0
+    delivered_bytes: int = 0
+    dropped_packets: int = 0  # the link model dropped every copy
+    duplicated_packets: int = 0  # the link model delivered two copies
+    queue_drops: int = 0  # tail-dropped: queue_limit_packets already waiting
+    non_ipv4_packets: int = 0
+    write_errors: int = 0
+    max_lateness_s: float = 0.0  # worst delivery after the modelled time (negative = early, see TIMER_SLACK_S)
+    max_earliness_s: float = 0.0
+    total_lateness_s: float = 0.0
+
+    @property
+    def mean_lateness_s(self) -> float:
+        return self.total_lateness_s / self.delivered_packets if self.delivered_packets else 0.0
+
+
+@dataclass
+class TunLinkCounters:
+    downlink: TunDirectionCounters = field(default_factory=TunDirectionCounters)
+    uplink: TunDirectionCounters = field(default_factory=TunDirectionCounters)
+
+
+class _PacketEmulator:
+    """Reads packets from two TUN fds and writes each copy to the other fd at its delivery time.
+
+    One heap of pending copies and one loop timer for its earliest entry; no thread, no polling.
+    """
+
+    def __init__(self, host_fd: int, device_fd: int, downlink: LinkModel, uplink: LinkModel,
+                 counters: TunLinkCounters, queue_limit_packets: int, name: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._name = name
+        self._queue_limit = queue_limit_packets
+        self._heap: list[tuple[float, int, int, bytes, TunDirectionCounters, str]] = []
+        self._sequence = 0
+        self._pending = {"downlink": 0, "uplink": 0}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._fds = (host_fd, device_fd)
+        self.error: BaseException | None = None
+        # (source fd, destination fd, model, counters, label)
+        self._directions = {
+            host_fd: (device_fd, downlink, counters.downlink, "downlink"),
+            device_fd: (host_fd, uplink, counters.uplink, "uplink"),
+        }
+        for fd in self._fds:
+            self._loop.add_reader(fd, self._on_readable, fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            self._loop.remove_reader(fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+
+    def _fail(self, error: BaseException) -> None:
+        logger.error("%s: packet emulator failed: %r", self._name, error, exc_info=error)
+        if self.error is None:
+            self.error = error
+
+    def _on_readable(self, fd: int) -> None:
+        destination, model, counters, label = self._directions[fd]
+        for _ in range(READ_BATCH_PACKETS):
+            try:
+                packet = os.read(fd, MAX_PACKET_BYTES)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                self._loop.remove_reader(fd)
+                self._fail(error)
+                return
+            if not packet:
+                break
+            if packet[0] >> 4 != 4:
+                counters.non_ipv4_packets += 1
+                continue
+            counters.packets += 1
+            counters.bytes += len(packet)
+            if self._pending[label] >= self._queue_limit:
+                counters.queue_drops += 1
+                continue
+            try:
+                fates = model.packet_fates(self._loop.time(), len(packet))
+            except ChannelError as error:
+                self._fail(error)
+                continue
+            if not fates:
+                counters.dropped_packets += 1
+            elif len(fates) > 1:
+                counters.duplicated_packets += 1
+            for deliver_at in fates:
+                self._sequence += 1
+                heapq.heappush(self._heap, (deliver_at, self._sequence, destination, packet, counters, label))
+                self._pending[label] += 1
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        earliest = self._heap[0][0]
+        if self._timer is not None and self._timer_at <= earliest:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = earliest
+        self._timer = self._loop.call_at(earliest - TIMER_SLACK_S, self._deliver_due)
+
+    def _deliver_due(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        now = self._loop.time()
+        while self._heap and self._heap[0][0] <= now + TIMER_SLACK_S:
+            deliver_at, _, destination, packet, counters, label = heapq.heappop(self._heap)
+            self._pending[label] -= 1
+            try:
+                os.write(destination, packet)
+            except OSError as error:  # e.g. the kernel's backlog is full: the packet is lost
+                counters.write_errors += 1
+                logger.info("%s: writing a %s packet failed: %r", self._name, label, error)
+                continue
+            lateness = now - deliver_at
+            counters.delivered_packets += 1
+            counters.delivered_bytes += len(packet)
+            counters.total_lateness_s += lateness
+            counters.max_lateness_s = max(counters.max_lateness_s, lateness)
+            counters.max_earliness_s = max(counters.max_earliness_s, -lateness)
+        self._arm()
+
+
+Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+class _TcpRelay:
+    """Accepts on (host, port) and splices each connection to the streams ``connect()`` returns."""
+
+    def __init__(self, name: str, host: str, connect: Connector, write_timeout_s: float) -> None:
+        self.name = name
+        self.host = host
+        self._connect = connect
+        self._write_timeout_s = write_timeout_s
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+        self.connections = 0
+        self.errors = 0
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, 0)
+        except OSError as error:
+            raise ChannelError(f"{self.name}: cannot listen on {self.host}: {error}") from error
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self, timeout_s: float) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning("%s: server did not close within %g s", self.name, timeout_s)
+
+    def _record_error(self, what: str, error: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{what}: {type(error).__name__}: {error}"
+        logger.warning("%s: %s", self.name, self.last_error)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            try:
+                out_reader, out_writer = await self._connect()
+            except (ChannelError, OSError, asyncio.TimeoutError) as error:
+                self._record_error("cannot connect onward", error)
+                return
+            try:
+                await asyncio.gather(self._copy(reader, out_writer), self._copy(out_reader, writer))
+            finally:
+                out_writer.close()
+        except asyncio.CancelledError:
+            pass
+        except Exception as error:  # a background task must not fail silently
+            self._record_error("relaying failed", error)
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _copy(self, source: asyncio.StreamReader, destination: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(RELAY_CHUNK_BYTES):
+                destination.write(data)
+                await asyncio.wait_for(destination.drain(), self._write_timeout_s)
+            if destination.can_write_eof():
+                destination.write_eof()
+        except (ConnectionError, asyncio.TimeoutError) as error:
+            logger.info("%s: a side went away: %r", self.name, error)
+            destination.close()
+
+
+class TunLink:
+    """One device's packet-level link: ``async with TunLink(host, port, downlink, uplink, seed) as link``.
+
+    Same constructor shape as ``LinkProxy``; ``address`` is where an MQTT client in this process
+    connects (a 127.0.0.1 relay), ``broker_address`` where a program inside ``device_namespace``
+    connects. ``downlink`` shapes host → device packets, ``uplink`` device → host.
+    """
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        downlink: LinkParameters,
+        uplink: LinkParameters,
+        seed: int,
+        name: str = "link",
+        subnet_index: int | None = None,
+        mtu: int = 1500,
+        queue_limit_packets: int = 1000,
+        connect_timeout_s: float = 5.0,
+        write_timeout_s: float = 60.0,
+    ) -> None:
+        if not 576 <= mtu <= MAX_PACKET_BYTES:
+            raise ChannelError(f"mtu={mtu!r} is invalid: expected 576..{MAX_PACKET_BYTES}")
+        if queue_limit_packets <= 0:
+            raise ChannelError(f"queue_limit_packets={queue_limit_packets!r} is invalid: expected > 0")
+        if subnet_index is not None:
+            subnet_addresses(subnet_index)  # validates
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.downlink = downlink
+        self.uplink = uplink
+        self.seed = seed
+        self.name = name
+        self.mtu = mtu
+        self.queue_limit_packets = queue_limit_packets
+        self.connect_timeout_s = connect_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.downlink_model = LinkModel(downlink, np.random.default_rng([seed, 0]))
+        self.uplink_model = LinkModel(uplink, np.random.default_rng([seed, 1]))
+        self.counters = TunLinkCounters()
+        self.device_namespace = NetworkNamespace()
+        self.host_interface = self.device_namespace.name  # the host-side TUN is named like the namespace
+        self._requested_index = subnet_index
+        self.subnet_index: int | None = None
+        self.host_address = ""
+        self.device_address = ""
+        self._fds: list[int] = []
+        self._emulator: _PacketEmulator | None = None
+        self._forwarder: _TcpRelay | None = None
+        self._relay: _TcpRelay | None = None
+
+    @property
+    def downlink_counters(self) -> LinkCounters:
+        return self.downlink_model.counters
+
+    @property
+    def uplink_counters(self) -> LinkCounters:
+        return self.uplink_model.counters
+
+    @property
+    def broker_address(self) -> tuple[str, int]:
+        """(host_address, port) reaching the broker from inside ``device_namespace``, through the link."""
+        if self._forwarder is None:
+            raise ChannelError(f"TunLink {self.name!r} is not running: use it inside 'async with'")
+        return self.host_address, self._forwarder.port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(127.0.0.1, port) of the relay: connect here from the host namespace to cross the link."""
+        if self._relay is None:
+            raise ChannelError(f"TunLink {self.name!r} is not running: use it inside 'async with'")
+        return "127.0.0.1", self._relay.port
+
+    @property
+    def error(self) -> BaseException | None:
+        """The emulator's first failure (it keeps running past model errors), or None."""
+        return self._emulator.error if self._emulator is not None else None
+
+    async def open_device_connection(
+        self, timeout_s: float | None = None,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection from inside ``device_namespace`` to the broker, through the link."""
+        host, port = self.broker_address
+        return await open_connection_in(self.device_namespace, host, port,
+                                        self.connect_timeout_s if timeout_s is None else timeout_s)
+
+    async def __aenter__(self) -> TunLink:
+        require_netns_support()
+        try:
+            self._setup_interfaces()
+            self._emulator = _PacketEmulator(self._fds[0], self._fds[1], self.downlink_model,
+                                             self.uplink_model, self.counters, self.queue_limit_packets,
+                                             self.name)
+            self._forwarder = _TcpRelay(f"{self.name} forwarder", self.host_address, self._connect_upstream,
+                                        self.write_timeout_s)
+            await self._forwarder.start()
+            self._relay = _TcpRelay(f"{self.name} relay", "127.0.0.1", self.open_device_connection,
+                                    self.write_timeout_s)
+            await self._relay.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        logger.info("%s: tun link %s ⇄ %s (namespace %s), broker via %s:%d (down: %s; up: %s)", self.name,
+                    self.host_address, self.device_address, self.device_namespace.name,
+                    *self.broker_address, self.downlink.description, self.uplink.description)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.aclose()
+
+    def _setup_interfaces(self) -> None:
+        index = self._requested_index if self._requested_index is not None else _free_subnet_index()
+        _claimed.add(index)
+        self.subnet_index = index
+        self.host_address, self.device_address = subnet_addresses(index)
+        namespace = self.device_namespace
+        namespace.create()
+        with entered(namespace):  # the TUN device is created in the namespace of the opening thread
+            device_fd = open_tun(DEVICE_INTERFACE)
+        self._fds.append(device_fd)
+        self._fds.insert(0, open_tun(self.host_interface))  # [host fd, device fd]
+        namespace.ip("link", "set", "dev", DEVICE_INTERFACE, "mtu", str(self.mtu), "addrgenmode", "none")
+        namespace.ip("addr", "add", f"{self.device_address}/30", "dev", DEVICE_INTERFACE)
+        namespace.ip("link", "set", "dev", DEVICE_INTERFACE, "up")
+        namespace.ip("route", "add", "default", "via", self.host_address, "dev", DEVICE_INTERFACE)
+        host_ip("link", "set", "dev", self.host_interface, "mtu", str(self.mtu), "addrgenmode", "none")
+        host_ip("addr", "add", f"{self.host_address}/30", "dev", self.host_interface)
+        host_ip("link", "set", "dev", self.host_interface, "up")
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(self.upstream_host, self.upstream_port),
+                                      self.connect_timeout_s)
+
+    async def aclose(self) -> None:
+        """Close relays, stop the emulator, remove both TUN devices and the namespace (each step runs)."""
+        try:
+            for relay in (self._relay, self._forwarder):
+                if relay is not None:
+                    await relay.close(self.write_timeout_s)
+        finally:
+            self._relay = self._forwarder = None
+            if self._emulator is not None:
+                self._emulator.close()
+            for fd in self._fds:  # closing a TUN fd removes its device
+                os.close(fd)
+            self._fds = []
+            if self.subnet_index is not None:
+                _claimed.discard(self.subnet_index)
+            self.device_namespace.delete()
