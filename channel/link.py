@@ -264,6 +264,16 @@ class LinkModel:
         self._last_departure = -math.inf
         self._last_delivery = -math.inf
 
+    def new_stream(self, now_s: float) -> None:
+        """A new TCP connection starts: the old one's in-order and retransmission hold-backs end with it.
+
+        The rate, loss and outage processes (and their random streams) carry on unchanged.
+        """
+        self._last_delivery = -math.inf
+        self._last_departure = min(self._last_departure, now_s)
+        if self._epoch is not None:
+            self._shaper.release_after(now_s)
+
     @property
     def last_delivery_s(self) -> float:
         """Delivery time of the latest segment (-inf before the first)."""

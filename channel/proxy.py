@@ -172,6 +172,7 @@ class LinkProxy:
         max_in_flight_bytes: int = 64 * 1024,
         connect_timeout_s: float = 5.0,
         write_timeout_s: float = 30.0,
+        outage_reset_after_s: float | None = 10.0,
     ) -> None:
         if max_in_flight_bytes <= 0:
             raise ChannelError(f"max_in_flight_bytes={max_in_flight_bytes!r} is invalid: expected > 0")
@@ -191,6 +192,12 @@ class LinkProxy:
         self.max_in_flight_bytes = max_in_flight_bytes
         self.connect_timeout_s = connect_timeout_s
         self.write_timeout_s = write_timeout_s
+        if outage_reset_after_s is not None and outage_reset_after_s <= 0:
+            raise ChannelError(f"outage_reset_after_s={outage_reset_after_s!r} is invalid: expected > 0 or None")
+        self.outage_reset_after_s = outage_reset_after_s
+        self.outage_resets = 0
+        self.refused_during_outage = 0
+        self._outage_watch: asyncio.Task[None] | None = None
         self.downlink_model = LinkModel(downlink, np.random.default_rng([seed, 0]))
         self.uplink_model = LinkModel(uplink, np.random.default_rng([seed, 1]))
         self.connections_accepted = 0
@@ -238,6 +245,10 @@ class LinkProxy:
                 f"LinkProxy {self.name!r} cannot listen on {self.listen_host}:{self.listen_port}: {error}"
             ) from error
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.outage_reset_after_s is not None and any(
+            params.outages or params.random_outages is not None for params in (self.downlink, self.uplink)
+        ):
+            self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
         logger.info("%s: listening on %s:%d → %s:%d (down: %s; up: %s)", self.name,
                     self.listen_host, self.port, self.upstream_host, self.upstream_port,
                     self.downlink.description, self.uplink.description)
@@ -254,6 +265,9 @@ class LinkProxy:
     async def aclose(self) -> None:
         """Stop listening and cancel every connection; returns when no task is left."""
         self._closing = True
+        if self._outage_watch is not None:
+            await _stop([self._outage_watch], self, "outage watch")
+            self._outage_watch = None
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -270,6 +284,31 @@ class LinkProxy:
                 self._record_error("server did not close in time", error)
         self.port = None
 
+    def long_outage_at(self, now_s: float) -> tuple[float, float] | None:
+        """The outage (either direction) that has lasted `outage_reset_after_s` at `now_s`, if any."""
+        if self.outage_reset_after_s is None:
+            return None
+        for model in (self.downlink_model, self.uplink_model):
+            window = model.outage_at(now_s)
+            if window is not None and now_s - window[0] >= self.outage_reset_after_s:
+                return window
+        return None
+
+    async def _watch_outages(self) -> None:
+        """Reset every connection once an outage has lasted the threshold, as a real link's peers would
+        time out; until it ends, new connections are closed at once (see `_serve_client`)."""
+        loop = asyncio.get_running_loop()
+        assert self.outage_reset_after_s is not None
+        period = min(1.0, self.outage_reset_after_s / 4)
+        while True:
+            window = self.long_outage_at(loop.time())
+            if window is not None and self._connection_tasks:
+                self.outage_resets += 1
+                logger.info("%s: outage of %.1f s; resetting %d connection(s)", self.name,
+                            window[1] - window[0], len(self._connection_tasks))
+                await _stop(list(self._connection_tasks), self, "connection")
+            await asyncio.sleep(period)
+
     def _record_error(self, what: str, error: BaseException) -> None:
         self.errors += 1
         self.last_error = f"{what}: {type(error).__name__}: {error}"
@@ -283,6 +322,12 @@ class LinkProxy:
         self.connections_accepted += 1
         if self._closing:  # accepted just as the proxy was shutting down
             await _close_writer(client_writer, self)
+            return
+        if self.long_outage_at(asyncio.get_running_loop().time()) is not None:
+            # Reset (RST), as a connection attempt into a dead link ends for the client: a plain close
+            # (FIN) leaves some MQTT clients waiting for their CONNACK until they time out.
+            self.refused_during_outage += 1
+            client_writer.transport.abort()
             return
         callback_task = asyncio.current_task()
         assert callback_task is not None
@@ -301,6 +346,10 @@ class LinkProxy:
     async def _serve_connection(
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
+        if len(self._connection_tasks) <= 1:  # the only connection: a new TCP stream on the link
+            now = asyncio.get_running_loop().time()
+            self.downlink_model.new_stream(now)
+            self.uplink_model.new_stream(now)
         try:
             try:
                 upstream_reader, upstream_writer = await asyncio.wait_for(

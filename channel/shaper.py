@@ -22,6 +22,11 @@ class Shaper(Protocol):
         """Consume ``cost`` bytes of capacity at or after ``start_s``; return the departure time."""
         ...
 
+    def release_after(self, now_s: float) -> None:
+        """Give back capacity granted for times after ``now_s`` (its sender is gone); the link is busy
+        up to ``now_s``, so the bucket restarts empty there."""
+        ...
+
 
 class TokenBucket:
     """Bytes (payload + overhead) accumulate at ``rate_bps / 8`` up to ``depth_bytes``; None = unlimited."""
@@ -48,6 +53,11 @@ class TokenBucket:
         self._bucket_time = departure
         return departure
 
+    def release_after(self, now_s: float) -> None:
+        if self._bucket_time is not None and self._bucket_time > now_s:
+            self._bucket_time = now_s
+            self._tokens = 0.0
+
 
 class RateScheduleBucket:
     """A token bucket of ``depth_bytes`` whose fill rate follows a rate schedule from ``epoch_s``."""
@@ -72,6 +82,12 @@ class RateScheduleBucket:
         self._capacity = target
         return max(start_s, self._epoch + self._trace.time_for_capacity(target))
 
+    def release_after(self, now_s: float) -> None:
+        capacity_now = self._trace.capacity_bytes(max(0.0, now_s - self._epoch))
+        if self._capacity > capacity_now:
+            self._capacity = capacity_now
+            self._tokens = 0.0
+
 
 class OpportunityShaper:
     """Mahimahi's link: bytes leave only at delivery opportunities, FIFO, packets may span several."""
@@ -95,6 +111,12 @@ class OpportunityShaper:
             self._left = trace.bytes_per_opportunity
         self._left -= cost
         return max(start_s, self._epoch + trace.opportunity_ms(self._index) / 1000.0)
+
+    def release_after(self, now_s: float) -> None:
+        now_ms = (now_s - self._epoch) * 1000.0
+        if self._index >= 0 and self._trace.opportunity_ms(self._index) > now_ms:
+            self._index = self._trace.first_opportunity_at_or_after(now_ms) - 1
+            self._left = 0
 
 
 def make_shaper(rate_bps: float | None, trace: RateTrace | None, depth_bytes: int, epoch_s: float) -> Shaper:

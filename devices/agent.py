@@ -26,6 +26,9 @@ logger = logging.getLogger("devices.agent")
 
 PUBACK_BYTES = 4
 RECONNECT_DELAY_S = 1.0
+# aiomqtt 2.5 does not end a connect whose socket was reset before the CONNACK; it waits for this
+# timeout. Short enough to reconnect soon after an outage, long enough for a CONNACK over LoRa SF12.
+MQTT_OPERATION_TIMEOUT_S = 10.0
 
 
 class InferenceModel(Protocol):
@@ -123,7 +126,8 @@ class DeviceAgent:
     async def _session(self) -> None:
         status_topic = self.topics.device(self.device_id, "status")
         will = aiomqtt.Will(status_topic, json.dumps({"online": False}), qos=1, retain=True)
-        client = self.endpoint.client(f"{self.topics.run_id}-{self.device_id}", will=will)
+        client = self.endpoint.client(f"{self.topics.run_id}-{self.device_id}", will=will,
+                                      timeout_s=MQTT_OPERATION_TIMEOUT_S)
         async with client:
             await client.subscribe(self.topics.manifest, qos=1)
             await client.subscribe(self.topics.device(self.device_id, "manifest"), qos=1)
@@ -131,6 +135,13 @@ class DeviceAgent:
             await client.subscribe(self.topics.device_update_chunks(self.device_id), qos=1)
             await self._publish(client, status_topic, {"online": True}, retain=True)
             await self._publish(client, self.topics.device(self.device_id, "hello"), self._hello())
+            if self.reconnects > 0:
+                # Chunks in flight when the connection dropped are gone (clean session): ask for a
+                # catch-up from the version held; the server ignores it if nothing newer exists.
+                self.assembler = UpdateAssembler()
+                self._manifests.clear()
+                await self._publish(client, self.topics.device(self.device_id, "nack"),
+                                    self._nack("reconnected; updates in flight were lost"))
             self.connected.set()
             async for message in client.messages:
                 await self._handle(client, str(message.topic), bytes(message.payload), message.qos)
@@ -171,6 +182,9 @@ class DeviceAgent:
             key, index = chunk
             completed = self.assembler.add_chunk(key, index, payload)
             return (self._manifests.pop(key), completed) if completed is not None else None
+        if topic not in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
+            logger.debug("device %s: ignoring a message on %s", self.device_id, topic)
+            return None
         manifest = UpdateManifest.from_json(payload)
         if manifest.target_version <= self.state.version:
             return None

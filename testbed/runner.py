@@ -156,6 +156,7 @@ class ScenarioRun:
                 proxy = await stack.enter_async_context(LinkProxy(
                     endpoint.host, endpoint.port, downlink=downlink, uplink=uplink,
                     seed=derived_seed(scenario.seed, 1, index), name=device_id,
+                    outage_reset_after_s=scenario.channel.reset_after_s,
                 ))
                 self.metrics.add_device(device_id, profile_name, proxy)
                 inference = TorchInference(server.build_device_model(), server.device_test_split(index))
@@ -275,13 +276,16 @@ class ScenarioRun:
                 device_id = nack.get("device")
                 if device_id not in self.profiles or device_id in reports:
                     continue
+                held = nack.get("version")
+                held = held if isinstance(held, int) and not isinstance(held, bool) else -1
+                if held >= version or held < self.device_state[device_id]["final_version"]:
+                    continue  # stale: the device has moved on since it sent this nack
                 self.metrics.record_nack(device_id, self.profiles[device_id])
                 if catch_ups.get(device_id, 0) >= MAX_CATCH_UPS_PER_ROUND:
                     logger.warning("device %s keeps rejecting version %s: %s", device_id, version, nack.get("reason"))
                     continue
                 catch_ups[device_id] = catch_ups.get(device_id, 0) + 1
-                held = nack.get("version")
-                catch_up = await publisher.publish_catch_up(round_index, device_id, held if isinstance(held, int) else -1)
+                catch_up = await publisher.publish_catch_up(round_index, device_id, held)
                 self.metrics.record_published(catch_up.payload_bytes)
                 self.progress("catch-up", {"round": round_index, "device": device_id, "from": held,
                                            "bytes": catch_up.payload_bytes, "reason": nack.get("reason")})

@@ -169,6 +169,14 @@ class ChannelSpec(_Model):
     profile: str | None = None
     downlink: LinkSpec | None = None
     uplink: LinkSpec | None = None
+    reset_after_s: DurationSeconds | None = Field(10.0, alias="reset_after")
+
+    @field_validator("reset_after_s")
+    @classmethod
+    def _positive_reset(cls, seconds: float | None) -> float | None:
+        if seconds is not None and seconds <= 0:
+            raise ValueError("reset_after must be a positive duration (or null: never reset)")
+        return seconds
 
     @field_validator("profile")
     @classmethod

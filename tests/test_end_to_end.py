@@ -138,3 +138,27 @@ async def test_lossy_codecs_and_snapshots_reach_devices_exactly(strategy: str, i
         assert state["final_version"] == 4 and state["hash_matches_server"]
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert all(record["delivered"] and record["hash_matches_server"] for record in records)
+
+
+@pytest.mark.slow
+async def test_devices_recover_from_a_long_outage_through_catch_ups(tmp_path: Path) -> None:
+    """An outage longer than reset_after drops every MQTT connection mid-update; devices reconnect
+    when the link is back, ask for what they lost, and still end on the server's final weights."""
+    scenario = parse_scenario({
+        "name": "outage", "seed": 6, "rounds": 3,
+        "data": {"initial_samples": 300, "new_samples_per_round": 300},
+        "update": {"epochs": 5, "skip_if_worse": False, "reinit": False},
+        "channel": {"reset_after": "1s",
+                    "downlink": {"rate": "100kbit", "delay": "20ms", "outages": [{"at": "2s", "duration": "4s"}]}},
+        "devices": [{"profile": "rpi4", "count": 2}],
+        "metrics": {"enabled": False},
+    })
+    events: list[tuple[str, dict[str, Any]]] = []
+    run = ScenarioRun(scenario, tmp_path / "out", lambda event, data: events.append((event, data)))
+    result = await run.execute()
+    catch_ups = [data for event, data in events if event == "catch-up"]
+    assert catch_ups and all("reconnected" in data["reason"] for data in catch_ups)
+    summary = result.summary
+    assert summary["server"]["final_version"] == 3
+    for state in summary["devices"].values():
+        assert state["final_version"] == 3 and state["hash_matches_server"]

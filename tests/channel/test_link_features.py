@@ -74,3 +74,17 @@ def test_bad_new_parameters_raise_naming_the_field(kwargs: dict[str, object], fi
     kwargs = {"rate_bps": None, **kwargs}
     with pytest.raises(ChannelError, match=field):
         LinkParameters(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_new_stream_is_not_held_back_by_the_previous_ones_retransmissions() -> None:
+    import numpy as np
+
+    from channel.link import LinkModel, LinkParameters
+
+    params = LinkParameters(rate_bps=1_000_000, delay_s=0.01, outages=[{"at_s": 0.0, "duration_s": 2.0}])
+    model = LinkModel(params, np.random.default_rng(0))
+    held_back = model.transmit(0.0, 1000)  # sent into the outage: resent on the RTO schedule
+    assert held_back > 2.0
+    model.new_stream(2.5)  # that connection was reset; a new one starts after the outage
+    fresh = model.transmit(2.5, 1000)
+    assert fresh == pytest.approx(2.5 + 0.01 + 1040 * 8 / 1_000_000, abs=1e-6)
