@@ -78,7 +78,7 @@ def _free_subnet_index() -> int:
                 except ValueError:
                     continue
                 if address in SUBNET_POOL:
-                    used.add(int(address - SUBNET_POOL.network_address) // 256)
+                    used.add((int(address) - int(SUBNET_POOL.network_address)) // 256)
     free = [index for index in range(SUBNET_COUNT) if index not in used and index not in _claimed]
     if not free:
         raise ChannelError(f"no free /30 left in {SUBNET_POOL}: {SUBNET_COUNT} links already exist")

@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from channel.link import LinkParameters
+from channel.proxy import LinkProxy
 from channel.loss import GilbertElliottLoss
 from channel.outage import RandomOutages, ScheduledOutage
 from channel.profiles import PROFILES
@@ -53,3 +54,25 @@ def resolve_links(channel: ChannelSpec) -> tuple[LinkParameters, LinkParameters]
         link_parameters(channel.downlink, profile.downlink if profile else None),
         link_parameters(channel.uplink, profile.uplink if profile else None),
     )
+
+
+LINK_BACKENDS = ("proxy", "tun")
+
+
+def open_link(backend: str, upstream: tuple[str, int], downlink: LinkParameters, uplink: LinkParameters,
+              seed: int, name: str, reset_after_s: float | None) -> Any:
+    """The emulated link of one device (an async context manager exposing `.address`) for a backend.
+
+    `proxy`: the user-space TCP proxy (any OS, unprivileged). `tun`: packets through TUN devices into a
+    network namespace (Linux, root), so the kernel's own TCP meets the drops; the device still
+    connects to a local address, relayed from inside its namespace.
+    """
+    host, port = upstream
+    if backend == "proxy":
+        return LinkProxy(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name,
+                         outage_reset_after_s=reset_after_s)
+    if backend == "tun":
+        from channel.tun import TunLink
+
+        return TunLink(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name)
+    raise ValueError(f"unknown channel backend {backend!r}; choose one of {', '.join(LINK_BACKENDS)}")

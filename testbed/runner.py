@@ -16,7 +16,6 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from channel.proxy import LinkProxy
 from devices.agent import DeviceAgent, DeviceConfig
 from devices.fleet import EmulatedFleet
 from devices.profiles import get_device_profile
@@ -27,7 +26,7 @@ from testbed.metrics import MetricsExporter, PushError, RunMetrics, push_metrics
 from testbed.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.publisher import UpdatePublisher
 from testbed.results import ResultsWriter
-from testbed.links import resolve_links
+from testbed.links import open_link, resolve_links
 from testbed.scenario import Scenario
 from testbed.topics import Topics
 from testbed.wire import encode_full_model, weights_hash
@@ -153,16 +152,16 @@ class ScenarioRun:
                 self.metrics_url = exporter.url
             agents = []
             for index, (device_id, profile_name) in enumerate(self.profiles.items()):
-                proxy = await stack.enter_async_context(LinkProxy(
-                    endpoint.host, endpoint.port, downlink=downlink, uplink=uplink,
+                link = await stack.enter_async_context(open_link(
+                    scenario.channel.backend, (endpoint.host, endpoint.port), downlink, uplink,
                     seed=derived_seed(scenario.seed, 1, index), name=device_id,
-                    outage_reset_after_s=scenario.channel.reset_after_s,
+                    reset_after_s=scenario.channel.reset_after_s,
                 ))
-                self.metrics.add_device(device_id, profile_name, proxy)
+                self.metrics.add_device(device_id, profile_name, link)
                 inference = TorchInference(server.build_device_model(), server.device_test_split(index))
                 config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
                                       init_seed=server.seed)
-                agents.append(DeviceAgent(config, self.topics, endpoint.via("127.0.0.1", proxy.port), inference))
+                agents.append(DeviceAgent(config, self.topics, endpoint.via(*link.address), inference))
             control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
             messages = _DeviceMessages(self.topics, self._record_status)
             await control.subscribe(self.topics.devices("status"), qos=1)

@@ -166,6 +166,7 @@ class LinkSpec(_Model):
 class ChannelSpec(_Model):
     """The emulated link between the broker and each device."""
 
+    backend: Literal["proxy", "tun"] = "proxy"
     profile: str | None = None
     downlink: LinkSpec | None = None
     uplink: LinkSpec | None = None

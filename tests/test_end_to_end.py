@@ -162,3 +162,28 @@ async def test_devices_recover_from_a_long_outage_through_catch_ups(tmp_path: Pa
     assert summary["server"]["final_version"] == 3
     for state in summary["devices"].values():
         assert state["final_version"] == 3 and state["hash_matches_server"]
+
+
+@pytest.mark.slow
+async def test_run_through_the_packet_level_tun_backend(tmp_path: Path) -> None:
+    """channel.backend: tun — devices' MQTT traffic crosses TUN devices into network namespaces, and the
+    kernel's TCP meets the link model's real packet drops."""
+    if os.geteuid() != 0 or not Path("/dev/net/tun").exists():
+        message = "the tun backend needs root and /dev/net/tun"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    scenario = parse_scenario({
+        "name": "tun", "seed": 8, "rounds": 3,
+        "data": {"initial_samples": 300, "new_samples_per_round": 300},
+        "update": {"epochs": 5, "skip_if_worse": False},
+        "channel": {"backend": "tun", "downlink": {"rate": "500kbit", "delay": "20ms", "loss": "2%"},
+                    "uplink": {"rate": "200kbit", "delay": "20ms", "loss": "1%"}},
+        "devices": [{"profile": "rpi4", "count": 1}, {"profile": "jetson-nano", "count": 1}],
+        "metrics": {"enabled": False},
+    })
+    result = await ScenarioRun(scenario, tmp_path / "out").execute()
+    for state in result.summary["devices"].values():
+        assert state["final_version"] == 3 and state["hash_matches_server"]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "tb-" not in namespaces
