@@ -1,4 +1,4 @@
-"""Benchmark: fidelity of the proxy link emulator (goodput, delay, loss vs configured) and its own overhead."""
+"""Benchmark: fidelity of the link backends (proxy, tun: goodput, delay, loss vs configured) and their own overhead."""
 
 from __future__ import annotations
 
@@ -28,11 +28,18 @@ from typing import Any  # noqa: E402
 import aiomqtt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from channel.errors import ChannelError  # noqa: E402
 from channel.link import LinkModel, LinkParameters  # noqa: E402
+from channel.netns import require_netns_support  # noqa: E402
 from channel.profiles import PROFILES  # noqa: E402
 from channel.proxy import LinkProxy  # noqa: E402
+from channel.tun import TunLink  # noqa: E402
 
-BACKEND = "proxy"
+BACKENDS = ("proxy", "tun")
+#: tun: the kernel's TCP packets are whole IP packets of the TunLink's MTU with 52 B of IPv4+TCP headers
+#: (20 + 20 + 12 B of timestamps); the link's rate counts them whole, so the payload share is (MTU - 52) / MTU.
+TUN_MTU_BYTES = 1500
+TCP_IP_HEADER_BYTES = 52
 GRID_RATES_BPS = (10_000, 100_000, 1_000_000, 10_000_000)
 GRID_DELAYS_S = (0.0, 0.05)
 GRID_LOSSES = (0.0, 0.01)
@@ -89,16 +96,46 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-class SegmentRecorder:
-    """Records what a proxy's LinkModel scheduled: (handed-over time, delivery time, size) per segment.
+def open_bench_link(backend: str, port: int, downlink: LinkParameters, uplink: LinkParameters, seed: int,
+                    name: str) -> LinkProxy | TunLink:
+    """A link of ``backend`` to 127.0.0.1:``port``; both have ``address``, ``downlink_model`` and counters."""
+    if backend == "proxy":
+        return LinkProxy("127.0.0.1", port, downlink, uplink, seed, name=name)
+    if backend == "tun":
+        return TunLink("127.0.0.1", port, downlink, uplink, seed, name=name, mtu=TUN_MTU_BYTES)
+    raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
-    It wraps the model object's ``transmit`` (instrumentation only: the schedule is unchanged), so a run
-    can be compared with exactly the schedule the model intended for the segments it carried.
+
+def configured_goodput_bps(backend: str, link: LinkParameters) -> float | None:
+    """Payload rate of a saturated link: the model's ``rate·mss/(mss+overhead)`` (proxy), or the whole-IP-packet
+    rate net of real headers, ``rate·(MTU-52)/MTU`` (tun: ``overhead_bytes`` does not apply to real packets)."""
+    if backend == "tun":
+        return None if link.rate_bps is None else link.rate_bps * (TUN_MTU_BYTES - TCP_IP_HEADER_BYTES) / TUN_MTU_BYTES
+    return link.goodput_bps
+
+
+class SegmentRecorder:
+    """Records what a link's LinkModel scheduled: (handed-over time, delivery time, payload bytes) per segment.
+
+    It wraps the model object's ``transmit`` (proxy) or ``packet_fates`` (tun; every delivered copy,
+    its payload taken as the IP packet less 52 B of headers) — instrumentation only, the schedule is
+    unchanged — so a run can be compared with exactly the schedule the model intended.
     """
 
-    def __init__(self, model: LinkModel | None) -> None:
+    def __init__(self, model: LinkModel | None, backend: str = "proxy") -> None:
         self.records: list[tuple[float, float, int]] = []
         if model is None:
+            return
+        if backend == "tun":
+            original_fates: Callable[[float, int], list[float]] = model.packet_fates
+
+            def packet_fates(now_s: float, size_bytes: int) -> list[float]:
+                fates = original_fates(now_s, size_bytes)
+                payload = max(0, size_bytes - TCP_IP_HEADER_BYTES)
+                self.records.extend((now_s, delivery, payload) for delivery in fates)
+                return fates
+
+            model.packet_fates = packet_fates  # type: ignore[method-assign]
             return
         original: Callable[[float, int], float] = model.transmit
 
@@ -120,6 +157,23 @@ def goodput_first_to_last(events: list[tuple[float, int]]) -> float | None:
     return (total - first_bytes) * 8.0 / (events[-1][0] - first_time)
 
 
+#: tun: the kernel's TCP starts in slow start (the proxy's model does not), so its goodput is timed after
+#: this share of the bulk's bytes, once the window covers the bandwidth-delay product.
+TUN_WARMUP_FRACTION = 0.2
+
+
+def _after_warmup(events: list[tuple[float, int]], backend: str) -> list[tuple[float, int]]:
+    """``events`` (proxy), or those after the first ``TUN_WARMUP_FRACTION`` of their bytes (tun)."""
+    if backend != "tun" or not events:
+        return events
+    skip, seen = TUN_WARMUP_FRACTION * sum(size for _, size in events), 0
+    for index, (_, size) in enumerate(events):
+        seen += size
+        if seen >= skip:
+            return events[index:]
+    return events
+
+
 def _percentiles_ms(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -134,8 +188,8 @@ def _bulk_segments(link: LinkParameters, target_s: float) -> int:
     return max(3, min(20_000, int(target_s / per_segment_s)))
 
 
-async def measure_bulk(case: Case, seed: int, target_s: float) -> dict[str, Any]:
-    """Bulk TCP upstream → client through a fresh LinkProxy; goodput timed at the receiver."""
+async def measure_bulk(case: Case, seed: int, target_s: float, backend: str = "proxy") -> dict[str, Any]:
+    """Bulk TCP upstream → client through a fresh link of ``backend``; goodput timed at the receiver."""
     loop = asyncio.get_running_loop()
     link = case.downlink
     payload = bytes(_bulk_segments(link, target_s) * link.mss_bytes)
@@ -149,8 +203,8 @@ async def measure_bulk(case: Case, seed: int, target_s: float) -> dict[str, Any]
     read_timeout_s = link.rto_s * 2 ** (link.max_backoffs + 1) + 2 * (link.delay_s + link.jitter_s) + 10.0
     events: list[tuple[float, int]] = []
     try:
-        proxy = LinkProxy("127.0.0.1", server.sockets[0].getsockname()[1], link, case.uplink, seed, name=case.name)
-        recorder = SegmentRecorder(getattr(proxy, "downlink_model", None))
+        proxy = open_bench_link(backend, server.sockets[0].getsockname()[1], link, case.uplink, seed, case.name)
+        recorder = SegmentRecorder(getattr(proxy, "downlink_model", None), backend)
         async with proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
             try:
@@ -164,7 +218,13 @@ async def measure_bulk(case: Case, seed: int, target_s: float) -> dict[str, Any]
     received = sum(size for _, size in events)
     if received != len(payload):
         raise RuntimeError(f"{case.name}: bulk received {received} of {len(payload)} bytes")
-    model_events = [(delivery, size) for _, delivery, size in recorder.records]
+    model_events = []  # delivered segments up to the bulk's last byte (tun: a tail-loss probe may resend it)
+    scheduled = 0
+    for delivery, size in sorted((delivery, size) for _, delivery, size in recorder.records if size > 0):
+        if scheduled >= len(payload):
+            break
+        model_events.append((delivery, size))
+        scheduled += size
     lateness = []
     if model_events:  # how late the proxy released each read's last byte vs the model's schedule
         cumulative = list(np.cumsum([size for _, size in model_events]))
@@ -175,7 +235,8 @@ async def measure_bulk(case: Case, seed: int, target_s: float) -> dict[str, Any]
             lateness.append(time_s - model_events[index][0])
     late_p50, late_p99 = _percentiles_ms(lateness)
     return {"bulk_bytes": len(payload), "bulk_seconds": events[-1][0] - events[0][0],
-            "goodput_bps": goodput_first_to_last(events), "model_goodput_bps": goodput_first_to_last(model_events),
+            "goodput_bps": goodput_first_to_last(_after_warmup(events, backend)),
+            "model_goodput_bps": goodput_first_to_last(_after_warmup(model_events, backend)),
             "release_lateness_p50_ms": late_p50, "release_lateness_p99_ms": late_p99,
             "segment_attempts": counters.segments + counters.retransmissions, "lost_segments": counters.lost_segments}
 
@@ -222,8 +283,8 @@ async def _receive(client: aiomqtt.Client, count: int, arrivals: dict[int, float
 
 
 async def measure_latency(case: Case, broker_port: int, seed: int, budget_s: float,
-                          limits: tuple[int, int]) -> dict[str, Any]:
-    """Paced QoS 0 publishes (publisher direct, subscriber behind a fresh LinkProxy); one-way latency each."""
+                          limits: tuple[int, int], backend: str = "proxy") -> dict[str, Any]:
+    """Paced QoS 0 publishes (publisher direct, subscriber behind a fresh link); one-way latency each."""
     loop = asyncio.get_running_loop()
     link = case.downlink
     message_wire_bytes = MQTT_PAYLOAD_BYTES + MQTT_TOPIC_BYTES + 4 + link.overhead_bytes
@@ -231,11 +292,11 @@ async def measure_latency(case: Case, broker_port: int, seed: int, budget_s: flo
     interval_s = max(0.02, 2 * message_wire_bytes * 8 / link.rate_bps) if link.rate_bps else 0.02
     count = max(limits[0], min(limits[1], int(budget_s / interval_s)))
     topic = f"bench/channel/{seed}".ljust(MQTT_TOPIC_BYTES, "x")
-    proxy = LinkProxy("127.0.0.1", broker_port, link, case.uplink, seed, name=case.name)
+    proxy = open_bench_link(backend, broker_port, link, case.uplink, seed, case.name)
     setup_s = 10.0 + 8 * (link.delay_s + link.jitter_s) + 4 * link.rto_s
     sent: dict[int, float] = {}
     arrivals: dict[int, float] = {}
-    recorder = SegmentRecorder(getattr(proxy, "downlink_model", None))
+    recorder = SegmentRecorder(getattr(proxy, "downlink_model", None), backend)
     start = math.inf
     async with proxy, \
             aiomqtt.Client("127.0.0.1", broker_port, identifier=f"pub-{seed}", timeout=setup_s,
@@ -266,19 +327,19 @@ async def measure_latency(case: Case, broker_port: int, seed: int, budget_s: flo
             "model_delay_p99_ms": model_p99, "mqtt_segment_attempts": attempts, "mqtt_lost_segments": lost}
 
 
-async def measure_case(case: Case, broker_port: int, seed: int, quick: bool) -> dict[str, Any]:
-    """One row: bulk goodput, MQTT delay and segment loss of one link configuration."""
+async def measure_case(case: Case, broker_port: int, seed: int, quick: bool, backend: str = "proxy") -> dict[str, Any]:
+    """One row: bulk goodput, MQTT delay and segment loss of one link configuration through ``backend``."""
     link = case.downlink
-    bulk = await measure_bulk(case, seed, target_s=1.5 if quick else 4.0)
+    bulk = await measure_bulk(case, seed, target_s=1.5 if quick else 4.0, backend=backend)
     latency = await measure_latency(case, broker_port, seed + 1, budget_s=1.0 if quick else 3.0,
-                                    limits=(20, 100) if quick else (30, 300))
+                                    limits=(20, 100) if quick else (30, 300), backend=backend)
     attempts = bulk.pop("segment_attempts") + latency.pop("mqtt_segment_attempts")
     lost = bulk.pop("lost_segments") + latency.pop("mqtt_lost_segments")
     loss_low, loss_high = wilson_interval(lost, attempts)
-    configured_goodput = link.goodput_bps
+    configured_goodput = configured_goodput_bps(backend, link)
     measured, model = bulk["goodput_bps"], bulk["model_goodput_bps"]
     return {
-        "backend": BACKEND, "profile": case.profile, "case": case.name,
+        "backend": backend, "profile": case.profile, "case": case.name,
         "configured_rate_bps": link.rate_bps, "configured_delay_ms": link.delay_s * 1e3,
         "configured_jitter_ms": link.jitter_s * 1e3, "configured_loss": link.loss,
         "configured_goodput_bps": configured_goodput, **bulk,
@@ -313,8 +374,9 @@ print(json.dumps({"bytes": received, "first_bytes": first_bytes, "seconds": last
 """
 
 
-async def measure_throughput(total_bytes: int, through_proxy: bool) -> float:
-    """MB/s of one bulk transfer between two endpoints in a helper process, through an unlimited proxy or direct."""
+async def measure_throughput(total_bytes: int, through: str | None) -> float:
+    """MB/s of one bulk transfer between two endpoints in a helper process, through an unlimited link of backend
+    ``through`` or direct (None)."""
     process = await asyncio.create_subprocess_exec(sys.executable, "-c", ENDPOINTS, str(total_bytes),
                                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
@@ -322,11 +384,11 @@ async def measure_throughput(total_bytes: int, through_proxy: bool) -> float:
         source_port = int(await asyncio.wait_for(process.stdout.readline(), 30))
         async with contextlib.AsyncExitStack() as stack:
             port = source_port
-            if through_proxy:
+            if through is not None:
                 unlimited = LinkParameters(rate_bps=None)
-                proxy = await stack.enter_async_context(LinkProxy("127.0.0.1", source_port, unlimited, unlimited,
-                                                                  seed=0, name="unconstrained"))
-                port = proxy.address[1]
+                link = await stack.enter_async_context(open_bench_link(through, source_port, unlimited, unlimited,
+                                                                       seed=0, name="unconstrained"))
+                port = link.address[1]
             process.stdin.write(f"{port}\n".encode())
             await process.stdin.drain()
             result = json.loads(await asyncio.wait_for(process.stdout.readline(), 300))
@@ -340,12 +402,12 @@ async def measure_throughput(total_bytes: int, through_proxy: bool) -> float:
     return (result["bytes"] - result["first_bytes"]) / result["seconds"] / 1e6
 
 
-async def measure_added_latency(broker_port: int, count: int) -> dict[str, float]:
-    """Median per-message latency, subscriber direct vs behind an unlimited zero-delay proxy, alternating."""
+async def measure_added_latency(broker_port: int, count: int, backend: str = "proxy") -> dict[str, float]:
+    """Median per-message latency, subscriber direct vs behind an unlimited zero-delay link, alternating."""
     loop = asyncio.get_running_loop()
     unlimited = LinkParameters(rate_bps=None)
     latencies: dict[str, list[float]] = {"direct": [], "proxy": []}
-    async with LinkProxy("127.0.0.1", broker_port, unlimited, unlimited, seed=0, name="unconstrained") as proxy, \
+    async with open_bench_link(backend, broker_port, unlimited, unlimited, seed=0, name="unconstrained") as proxy, \
             aiomqtt.Client("127.0.0.1", broker_port, identifier="overhead-pub", **NO_DELAY) as publisher, \
             aiomqtt.Client("127.0.0.1", broker_port, identifier="overhead-direct", **NO_DELAY) as direct, \
             aiomqtt.Client(*proxy.address, identifier="overhead-proxy", **NO_DELAY) as proxied:
@@ -359,7 +421,7 @@ async def measure_added_latency(broker_port: int, count: int) -> dict[str, float
                 await asyncio.wait_for(anext(iterators[path]), 10)
                 latencies[path].append(loop.time() - started)
     direct_ms, proxy_ms = (float(np.median(latencies[path])) * 1e3 for path in ("direct", "proxy"))
-    return {"messages": count, "direct_latency_p50_ms": direct_ms, "proxy_latency_p50_ms": proxy_ms,
+    return {"messages": count, "direct_latency_p50_ms": direct_ms, "link_latency_p50_ms": proxy_ms,
             "added_latency_p50_ms": proxy_ms - direct_ms}
 
 
@@ -374,11 +436,12 @@ def _rate(rate_bps: float | None) -> str:
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print("| case | rate | goodput meas/conf | meas/model | Δdelay p50 / p99 ms | model Δ p50 / p99 ms "
+    print("| backend | case | rate | goodput meas/conf | meas/model | Δdelay p50 / p99 ms | model Δ p50 / p99 ms "
           "| late p99 ms | loss meas [95% CI] vs conf | msgs | reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {_rate(row['configured_rate_bps'])} | {_fmt(row['goodput_ratio'], '.3f')} "
+        print(f"| {row['backend']} | {row['case']} | {_rate(row['configured_rate_bps'])} "
+              f"| {_fmt(row['goodput_ratio'], '.3f')} "
               f"| {_fmt(row['goodput_model_ratio'], '.3f')} "
               f"| {_fmt(row['delay_p50_ms'], '+.2f')} / {_fmt(row['delay_p99_ms'], '+.1f')} "
               f"| {_fmt(row['model_delay_p50_ms'], '+.2f')} / {_fmt(row['model_delay_p99_ms'], '+.1f')} "
@@ -388,8 +451,13 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
               f"| {row['messages']} | {row['reference']} |")
 
 
-def targets(rows: list[dict[str, Any]], overhead: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the issue with the measured figure it is judged on."""
+def targets(rows: list[dict[str, Any]], overhead: dict[str, Any], backend: str = "proxy") -> list[dict[str, Any]]:
+    """Each target of the issue for ``backend`` with the measured figure it is judged on.
+
+    Goodput and p50 delay apply to every backend; the overhead targets are the proxy's (for tun its
+    unconstrained figures are printed for reference, not judged).
+    """
+    rows = [row for row in rows if row["backend"] == backend]
     lossless = [row for row in rows if row["profile"] == "custom" and row["configured_loss"] == 0
                 and row["goodput_ratio"] is not None]
     worst_goodput = max(lossless, key=lambda row: abs(row["goodput_ratio"] - 1.0), default=None)
@@ -397,66 +465,117 @@ def targets(rows: list[dict[str, Any]], overhead: dict[str, Any]) -> list[dict[s
     worst_delay = max(grid, key=lambda row: abs(row["delay_p50_ms"]), default=None)
     found = []
     if worst_goodput is not None:
-        found.append({"target": f"goodput within {GOODPUT_TOLERANCE:.0%} of configured (loss-free grid)",
+        found.append({"backend": backend,
+                      "target": f"goodput within {GOODPUT_TOLERANCE:.0%} of configured (loss-free grid)",
                       "measured": f"worst {worst_goodput['goodput_ratio']:.3f} ({worst_goodput['case']})",
                       "met": abs(worst_goodput["goodput_ratio"] - 1.0) <= GOODPUT_TOLERANCE})
     if worst_delay is not None:
-        found.append({"target": f"p50 delay within {DELAY_P50_TOLERANCE_MS:g} ms of configured (grid)",
+        found.append({"backend": backend,
+                      "target": f"p50 delay within {DELAY_P50_TOLERANCE_MS:g} ms of configured (grid)",
                       "measured": f"worst {worst_delay['delay_p50_ms']:+.2f} ms ({worst_delay['case']})",
                       "met": abs(worst_delay["delay_p50_ms"]) <= DELAY_P50_TOLERANCE_MS})
-    found.append({"target": f"unconstrained proxy adds < {ADDED_LATENCY_TARGET_MS:g} ms median per MQTT message",
+    if backend != "proxy":
+        return found
+    found.append({"backend": backend,
+                  "target": f"unconstrained proxy adds < {ADDED_LATENCY_TARGET_MS:g} ms median per MQTT message",
                   "measured": f"{overhead['added_latency_p50_ms']:.3f} ms (direct {overhead['direct_latency_p50_ms']:.3f}"
-                              f" ms, proxy {overhead['proxy_latency_p50_ms']:.3f} ms, {overhead['messages']} msgs)",
+                              f" ms, proxy {overhead['link_latency_p50_ms']:.3f} ms, {overhead['messages']} msgs)",
                   "met": overhead["added_latency_p50_ms"] < ADDED_LATENCY_TARGET_MS})
-    found.append({"target": f"unconstrained proxy carries >= {THROUGHPUT_TARGET_MB_S:g} MB/s",
+    found.append({"backend": backend, "target": f"unconstrained proxy carries >= {THROUGHPUT_TARGET_MB_S:g} MB/s",
                   "measured": f"{overhead['throughput_mb_s']:.1f} MB/s over {overhead['throughput_bytes'] / 1e6:g} MB "
                               f"(direct loopback {overhead['direct_throughput_mb_s']:.1f} MB/s)",
                   "met": overhead["throughput_mb_s"] >= THROUGHPUT_TARGET_MB_S})
     return found
 
 
-async def run(quick: bool, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+def available_backends(requested: str) -> tuple[list[str], list[str]]:
+    """(backends to run, notes on those skipped): ``all`` skips tun where it cannot run; naming it fails instead."""
+    wanted = list(BACKENDS) if requested == "all" else [requested]
+    notes = []
+    if "tun" in wanted:
+        reason = None
+        if not Path("/dev/net/tun").exists():
+            reason = "/dev/net/tun is missing"
+        else:
+            try:
+                require_netns_support()
+            except ChannelError as error:
+                reason = str(error)
+        if reason is not None:
+            if requested == "tun":
+                raise SystemExit(f"bench/channel.py: the tun backend cannot run here: {reason}")
+            wanted.remove("tun")
+            notes.append(f"tun skipped: {reason}")
+    return wanted, notes
+
+
+async def run(quick: bool, seed: int, log: Callable[[str], None],
+              backends: tuple[str, ...] | list[str] = ("proxy",)) -> dict[str, Any]:
     rows = []
-    async with mosquitto() as broker_port:
-        for index, case in enumerate(grid_cases(quick)):
-            started = time.monotonic()
-            rows.append(await measure_case(case, broker_port, seed + 2 * index, quick))
-            log(f"  {case.name}: {time.monotonic() - started:.1f} s")
-        overhead = await measure_added_latency(broker_port, 500)
+    overhead: dict[str, dict[str, Any]] = {}
     throughput_bytes = 50_000_000 if quick else 200_000_000
-    overhead["throughput_bytes"] = throughput_bytes
-    overhead["direct_throughput_mb_s"] = await measure_throughput(throughput_bytes, through_proxy=False)
-    overhead["throughput_mb_s"] = await measure_throughput(throughput_bytes, through_proxy=True)
-    return {"rows": rows, "overhead": overhead, "targets": targets(rows, overhead)}
+    direct_mb_s = await measure_throughput(throughput_bytes, through=None)
+    async with mosquitto() as broker_port:
+        for backend in backends:
+            for index, case in enumerate(grid_cases(quick)):
+                started = time.monotonic()
+                rows.append(await measure_case(case, broker_port, seed + 2 * index, quick, backend))
+                log(f"  {backend} {case.name}: {time.monotonic() - started:.1f} s")
+            overhead[backend] = await measure_added_latency(broker_port, 500, backend)
+    for backend in backends:
+        overhead[backend].update(throughput_bytes=throughput_bytes, direct_throughput_mb_s=direct_mb_s,
+                                 throughput_mb_s=await measure_throughput(throughput_bytes, through=backend))
+    found = [target for backend in backends for target in targets(rows, overhead[backend], backend)]
+    return {"backends": list(backends), "rows": rows, "overhead": overhead, "targets": found}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/channel.py", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="five cases and a 50 MB throughput run (< 60 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="five cases per backend and a 50 MB throughput run (< 60 s for both backends)")
+    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all",
+                        help="which link backend(s) to measure (default all; tun needs Linux and root, "
+                             "and is skipped with a note under 'all' where it cannot run)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    result = asyncio.run(run(args.quick, args.seed, lambda line: print(line, file=sys.stderr, flush=True)))
-    rerun = "python bench/channel.py" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
-    print(f"# bench/channel.py, backend {BACKEND}, {len(result['rows'])} cases, {time.monotonic() - started:.0f} s")
+    backends, notes = available_backends(args.backend)
+    result = asyncio.run(run(args.quick, args.seed, lambda line: print(line, file=sys.stderr, flush=True), backends))
+    rerun = ("python bench/channel.py" + (" --quick" if args.quick else "") + f" --backend {args.backend}"
+             f" --seed {args.seed}")
+    print(f"# bench/channel.py, backends {', '.join(backends)}, {len(result['rows'])} cases, "
+          f"{time.monotonic() - started:.0f} s")
+    for note in notes:
+        print(f"# {note}")
     print(f"# rerun: {rerun}   (or: testbed bench channel{' --quick' if args.quick else ''})")
-    print("# goodput: bulk TCP downlink timed at the receiver from first to last byte, vs rate·mss/(mss+overhead)")
-    print("#   and vs the model's own schedule for the same segments (meas/model); Δdelay: MQTT one-way latency")
-    print("#   minus configured delay (publisher direct, subscriber behind the proxy); late: proxy release time")
-    print("#   minus the model's delivery time; loss: lost/attempted segments from the proxy's counters.")
+    print("# goodput: bulk TCP downlink timed at the receiver from first to last byte (tun: from 20% of the bytes,")
+    print("#   past the kernel TCP's slow start), vs configured: proxy")
+    print(f"#   rate·mss/(mss+overhead); tun rate·(MTU-{TCP_IP_HEADER_BYTES})/MTU (its rate counts whole IP packets"
+          " with the kernel's")
+    print("#   real headers) — and vs the model's own schedule for the same segments/packets (meas/model);")
+    print("#   Δdelay: MQTT one-way latency minus configured delay (publisher direct, subscriber behind the link);")
+    print("#   late: release time minus the model's delivery time; loss: lost/attempted segments (proxy) or IP")
+    print("#   packets (tun, both directions' data and ACKs alike) from the link's counters.")
     print_rows(result["rows"])
     print()
-    lossy = [row for row in result["rows"] if row["profile"] == "custom" and row["configured_loss"] > 0]
-    if lossy:
-        lost, attempts = sum(row["lost_segments"] for row in lossy), sum(row["segment_attempts"] for row in lossy)
-        low, high = wilson_interval(lost, attempts)
-        configured = sorted({row["configured_loss"] * 100 for row in lossy})
-        print(f"segment loss pooled over the lossy grid cases: {100 * lost / attempts:.2f}% [{100 * low:.2f}, "
-              f"{100 * high:.2f}] ({lost}/{attempts}) vs configured {', '.join(f'{v:g}%' for v in configured)}")
+    for backend in result["backends"]:
+        lossy = [row for row in result["rows"] if row["backend"] == backend and row["profile"] == "custom"
+                 and row["configured_loss"] > 0]
+        if lossy:
+            lost, attempts = sum(row["lost_segments"] for row in lossy), sum(row["segment_attempts"] for row in lossy)
+            low, high = wilson_interval(lost, attempts)
+            configured = sorted({row["configured_loss"] * 100 for row in lossy})
+            print(f"{backend}: loss pooled over the lossy grid cases: {100 * lost / attempts:.2f}% [{100 * low:.2f}, "
+                  f"{100 * high:.2f}] ({lost}/{attempts}) vs configured {', '.join(f'{v:g}%' for v in configured)}")
+        overhead = result["overhead"][backend]
+        print(f"{backend}: unconstrained, adds {overhead['added_latency_p50_ms']:.3f} ms median per MQTT message "
+              f"({overhead['messages']} msgs) and carries {overhead['throughput_mb_s']:.1f} MB/s "
+              f"(direct loopback {overhead['direct_throughput_mb_s']:.1f} MB/s)")
     print("targets:")
     for target in result["targets"]:
-        print(f"  {'met   ' if target['met'] else 'MISSED'}  {target['target']}: {target['measured']}")
+        print(f"  {'met   ' if target['met'] else 'MISSED'}  {target['backend']:<5}  {target['target']}: "
+              f"{target['measured']}")
     if args.json is not None:
         args.json.write_text(json.dumps({"rerun": rerun, **result}, indent=2))
         print(f"# rows written to {args.json}")

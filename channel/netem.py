@@ -1,265 +1,76 @@
-"""The ``netem`` backend: ``tc`` commands (netem + htb, ifb for ingress) from a LinkParameters, and a namespace link applying them.
+"""The ``netem`` backend: a device namespace joined to a host namespace by veth, shaped by ``tc`` (netem + htb, ifb).
 
-Two layers, one job each:
+``NetemLink`` (a sync *and* async context manager; the async form runs the same blocking ``ip``/``tc``
+calls in a worker thread) creates two network namespaces, ``device`` and ``host``, joined by a veth
+pair (device side ``198.19.<index>.2``, host side ``198.19.<index>.1``), applies the downlink on the
+host veth's egress and the uplink on its ingress (through an ifb device) with the commands
+``channel.netem_commands`` generates (re-exported here; its docstring has the qdisc layout and the
+mapping of every ``LinkParameters`` field), and deletes both namespaces — and with them every veth,
+ifb and qdisc — on exit. Given an upstream broker, it is also a run backend (``channel.backend:
+netem``) with ``TunLink``'s surface: ``address``, ``downlink_counters``/``uplink_counters``.
 
-* ``netem_commands(device, params, direction)`` is pure: it returns the argv lists (``tc ...`` and,
-  for ingress, ``ip link ...``) that give ``device`` the link ``params`` describes, exactly as
-  iproute2 parses them. ``teardown_commands`` undoes them on a device you keep.
-* ``NetemLink`` (a sync *and* async context manager; the async form runs the same blocking ``ip``/``tc``
-  calls in a worker thread) creates two network namespaces, ``device`` and ``host``, joined by a
-  veth pair (device side ``198.19.<index>.2``, host side ``198.19.<index>.1``), applies the
-  downlink on the host veth's egress and the uplink on its ingress (through an ifb device), and
-  deletes both namespaces — and with them every veth, ifb and qdisc — on exit.
+Topology as a run backend (relay and forwarder: ``channel.relay.NamespaceRelays``)::
 
-Qdisc layout (``direction`` = which way the packets cross ``device``):
+    MQTT client ──► 127.0.0.1:relay ═(socket in the device namespace)═► dev0 198.19.n.2
+                                                                          │ veth: downlink on host0 egress,
+                                                                          │ uplink on host0 ingress (ifb)
+    broker 127.0.0.1:P ◄── forwarder (listens in the host namespace) ◄── host0 198.19.n.1
 
-* rate only: ``root handle 1: htb default 1`` and class ``1:1`` (``rate = ceil = rate_bps``,
-  ``burst = cburst = bucket_depth_bytes``). No netem needed, so this runs on kernels without it.
-* delay/loss/duplicate/reorder only: ``root handle 1: netem ...``.
-* both: ``root handle 1: netem ...`` with ``htb`` as its child (``parent 1:1 handle 2:``, class
-  ``2:1``), the layout of tc-netem(8)'s "rate with tbf" example. Not htb-root-with-netem-child:
-  htb pulls from a netem child only once a packet's delay has passed, so under a backlog the
-  queueing at the rate *absorbs* the delay (``max`` instead of the model's ``sum``). With netem
-  first, a packet waits its delay and then its turn at the rate: queueing + delay, as
-  ``LinkModel`` says. netem's own ``rate`` is never used.
-* ``ingress``: ``ip link add IFB txqueuelen 1000 type ifb``, an ``ingress`` qdisc on ``device``, a
-  ``u32`` match-all filter with ``action mirred egress redirect dev IFB``, and the layout above on
-  the IFB device's egress.
-
-Mapping of ``LinkParameters`` fields (netem names):
-
-* ``delay_s``/``jitter_s``: ``delay Xms Yms``; ``delay_distribution`` ``normal``/``pareto`` add
-  ``distribution NAME`` (``uniform`` is netem's default, no table). tc refuses a distribution
-  without a delay, so ``delay_s = 0`` with a non-uniform distribution raises ChannelError.
-* ``loss``/``BernoulliLoss``: ``loss random P%``; ``GilbertElliottLoss``: ``loss gemodel p r 1-h 1-k``
-  (all four as percentages, in tc-netem(8)'s documented order; see ``channel.loss`` about checking
-  the third argument's meaning on your kernel).
-* ``duplicate``/``reorder``: ``duplicate P%``/``reorder P%``; reorder needs ``delay_s > 0``
-  (netem reorders by sending some packets without the delay) or raises ChannelError.
-* ``overhead_bytes`` (approximated): htb counts each packet as the kernel sees it on the device,
-  i.e. the IP packet with its real IPv4+TCP headers (40 B, 52 B with timestamps) plus the 14 B
-  Ethernet header of veth. Only the modelled overhead beyond those ``54`` B is added with htb's
-  ``overhead N`` (htb charges it per skb, hence ``gso_max_segs 1`` below). With the default
-  ``overhead_bytes=40`` a full segment costs 1514 B for 1448 B of payload (Linux adds 12 B of TCP
-  timestamps) where the model counts 1500 B for 1460 B: goodput 1.8% below ``goodput_bps``.
-  Smaller modelled overheads (header-compressed radios) are not reachable. htb's ``mpu`` is not
-  used: the model has no minimum packet size.
-* ``mss_bytes``: ``NetemLink`` sets the veth MTU to ``mss_bytes + 40`` (smaller of the two
-  directions) so the kernel's TCP uses that MSS; ``netem_commands`` does not touch the MTU.
-* ``burst_bytes``: the htb ``burst``/``cburst`` (``bucket_depth_bytes``).
-* segmentation: ``NetemLink`` sets ``gso_max_segs 1`` on both veth ends, so every skb the qdiscs
-  see is one wire packet (with GSO, netem would drop and htb would charge overhead per 64 KB
-  super-packet). Apply the same (``ethtool -K DEV tso off gso off gro off``) on your own devices.
-* TCP-stream semantics (``min_rto_s``, ``max_backoffs``): not emulated — netem drops packets and
-  the kernel's real TCP retransmits with its own RTO and backoff.
-* ``outages``, ``random_outages``, ``trace``: netem cannot vary over time; ChannelError names the
-  field (use ``channel.backend: tun`` or ``proxy``).
+The namespaces are private to the link, so every link may use the same ``index``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
+import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from channel.errors import ChannelError
-from channel.link import LinkParameters
-from channel.loss import BernoulliLoss, GilbertElliottLoss
+from channel.link import LinkCounters, LinkParameters
+from channel.netem_commands import (
+    ETHERNET_HEADER_BYTES,
+    IPV4_TCP_HEADER_BYTES,
+    MIN_IPV4_MTU,
+    NO_NETEM_MESSAGE,
+    QUEUE_LIMIT_PACKETS,
+    Direction,
+    default_ifb_name,
+    htb_overhead_bytes,
+    link_mtu_bytes,
+    missing_kernel_part,
+    netem_commands,
+    netem_options,
+    shaping_commands,
+    teardown_commands,
+)
 from channel.netns import (
     NAME_PREFIX,
     NetworkNamespace,
     require_netns_support,
+    run_command,
     unique_name,
 )
+from channel.relay import NamespaceRelays
 
-Direction = Literal["egress", "ingress"]
+logger = logging.getLogger("channel.netem")
 
-#: IPv4 (20 B) + TCP (20 B) headers without options: what every real packet carries anyway.
-IPV4_TCP_HEADER_BYTES = 40
-#: Ethernet header htb counts on a veth device.
-ETHERNET_HEADER_BYTES = 14
-#: netem's default queue limit and veth's txqueuelen, in packets; also used for the ifb device.
-QUEUE_LIMIT_PACKETS = 1000
-#: Smallest IPv4 MTU (RFC 791).
-MIN_IPV4_MTU = 68
-#: What to tell the user when the kernel has no netem.
-NO_NETEM_MESSAGE = "the kernel has no sch_netem (modprobe sch_netem, or use channel.backend: tun/proxy)"
 #: The RFC 2544 benchmarking range; NetemLink uses 198.19.<index>.0/24 of it.
 ADDRESS_PREFIX = "198.19"
 HOST_INTERFACE = "host0"
 DEVICE_INTERFACE = "dev0"
 COMMAND_TIMEOUT_S = 10.0
+#: How stale ``NetemLink.downlink_counters``/``uplink_counters`` may be (each read runs tc or ip).
+COUNTER_REFRESH_S = 0.5
 #: Options ``kernel_supports`` passes to qdiscs that cannot be added without any.
 PROBE_OPTIONS: dict[str, tuple[str, ...]] = {
     "tbf": ("rate", "1mbit", "burst", "16kb", "latency", "50ms"),
 }
 
-
-def _decimal(value: float, digits: int) -> str:
-    text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
-
-
-def _percent(probability: float) -> str:
-    """``0.015`` -> ``"1.5%"`` (netem's resolution is far finer than 6 decimals of a percent)."""
-    return _decimal(probability * 100.0, 6) + "%"
-
-
-def _milliseconds(seconds: float) -> str:
-    """``0.0002`` -> ``"0.2ms"`` (microsecond resolution)."""
-    return _decimal(seconds * 1e3, 3) + "ms"
-
-
-def _unsupported(field: str, value: object, why: str) -> ChannelError:
-    return ChannelError(f"LinkParameters.{field}={value!r} cannot be expressed by the netem backend: {why}; "
-                        "use channel.backend: tun or proxy for it")
-
-
-def _check_expressible(params: LinkParameters) -> None:
-    if params.trace is not None:
-        raise _unsupported("trace", params.trace, "netem/htb rates are fixed, a trace varies over time")
-    if params.outages:
-        raise _unsupported("outages", params.outages, "netem has no scheduled outages")
-    if params.random_outages is not None:
-        raise _unsupported("random_outages", params.random_outages, "netem has no random outages")
-
-
-def netem_options(params: LinkParameters) -> list[str]:
-    """The arguments after ``netem`` for ``params``' delay, loss, duplication and reordering ([] = no netem needed)."""
-    _check_expressible(params)
-    options: list[str] = []
-    delay, jitter = _milliseconds(params.delay_s), _milliseconds(params.jitter_s)
-    if delay != "0ms" or jitter != "0ms":
-        options += ["delay", delay]
-        if jitter != "0ms":
-            options.append(jitter)
-            if params.delay_distribution != "uniform":
-                if delay == "0ms":
-                    raise _unsupported("delay_distribution", params.delay_distribution,
-                                       "tc accepts a distribution table only with delay_s > 0")
-                options += ["distribution", params.delay_distribution]
-    model = params.loss_process
-    if isinstance(model, GilbertElliottLoss):
-        if model.stationary_loss_rate > 0:
-            options += ["loss", "gemodel", _percent(model.p), _percent(model.r or 0.0),
-                        _percent(model.one_minus_h), _percent(model.one_minus_k)]
-    elif isinstance(model, BernoulliLoss):
-        if _percent(model.p) != "0%":
-            options += ["loss", "random", _percent(model.p)]
-    else:  # LinkParameters validates this already; kept so a new loss model cannot pass silently
-        raise _unsupported("loss_model", model, "only BernoulliLoss and GilbertElliottLoss map to netem")
-    if _percent(params.duplicate) != "0%":
-        options += ["duplicate", _percent(params.duplicate)]
-    if _percent(params.reorder) != "0%":
-        if delay == "0ms":
-            raise _unsupported("reorder", params.reorder,
-                               "netem reorders by skipping the delay, so it needs delay_s > 0")
-        options += ["reorder", _percent(params.reorder)]
-    if options and params.rate_bps is not None:
-        # the netem queue holds the delayed packets and the rate's backlog: keep at least two
-        # bandwidth-delay products of full packets, never fewer than netem's default.
-        packets_per_second = params.rate_bps / 8.0 / params.packet_bytes
-        in_flight = packets_per_second * (params.delay_s + 2.0 * params.jitter_s)
-        limit = max(QUEUE_LIMIT_PACKETS, math.ceil(2.0 * in_flight))
-        if limit > QUEUE_LIMIT_PACKETS:
-            options += ["limit", str(limit)]
-    return options
-
-
-def htb_overhead_bytes(params: LinkParameters) -> int:
-    """Bytes htb adds per packet: the modelled overhead beyond the real IPv4+TCP and Ethernet headers (>= 0)."""
-    return max(0, params.overhead_bytes - IPV4_TCP_HEADER_BYTES - ETHERNET_HEADER_BYTES)
-
-
-def _htb_commands(device: str, params: LinkParameters, parent: list[str], handle: str) -> list[list[str]]:
-    assert params.rate_bps is not None
-    rate = round(params.rate_bps)
-    if rate < 1:
-        raise _unsupported("rate_bps", params.rate_bps, "htb's smallest rate is 1 bit/s")
-    burst = str(params.bucket_depth_bytes)
-    klass = [
-        "tc", "class", "add", "dev", device, "parent", f"{handle}:", "classid", f"{handle}:1", "htb",
-        "rate", f"{rate}bit", "ceil", f"{rate}bit", "burst", burst, "cburst", burst,
-    ]
-    overhead = htb_overhead_bytes(params)
-    if overhead:
-        klass += ["overhead", str(overhead)]
-    return [["tc", "qdisc", "add", "dev", device, *parent, "handle", f"{handle}:", "htb", "default", "1"], klass]
-
-
-def shaping_commands(device: str, params: LinkParameters) -> list[list[str]]:
-    """The qdiscs shaping packets *leaving* ``device`` (see the module docstring for the layout)."""
-    options = netem_options(params)
-    commands: list[list[str]] = []
-    if options:
-        commands.append(["tc", "qdisc", "add", "dev", device, "root", "handle", "1:", "netem", *options])
-    if params.rate_bps is not None:
-        if options:
-            commands += _htb_commands(device, params, ["parent", "1:1"], "2")
-        else:
-            commands += _htb_commands(device, params, ["root"], "1")
-    return commands
-
-
-def default_ifb_name(device: str) -> str:
-    """The ifb device ``netem_commands`` redirects ``device``'s ingress to: ``ifb-`` + device (15 chars max)."""
-    return f"ifb-{device}"[:15]
-
-
-def netem_commands(device: str, params: LinkParameters, direction: Direction = "egress",
-                   ifb_device: str | None = None) -> list[list[str]]:
-    """argv lists giving ``device`` the link ``params`` in ``direction`` ([] when ``params`` shapes nothing).
-
-    ``egress``: packets leaving ``device``; ``ingress``: packets arriving on it, redirected to
-    ``ifb_device`` (default ``default_ifb_name(device)``), which is created and shaped on its egress.
-    Raises ChannelError naming the field netem cannot express.
-    """
-    if direction not in ("egress", "ingress"):
-        raise ChannelError(f"direction={direction!r} is invalid: expected 'egress' or 'ingress'")
-    if direction == "egress":
-        return shaping_commands(device, params)
-    ifb = ifb_device if ifb_device is not None else default_ifb_name(device)
-    if not 0 < len(ifb) <= 15 or any(character.isspace() or character == "/" for character in ifb):
-        raise ChannelError(f"ifb_device={ifb!r} is invalid: expected an interface name of 1..15 characters, "
-                           "no spaces or '/'")
-    shaping = shaping_commands(ifb, params)
-    if not shaping:
-        return []
-    return [
-        ["ip", "link", "add", ifb, "txqueuelen", str(QUEUE_LIMIT_PACKETS), "type", "ifb"],
-        ["ip", "link", "set", "dev", ifb, "up"],
-        ["tc", "qdisc", "add", "dev", device, "handle", "ffff:", "ingress"],
-        ["tc", "filter", "add", "dev", device, "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0",
-         "action", "mirred", "egress", "redirect", "dev", ifb],
-        *shaping,
-    ]
-
-
-def teardown_commands(device: str, direction: Direction = "egress", ifb_device: str | None = None) -> list[list[str]]:
-    """argv lists removing what ``netem_commands(device, ..., direction)`` added (run them ignoring failures)."""
-    if direction == "egress":
-        return [["tc", "qdisc", "del", "dev", device, "root"]]
-    if direction == "ingress":
-        ifb = ifb_device if ifb_device is not None else default_ifb_name(device)
-        return [["tc", "qdisc", "del", "dev", device, "ingress"], ["ip", "link", "del", ifb]]
-    raise ChannelError(f"direction={direction!r} is invalid: expected 'egress' or 'ingress'")
-
-
-def _missing_kernel_part(args: Sequence[str], stderr: str) -> str | None:
-    """The "the kernel has no ..." message for a failure caused by a missing module, else None."""
-    if "qdisc kind is unknown" in stderr or "Unknown qdisc" in stderr:
-        kinds = [kind for kind in ("netem", "htb", "ingress", "tbf") if kind in args]
-        if "netem" in kinds:
-            return NO_NETEM_MESSAGE
-        kind = kinds[0] if kinds else "the requested qdisc"
-        return f"the kernel has no sch_{kind} (modprobe sch_{kind}, or use channel.backend: tun/proxy)"
-    if "type" in args and "ifb" in args and ("Unknown device type" in stderr or "not supported" in stderr):
-        return "the kernel has no ifb driver for ingress (uplink) shaping (modprobe ifb, or use channel.backend: tun/proxy)"
-    if "mirred" in args and ("action" in stderr.lower() or "unknown" in stderr.lower()):
-        return "the kernel has no cls_u32/act_mirred for ingress redirection (modprobe cls_u32 act_mirred)"
-    return None
 
 
 def run_in(namespace: NetworkNamespace, args: Sequence[str]) -> str:
@@ -267,7 +78,7 @@ def run_in(namespace: NetworkNamespace, args: Sequence[str]) -> str:
     result = namespace.run(list(args), check=False)
     if result.returncode != 0:
         stderr = (result.stderr or result.stdout).strip()
-        missing = _missing_kernel_part(args, stderr)
+        missing = missing_kernel_part(args, stderr)
         if missing is not None:
             raise ChannelError(f"{missing} — '{' '.join(args)}' failed: {stderr}")
         raise ChannelError(f"'{' '.join(args)}' in namespace {namespace.name!r} failed "
@@ -294,26 +105,77 @@ def kernel_supports(qdisc: str, options: Sequence[str] | None = None) -> bool:
     raise ChannelError(f"probing qdisc {qdisc!r} failed for another reason than a missing module: {stderr}")
 
 
-def link_mtu_bytes(*params: LinkParameters | None) -> int:
-    """The veth MTU for these directions: the smallest ``mss_bytes`` + 40 B of IPv4+TCP headers (68..65535)."""
-    mss = min((p.mss_bytes for p in params if p is not None), default=1460)
-    return max(MIN_IPV4_MTU, min(65535, mss + IPV4_TCP_HEADER_BYTES))
+def _json_list(text: str, what: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError as error:
+        raise ChannelError(f"cannot parse the JSON of {what}: {error}") from error
+    if not isinstance(value, list):
+        raise ChannelError(f"{what} gave JSON {type(value).__name__}, expected a list")
+    return value
+
+
+def counters_from_qdisc_stats(text: str) -> LinkCounters:
+    """LinkCounters from ``tc -s -j qdisc show dev D``: the root qdisc's sent packets/bytes and drops.
+
+    ``segments`` = packets sent + dropped, ``wire_bytes`` = bytes sent (IP packets with their 14 B
+    Ethernet header, as the qdisc counts them), ``lost_segments`` = drops (netem loss and queue
+    overflow alike). tc knows nothing of TCP, so ``payload_bytes``, ``retransmissions`` and
+    ``queueing_delay_s`` stay 0.
+    """
+    root = next((qdisc for qdisc in _json_list(text, "tc qdisc show") if qdisc.get("root")), None)
+    if root is None:
+        return LinkCounters()
+    packets, drops = int(root.get("packets", 0)), int(root.get("drops", 0))
+    return LinkCounters(segments=packets + drops, wire_bytes=int(root.get("bytes", 0)), lost_segments=drops)
+
+
+def counters_from_link_stats(text: str, side: Literal["tx", "rx"]) -> LinkCounters:
+    """LinkCounters from ``ip -s -j link show dev D`` (an unshaped direction): its ``tx`` or ``rx`` statistics."""
+    devices = _json_list(text, "ip link show")
+    if not devices:
+        return LinkCounters()
+    stats = devices[0].get("stats64", {}).get(side, {})
+    packets, dropped = int(stats.get("packets", 0)), int(stats.get("dropped", 0))
+    return LinkCounters(segments=packets + dropped, wire_bytes=int(stats.get("bytes", 0)), lost_segments=dropped)
 
 
 class NetemLink:
     """Two namespaces joined by veth, with the downlink on the host veth's egress and the uplink on its ingress.
 
-    ``with NetemLink(downlink, uplink, index=n) as link:`` (or ``async with``) — then run the device's
-    programs in ``link.device_namespace`` (address ``link.device_address``, 198.19.n.2) and the
-    server's in ``link.host_namespace`` (``link.host_address``, 198.19.n.1). ``None`` leaves a
-    direction unshaped. Everything is deleted on exit, also when setting up fails halfway.
+    Two ways to use it:
+
+    * ``with NetemLink(downlink=d, uplink=u, index=n) as link:`` (or ``async with``) — then run the
+      device's programs in ``link.device_namespace`` (address ``link.device_address``, 198.19.n.2) and
+      the server's in ``link.host_namespace`` (``link.host_address``, 198.19.n.1).
+    * As a run backend, with the same surface as ``TunLink``/``LinkProxy``:
+      ``async with NetemLink(upstream_host, upstream_port, downlink, uplink, seed, name) as link`` —
+      ``link.address`` is a 127.0.0.1 relay whose outbound socket lives in the device namespace and
+      connects to a forwarder on ``host_address`` (listening in the host namespace), which passes the
+      bytes on to the broker at ``upstream_host:upstream_port`` in this process's namespace. An
+      unmodified MQTT client connects to ``link.address``; only the veth hop is shaped.
+
+    ``None`` leaves a direction unshaped. ``seed`` is recorded but cannot be applied: netem draws
+    from the kernel's own random numbers. ``downlink_counters``/``uplink_counters`` read the root
+    qdisc's statistics (``counters_from_qdisc_stats``; an unshaped direction: the veth's interface
+    statistics), at most every ``COUNTER_REFRESH_S``, and keep the last reading after exit.
+    Everything is deleted on exit, also when setting up fails halfway; a link that needs a qdisc the
+    kernel lacks (netem for delay/loss/...) fails at start with a ChannelError naming it.
     """
 
-    def __init__(self, downlink: LinkParameters | None = None, uplink: LinkParameters | None = None,
-                 index: int = 0, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+    def __init__(self, upstream_host: str | None = None, upstream_port: int | None = None,
+                 downlink: LinkParameters | None = None, uplink: LinkParameters | None = None,
+                 seed: int = 0, name: str = "link", index: int = 0, timeout_s: float = COMMAND_TIMEOUT_S,
+                 connect_timeout_s: float = 5.0, write_timeout_s: float = 60.0) -> None:
         if not (isinstance(index, int) and 0 <= index <= 255):
             raise ChannelError(f"index={index!r} is invalid: expected an integer 0..255 (198.19.<index>.0/24)")
+        if (upstream_host is None) != (upstream_port is None):
+            raise ChannelError(f"upstream_host={upstream_host!r}, upstream_port={upstream_port!r}: give both "
+                               "(a run backend relaying to the broker) or neither (namespaces only)")
+        self.upstream_host, self.upstream_port = upstream_host, upstream_port
         self.downlink, self.uplink, self.index = downlink, uplink, index
+        self.seed, self.name = seed, name
+        self.connect_timeout_s, self.write_timeout_s = connect_timeout_s, write_timeout_s
         self.downlink_commands = netem_commands(HOST_INTERFACE, downlink, "egress") if downlink else []
         self.uplink_commands = netem_commands(HOST_INTERFACE, uplink, "ingress") if uplink else []
         self.mtu_bytes = link_mtu_bytes(downlink, uplink)
@@ -322,6 +184,64 @@ class NetemLink:
         suffix = unique_name("")
         self.host_namespace = NetworkNamespace(f"{NAME_PREFIX}nh{index}-{suffix}", timeout_s)
         self.device_namespace = NetworkNamespace(f"{NAME_PREFIX}nd{index}-{suffix}", timeout_s)
+        self._relays: NamespaceRelays | None = None
+        self._counters: dict[str, tuple[float, LinkCounters]] = {}
+
+    # --- the run-backend surface (same as TunLink) ------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(127.0.0.1, port) of the relay: connect here from this process's namespace to cross the link."""
+        return self._running_relays().address
+
+    @property
+    def broker_address(self) -> tuple[str, int]:
+        """(host_address, port) of the forwarder: where a program in ``device_namespace`` reaches the broker."""
+        return self._running_relays().broker_address
+
+    async def open_device_connection(
+        self, timeout_s: float | None = None,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection from inside ``device_namespace`` to the broker, through the link."""
+        return await self._running_relays().open_device_connection(timeout_s)
+
+    def _running_relays(self) -> NamespaceRelays:
+        if self._relays is None or self._relays.relay is None:
+            how = "" if self.upstream_host is not None else " and give upstream_host/upstream_port"
+            raise ChannelError(f"NetemLink {self.name!r} is not relaying: use it inside 'async with'{how}")
+        return self._relays
+
+    @property
+    def downlink_counters(self) -> LinkCounters:
+        """Host → device: the host veth's root qdisc (or its tx statistics when unshaped)."""
+        return self._read_counters("downlink")
+
+    @property
+    def uplink_counters(self) -> LinkCounters:
+        """Device → host: the ifb device's root qdisc (or the host veth's rx statistics when unshaped)."""
+        return self._read_counters("uplink")
+
+    def _read_counters(self, direction: str, force: bool = False) -> LinkCounters:
+        read_at, last = self._counters.get(direction, (-math.inf, LinkCounters()))
+        if not self.host_namespace.created or (not force and time.monotonic() - read_at < COUNTER_REFRESH_S):
+            return last
+        shaped = self.downlink_commands if direction == "downlink" else self.uplink_commands
+        namespace = self.host_namespace.name
+        try:
+            if shaped:
+                device = HOST_INTERFACE if direction == "downlink" else default_ifb_name(HOST_INTERFACE)
+                text = run_command(["tc", "-n", namespace, "-s", "-j", "qdisc", "show", "dev", device]).stdout
+                counters = counters_from_qdisc_stats(text)
+            else:
+                text = run_command(["ip", "-n", namespace, "-s", "-j", "link", "show", "dev", HOST_INTERFACE]).stdout
+                counters = counters_from_link_stats(text, "tx" if direction == "downlink" else "rx")
+        except ChannelError as error:  # a scrape must not fail the run: keep the last reading
+            logger.warning("%s: reading the %s counters failed: %s", self.name, direction, error)
+            return last
+        self._counters[direction] = (time.monotonic(), counters)
+        return counters
+
+    # --- lifecycle -------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         host, device = self.host_namespace, self.device_namespace
@@ -339,7 +259,12 @@ class NetemLink:
             run_in(host, command)
 
     def close(self) -> None:
-        """Delete both namespaces (and so the veth pair, ifb and qdiscs); safe to call twice."""
+        """Delete both namespaces (and so the veth pair, ifb and qdiscs); safe to call twice.
+
+        The counters are read one last time first, so they stay valid after exit.
+        """
+        for direction in ("downlink", "uplink"):
+            self._read_counters(direction, force=True)
         errors: list[ChannelError] = []
         for namespace in (self.device_namespace, self.host_namespace):
             try:
@@ -362,18 +287,57 @@ class NetemLink:
         self.close()
 
     async def __aenter__(self) -> NetemLink:
-        return await asyncio.to_thread(self.__enter__)
+        await asyncio.to_thread(self.__enter__)
+        if self.upstream_host is not None and self.upstream_port is not None:
+            self._relays = NamespaceRelays(self.name, self.upstream_host, self.upstream_port, self.host_address,
+                                           self.device_namespace, self.host_namespace, self.connect_timeout_s,
+                                           self.write_timeout_s)
+            try:
+                await self._relays.start()
+            except BaseException:
+                await self.aclose()
+                raise
+            logger.info("%s: netem link %s ⇄ %s, broker via %s:%d (down: %s; up: %s)", self.name,
+                        self.host_address, self.device_address, *self.broker_address,
+                        self.downlink.description if self.downlink else "unshaped",
+                        self.uplink.description if self.uplink else "unshaped")
+        return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
-        await asyncio.to_thread(self.close)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the relays (if any), then delete both namespaces (each step runs)."""
+        try:
+            if self._relays is not None:
+                await self._relays.close()
+        finally:
+            self._relays = None
+            await asyncio.to_thread(self.close)
 
     def __repr__(self) -> str:
-        return (f"NetemLink(index={self.index}, host={self.host_namespace.name}:{self.host_address}, "
-                f"device={self.device_namespace.name}:{self.device_address})")
+        return (f"NetemLink(name={self.name!r}, index={self.index}, host={self.host_namespace.name}:"
+                f"{self.host_address}, device={self.device_namespace.name}:{self.device_address})")
 
 
 __all__ = [
-    "Direction", "NetemLink", "default_ifb_name", "htb_overhead_bytes", "kernel_supports", "link_mtu_bytes",
-    "netem_commands", "netem_options", "run_in", "shaping_commands", "teardown_commands",
+    "ETHERNET_HEADER_BYTES",
+    "IPV4_TCP_HEADER_BYTES",
+    "MIN_IPV4_MTU",
+    "NO_NETEM_MESSAGE",
+    "QUEUE_LIMIT_PACKETS",
+    "Direction",
+    "NetemLink",
+    "counters_from_link_stats",
+    "counters_from_qdisc_stats",
+    "default_ifb_name",
+    "htb_overhead_bytes",
+    "kernel_supports",
+    "link_mtu_bytes",
+    "netem_commands",
+    "netem_options",
+    "run_in",
+    "shaping_commands",
+    "teardown_commands",
 ]

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 from types import TracebackType
+from typing import Protocol
 
 import numpy as np
 
@@ -19,6 +20,21 @@ UNLIMITED_RATE_WINDOW_BYTES = 4 * 1024 * 1024
 # The event loop's epoll waits in whole milliseconds, rounded up, so a timer fires 0-1 ms late;
 # releasing what is due within half a millisecond centres the error on the modelled time.
 TIMER_SLACK_S = 0.0005
+
+
+class LinkDirectionModel(Protocol):
+    """What the proxy needs of one direction's model: ``LinkModel``, or a ``channel.shared.SharedFlow``."""
+
+    params: LinkParameters
+
+    @property
+    def counters(self) -> LinkCounters: ...
+
+    def transmit(self, now_s: float, size_bytes: int) -> float: ...
+
+    def outage_at(self, t: float) -> tuple[float, float] | None: ...
+
+    def new_stream(self, now_s: float) -> None: ...
 
 
 def undelivered_limit_bytes(params: LinkParameters, max_in_flight_bytes: int) -> int:
@@ -42,7 +58,7 @@ class _Direction:
         label: str,
         source: asyncio.StreamReader,
         destination: asyncio.StreamWriter,
-        model: LinkModel,
+        model: LinkDirectionModel,
         proxy: LinkProxy,
         closing: asyncio.Event,
     ) -> None:
@@ -135,6 +151,20 @@ class _Direction:
         self.closing.set()
 
 
+def _direction_model(label: str, params: LinkParameters | None, model: LinkDirectionModel | None,
+                     seed: int | None, stream: int) -> LinkDirectionModel:
+    """The given model, or a LinkModel of ``params`` seeded from ``[seed, stream]``."""
+    if model is not None:
+        if params is not None:
+            raise ChannelError(f"LinkProxy: give {label} or {label}_model, not both")
+        return model
+    if params is None:
+        raise ChannelError(f"LinkProxy: give the {label} parameters (or a {label}_model)")
+    if seed is None:
+        raise ChannelError(f"LinkProxy: a seed is needed to build the {label} model")
+    return LinkModel(params, np.random.default_rng([seed, stream]))
+
+
 async def _close_writer(writer: asyncio.StreamWriter, proxy: LinkProxy) -> None:
     """Close a stream, waiting a bounded time; a failure to close cleanly is logged and counted."""
     writer.close()
@@ -159,16 +189,19 @@ class LinkProxy:
     """TCP proxy emulating a link: ``async with LinkProxy(host, port, downlink, uplink, seed) as p``.
 
     ``downlink`` shapes bytes upstream → client (broker → device), ``uplink`` client → upstream.
-    One LinkModel per direction, shared by all connections and kept across reconnections.
+    One LinkModel per direction (seeded from ``seed``), shared by all connections and kept across
+    reconnections. Instead of parameters, a direction may be given a ready model
+    (``downlink_model=``/``uplink_model=``, e.g. a ``SharedFlow`` of a cell's ``SharedLink``); its
+    ``params`` then describe that direction, and ``seed`` is needed only for a direction built here.
     """
 
     def __init__(
         self,
         upstream_host: str,
         upstream_port: int,
-        downlink: LinkParameters,
-        uplink: LinkParameters,
-        seed: int,
+        downlink: LinkParameters | None = None,
+        uplink: LinkParameters | None = None,
+        seed: int | None = None,
         name: str = "link",
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
@@ -176,7 +209,11 @@ class LinkProxy:
         connect_timeout_s: float = 5.0,
         write_timeout_s: float = 30.0,
         outage_reset_after_s: float | None = 10.0,
+        downlink_model: LinkDirectionModel | None = None,
+        uplink_model: LinkDirectionModel | None = None,
     ) -> None:
+        self.downlink_model = _direction_model("downlink", downlink, downlink_model, seed, 0)
+        self.uplink_model = _direction_model("uplink", uplink, uplink_model, seed, 1)
         if max_in_flight_bytes <= 0:
             raise ChannelError(f"max_in_flight_bytes={max_in_flight_bytes!r} is invalid: expected > 0")
         if connect_timeout_s <= 0 or write_timeout_s <= 0:
@@ -186,8 +223,8 @@ class LinkProxy:
             )
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
-        self.downlink = downlink
-        self.uplink = uplink
+        self.downlink = self.downlink_model.params
+        self.uplink = self.uplink_model.params
         self.seed = seed
         self.name = name
         self.listen_host = listen_host
@@ -201,8 +238,6 @@ class LinkProxy:
         self.outage_resets = 0
         self.refused_during_outage = 0
         self._outage_watch: asyncio.Task[None] | None = None
-        self.downlink_model = LinkModel(downlink, np.random.default_rng([seed, 0]))
-        self.uplink_model = LinkModel(uplink, np.random.default_rng([seed, 1]))
         self.connections_accepted = 0
         self.errors = 0
         self.last_error: str | None = None

@@ -18,7 +18,8 @@ Topology of one ``TunLink`` (Linux, root)::
 * paho/aiomqtt have no socket-factory hook, so ``address`` is a relay on 127.0.0.1 (host netns)
   whose outbound socket is created inside the namespace: an MQTT client connects to ``address``
   exactly as it would to a ``LinkProxy``. The relay and forwarder hops are on loopback (unshaped);
-  they add a user-space copy each, tens of microseconds.
+  they add a user-space copy each, tens of microseconds. Both hops are ``channel.relay.NamespaceRelays``,
+  shared with the ``netem`` backend.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import logging
 import os
 import random
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -39,7 +39,8 @@ import numpy as np
 
 from channel.errors import ChannelError
 from channel.link import LinkCounters, LinkModel, LinkParameters
-from channel.netns import NetworkNamespace, entered, host_ip, open_connection_in, require_netns_support
+from channel.netns import NetworkNamespace, entered, host_ip, require_netns_support
+from channel.relay import NamespaceRelays
 
 logger = logging.getLogger("channel.tun")
 
@@ -53,7 +54,6 @@ SUBNET_COUNT = 512  # 198.18.0.0/30 … 198.19.255.0/30, one per third octet
 DEVICE_INTERFACE = "tun0"
 READ_BATCH_PACKETS = 256
 MAX_PACKET_BYTES = 65535
-RELAY_CHUNK_BYTES = 65536
 #: Python's epoll waits whole milliseconds (rounded up), so a timer fires 0–1 ms late; releasing
 #: copies up to this much before their time centres the delivery error on zero (±0.5 ms).
 TIMER_SLACK_S = 0.0005
@@ -241,85 +241,6 @@ class _PacketEmulator:
         self._arm()
 
 
-Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-
-
-class _TcpRelay:
-    """Accepts on (host, port) and splices each connection to the streams ``connect()`` returns."""
-
-    def __init__(self, name: str, host: str, connect: Connector, write_timeout_s: float) -> None:
-        self.name = name
-        self.host = host
-        self._connect = connect
-        self._write_timeout_s = write_timeout_s
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-        self.connections = 0
-        self.errors = 0
-        self.last_error: str | None = None
-
-    async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(self._accept, self.host, 0)
-        except OSError as error:
-            raise ChannelError(f"{self.name}: cannot listen on {self.host}: {error}") from error
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self, timeout_s: float) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
-        if server is not None:
-            try:
-                await asyncio.wait_for(server.wait_closed(), timeout_s)
-            except asyncio.TimeoutError:
-                logger.warning("%s: server did not close within %g s", self.name, timeout_s)
-
-    def _record_error(self, what: str, error: BaseException) -> None:
-        self.errors += 1
-        self.last_error = f"{what}: {type(error).__name__}: {error}"
-        logger.warning("%s: %s", self.name, self.last_error)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            try:
-                out_reader, out_writer = await self._connect()
-            except (ChannelError, OSError, asyncio.TimeoutError) as error:
-                self._record_error("cannot connect onward", error)
-                return
-            try:
-                await asyncio.gather(self._copy(reader, out_writer), self._copy(out_reader, writer))
-            finally:
-                out_writer.close()
-        except asyncio.CancelledError:
-            pass
-        except Exception as error:  # a background task must not fail silently
-            self._record_error("relaying failed", error)
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _copy(self, source: asyncio.StreamReader, destination: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(RELAY_CHUNK_BYTES):
-                destination.write(data)
-                await asyncio.wait_for(destination.drain(), self._write_timeout_s)
-            if destination.can_write_eof():
-                destination.write_eof()
-        except (ConnectionError, asyncio.TimeoutError) as error:
-            logger.info("%s: a side went away: %r", self.name, error)
-            destination.close()
-
-
 class TunLink:
     """One device's packet-level link: ``async with TunLink(host, port, downlink, uplink, seed) as link``.
 
@@ -369,8 +290,7 @@ class TunLink:
         self.device_address = ""
         self._fds: list[int] = []
         self._emulator: _PacketEmulator | None = None
-        self._forwarder: _TcpRelay | None = None
-        self._relay: _TcpRelay | None = None
+        self._relays: NamespaceRelays | None = None
 
     @property
     def downlink_counters(self) -> LinkCounters:
@@ -383,16 +303,17 @@ class TunLink:
     @property
     def broker_address(self) -> tuple[str, int]:
         """(host_address, port) reaching the broker from inside ``device_namespace``, through the link."""
-        if self._forwarder is None:
-            raise ChannelError(f"TunLink {self.name!r} is not running: use it inside 'async with'")
-        return self.host_address, self._forwarder.port
+        return self._running_relays().broker_address
 
     @property
     def address(self) -> tuple[str, int]:
         """(127.0.0.1, port) of the relay: connect here from the host namespace to cross the link."""
-        if self._relay is None:
+        return self._running_relays().address
+
+    def _running_relays(self) -> NamespaceRelays:
+        if self._relays is None or self._relays.relay is None:
             raise ChannelError(f"TunLink {self.name!r} is not running: use it inside 'async with'")
-        return "127.0.0.1", self._relay.port
+        return self._relays
 
     @property
     def error(self) -> BaseException | None:
@@ -403,9 +324,7 @@ class TunLink:
         self, timeout_s: float | None = None,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection from inside ``device_namespace`` to the broker, through the link."""
-        host, port = self.broker_address
-        return await open_connection_in(self.device_namespace, host, port,
-                                        self.connect_timeout_s if timeout_s is None else timeout_s)
+        return await self._running_relays().open_device_connection(timeout_s)
 
     async def __aenter__(self) -> TunLink:
         require_netns_support()
@@ -414,12 +333,10 @@ class TunLink:
             self._emulator = _PacketEmulator(self._fds[0], self._fds[1], self.downlink_model,
                                              self.uplink_model, self.counters, self.queue_limit_packets,
                                              self.name)
-            self._forwarder = _TcpRelay(f"{self.name} forwarder", self.host_address, self._connect_upstream,
-                                        self.write_timeout_s)
-            await self._forwarder.start()
-            self._relay = _TcpRelay(f"{self.name} relay", "127.0.0.1", self.open_device_connection,
-                                    self.write_timeout_s)
-            await self._relay.start()
+            self._relays = NamespaceRelays(self.name, self.upstream_host, self.upstream_port, self.host_address,
+                                           self.device_namespace, None, self.connect_timeout_s,
+                                           self.write_timeout_s)
+            await self._relays.start()
         except BaseException:
             await self.aclose()
             raise
@@ -451,18 +368,13 @@ class TunLink:
         host_ip("addr", "add", f"{self.host_address}/30", "dev", self.host_interface)
         host_ip("link", "set", "dev", self.host_interface, "up")
 
-    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(asyncio.open_connection(self.upstream_host, self.upstream_port),
-                                      self.connect_timeout_s)
-
     async def aclose(self) -> None:
         """Close relays, stop the emulator, remove both TUN devices and the namespace (each step runs)."""
         try:
-            for relay in (self._relay, self._forwarder):
-                if relay is not None:
-                    await relay.close(self.write_timeout_s)
+            if self._relays is not None:
+                await self._relays.close()
         finally:
-            self._relay = self._forwarder = None
+            self._relays = None
             if self._emulator is not None:
                 self._emulator.close()
             for fd in self._fds:  # closing a TUN fd removes its device

@@ -116,13 +116,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         description="Fidelity of the proxy link emulator (goodput, delay, loss vs configured) and its overhead.")
     bench_channel.add_argument("--quick", action="store_true", help="a few cases, under a minute")
     bench_channel.add_argument("--seed", type=int, default=1)
+    bench_channel.add_argument("--backend", choices=("proxy", "tun", "all"), default="all",
+                               help="link backend(s) to measure (default all; tun needs Linux and root)")
     bench_channel.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the `channel` or `bench` command parsed by ``add_commands``; returns the exit code."""
     if args.command == "bench":
-        arguments = ["--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        arguments = ["--seed", str(args.seed), "--backend", args.backend] + (["--quick"] if args.quick else [])
         return _run_bench(args.bench_name, arguments + ([] if args.json is None else ["--json", args.json]))
     try:
         downlink, uplink = _links(args)

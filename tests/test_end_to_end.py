@@ -187,3 +187,83 @@ async def test_run_through_the_packet_level_tun_backend(tmp_path: Path) -> None:
         assert state["final_version"] == 3 and state["hash_matches_server"]
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "tb-" not in namespaces
+
+
+def _require_netem_backend() -> None:
+    """Skip (fail when CI=true) unless this process can build NetemLinks: root, namespaces, tc."""
+    from channel.errors import ChannelError
+    from channel.netns import require_netns_support
+
+    try:
+        require_netns_support()
+    except ChannelError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the netem backend cannot run on CI: {error}")
+        pytest.skip(f"the netem backend needs root and network namespaces: {error}")
+
+
+def _run_link_namespaces() -> set[str]:
+    """The namespaces a netem run link (index 0) creates: tb-nh0-* and tb-nd0-*."""
+    from channel.netns import list_namespaces
+
+    return {name for name in list_namespaces() if name.startswith(("tb-nh0-", "tb-nd0-"))}
+
+
+@pytest.mark.slow
+async def test_run_through_the_netem_backend_with_a_rate_only_link(tmp_path: Path) -> None:
+    """channel.backend: netem — each device's MQTT connection crosses a veth shaped by htb (downlink on
+    egress, uplink via ifb), relayed from inside its device namespace; every device ends on the server's weights."""
+    _require_netem_backend()
+    before = _run_link_namespaces()
+    scenario = parse_scenario({
+        "name": "netem", "seed": 9, "rounds": 3,
+        "data": {"initial_samples": 300, "new_samples_per_round": 300},
+        "update": {"epochs": 5, "skip_if_worse": False},
+        "channel": {"backend": "netem", "downlink": {"rate": "1Mbit"}, "uplink": {"rate": "1Mbit"}},
+        "devices": [{"profile": "rpi4", "count": 1}, {"profile": "jetson-nano", "count": 1}],
+        "metrics": {"port": 0},
+    })
+    run = ScenarioRun(scenario, tmp_path / "out")
+    scrapes: list[str] = []
+
+    def scrape_after_each_round(event: str, data: dict[str, Any]) -> None:
+        if event == "round":
+            assert run.metrics_url is not None
+            scrapes.append(scrape(run.metrics_url))
+
+    run.progress = scrape_after_each_round
+    result = await run.execute()
+    assert result.summary["server"]["final_version"] == 3
+    for state in result.summary["devices"].values():
+        assert state["final_version"] == 3 and state["hash_matches_server"]
+    # the link metrics come from the qdiscs' counters: the downlink carried the updates
+    wire = metric_values(scrapes[-1], "testbed_link_wire_bytes_total")
+    downlink_wire = [value for labels, value in wire.items() if 'direction="downlink"' in labels]
+    assert len(downlink_wire) == 2 and all(value > 0 for value in downlink_wire)
+    assert _run_link_namespaces() <= before, "the netem links left namespaces behind"
+
+
+@pytest.mark.slow
+async def test_a_netem_run_needing_sch_netem_fails_fast_and_clearly(tmp_path: Path) -> None:
+    """A delay needs the netem qdisc; where the kernel lacks it the run stops at the first link, naming sch_netem."""
+    _require_netem_backend()
+    import time
+
+    from channel.netem import kernel_supports
+    from testbed.runner import RunError
+
+    if kernel_supports("netem"):
+        pytest.skip("this kernel has sch_netem, so a delayed netem link works here")
+    before = _run_link_namespaces()
+    scenario = parse_scenario({
+        "name": "netem-delay", "seed": 9, "rounds": 2,
+        "data": {"initial_samples": 300, "new_samples_per_round": 300},
+        "channel": {"backend": "netem", "downlink": {"rate": "1Mbit", "delay": "20ms"}},
+        "devices": [{"profile": "rpi4", "count": 2}],
+        "metrics": {"enabled": False},
+    })
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"channel backend 'netem' cannot open the link of .*sch_netem"):
+        await ScenarioRun(scenario, tmp_path / "out").execute()
+    assert time.monotonic() - started < 60.0
+    assert _run_link_namespaces() <= before, "the failed start left namespaces behind"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import math
 import os
@@ -21,6 +23,8 @@ from channel.netem import (
     ETHERNET_HEADER_BYTES,
     NO_NETEM_MESSAGE,
     NetemLink,
+    counters_from_link_stats,
+    counters_from_qdisc_stats,
     htb_overhead_bytes,
     kernel_supports,
     link_mtu_bytes,
@@ -147,11 +151,19 @@ def test_overhead_and_mtu_mapping() -> None:
 
 probability = st.floats(0.0, 0.999, allow_nan=False)
 seconds = st.floats(0.0, 5.0, allow_nan=False)
+def _gilbert_elliott_or_none(p: float, r: float, one_minus_h: float, one_minus_k: float) -> GilbertElliottLoss | None:
+    """The model, or None where GilbertElliottLoss refuses it (e.g. a chain that loses every packet)."""
+    try:
+        return GilbertElliottLoss(p, r, one_minus_h, one_minus_k)
+    except ChannelError:
+        return None
+
+
 loss_models = st.one_of(
     st.none(),
     st.builds(BernoulliLoss, probability),
-    st.builds(GilbertElliottLoss, st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
-              st.floats(0.0, 0.999)),
+    st.builds(_gilbert_elliott_or_none, st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
+              st.floats(0.0, 0.999)).filter(lambda model: model is not None),
 )
 
 
@@ -373,4 +385,109 @@ async def test_async_with_sets_up_htb_and_ifb_and_removes_everything(netns: None
     assert "mirred (Egress Redirect to device ifb-host0)" in filters
     assert "mtu 540 " in device_link and "gso_max_segs 1 " in device_link
     assert "198.19.41.2/24" in addresses
+    assert_removed(link)
+
+
+# --- counters (pure) --------------------------------------------------------------------------------
+
+
+def test_counters_come_from_the_root_qdisc_or_the_interface() -> None:
+    qdiscs = json.dumps([
+        {"kind": "htb", "handle": "2:", "parent": "1:1", "bytes": 5, "packets": 1, "drops": 9},
+        {"kind": "netem", "handle": "1:", "root": True, "bytes": 30280, "packets": 20, "drops": 3},
+    ])
+    counters = counters_from_qdisc_stats(qdiscs)
+    assert (counters.segments, counters.wire_bytes, counters.lost_segments) == (23, 30280, 3)
+    assert (counters.payload_bytes, counters.retransmissions, counters.queueing_delay_s) == (0, 0, 0.0)
+    assert counters_from_qdisc_stats("[]").segments == 0
+    link = json.dumps([{"ifname": "host0", "stats64": {"rx": {"bytes": 700, "packets": 7, "dropped": 1},
+                                                       "tx": {"bytes": 100, "packets": 2, "dropped": 0}}}])
+    assert (counters_from_link_stats(link, "rx").segments, counters_from_link_stats(link, "rx").wire_bytes) == (8, 700)
+    assert counters_from_link_stats(link, "tx").lost_segments == 0
+    with pytest.raises(ChannelError, match="cannot parse"):
+        counters_from_qdisc_stats("Sent 0 bytes")
+
+
+def test_run_backend_surface_needs_both_upstream_parts_and_a_running_link() -> None:
+    with pytest.raises(ChannelError, match="give both"):
+        NetemLink("127.0.0.1", None)
+    link = NetemLink("127.0.0.1", 1883, LinkParameters(1e6), LinkParameters(1e6), seed=3, name="dev-1")
+    with pytest.raises(ChannelError, match="not relaying: use it inside 'async with'"):
+        link.address  # noqa: B018
+
+
+# --- privileged: the relay path a run uses (127.0.0.1 → device namespace → veth → forwarder → broker) ----------
+
+
+async def _sink_server(reply: bytes) -> tuple[asyncio.Server, asyncio.Queue[tuple[int, str, float]]]:
+    """A 'broker' on 127.0.0.1: reports (bytes, sha256, goodput first to last byte) of what it got, then sends ``reply``."""
+    received: asyncio.Queue[tuple[int, str, float]] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        digest, total, first, first_size, last = hashlib.sha256(), 0, None, 0, 0.0
+        while data := await reader.read(65536):
+            last = loop.time()
+            if first is None:
+                first, first_size = last, len(data)
+            digest.update(data)
+            total += len(data)
+        await received.put((total, digest.hexdigest(), (total - first_size) * 8 / (last - first) if first else 0.0))
+        writer.write(reply)  # only then: the two directions do not compete (data vs the other's ACKs)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0), received
+
+
+async def test_bytes_cross_a_rate_only_netem_link_through_its_relay(netns: None) -> None:
+    """A client in this process connects to ``link.address``; bytes arrive intact both ways at htb's rate."""
+    downlink, uplink = LinkParameters(2_000_000), LinkParameters(1_000_000)
+    down_payload, up_payload = os.urandom(600_000), os.urandom(300_000)  # ~2.5 s each way
+    server, received = await _sink_server(down_payload)
+    loop = asyncio.get_running_loop()
+    link = NetemLink("127.0.0.1", server.sockets[0].getsockname()[1], downlink, uplink, seed=5, name="relay-test",
+                     index=51)
+    try:
+        async with link:
+            assert link.address[0] == "127.0.0.1" and link.broker_address[0] == link.host_address
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*link.address), 5)
+            writer.write(up_payload)
+            writer.write_eof()
+            up_total, up_digest, up_goodput = await asyncio.wait_for(received.get(), 15)
+            digest, total, first, first_size, last = hashlib.sha256(), 0, None, 0, 0.0
+            while data := await asyncio.wait_for(reader.read(65536), 10):
+                last = loop.time()
+                if first is None:
+                    first, first_size = last, len(data)
+                digest.update(data)
+                total += len(data)
+            writer.close()
+            down_counters, up_counters = link.downlink_counters, link.uplink_counters
+            mtu = link.mtu_bytes
+    finally:
+        server.close()
+    assert (total, digest.hexdigest()) == (len(down_payload), hashlib.sha256(down_payload).hexdigest())
+    assert (up_total, up_digest) == (len(up_payload), hashlib.sha256(up_payload).hexdigest())
+    assert first is not None
+    mss = mtu - 52  # Linux's TCP adds 12 B of timestamps to the 40 B of IPv4+TCP headers
+    for name, measured, params in (("downlink", (total - first_size) * 8 / (last - first), downlink),
+                                   ("uplink", up_goodput, uplink)):
+        expected = expected_goodput_bps(params, mss, mtu)
+        print(f"\n{name} through the relay: {measured / 1e6:.4f} Mbit/s vs {expected / 1e6:.4f} Mbit/s "
+              f"({measured / expected - 1:+.2%})")
+        assert measured == pytest.approx(expected, rel=0.05), name
+    # the root qdiscs counted the wire packets (htb on host0, htb on ifb-host0)
+    assert down_counters.wire_bytes > len(down_payload) and down_counters.segments > len(down_payload) // 1500
+    assert up_counters.wire_bytes > len(up_payload) and up_counters.segments > len(up_payload) // 1500
+    assert_removed(link)
+
+
+async def test_a_run_link_needing_netem_fails_at_start_naming_the_qdisc(netns: None) -> None:
+    if kernel_supports("netem"):
+        pytest.skip("this kernel has sch_netem; test_netem_delay_is_applied covers the positive path")
+    link = NetemLink("127.0.0.1", 1, LinkParameters(1e6, delay_s=0.02), LinkParameters(1e6), seed=1, index=52)
+    with pytest.raises(ChannelError, match=re.escape(NO_NETEM_MESSAGE)):
+        async with link:
+            pass
     assert_removed(link)

@@ -9,11 +9,13 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import numpy as np
 import pytest
 
 from channel.errors import ChannelError
-from channel.link import LinkParameters
+from channel.link import LinkModel, LinkParameters
 from channel.proxy import LinkProxy
+from channel.shared import SharedLink
 
 UNLIMITED = LinkParameters(rate_bps=None)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -254,3 +256,42 @@ async def test_fast_sender_is_held_back_to_the_link_rate() -> None:
         assert carried * 0.8 < taken <= carried + 32 * 1024 + 65536 + 1500
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_given_model_carries_the_connection() -> None:
+    cell = LinkParameters(rate_bps=400_000, delay_s=0.01)
+    downlink = SharedLink(cell, np.random.default_rng(1))
+    uplink = SharedLink(cell, np.random.default_rng(2))
+    payload = os.urandom(20_000)
+    async with tcp_server(echo) as port:
+        proxies = [LinkProxy("127.0.0.1", port, name=name, downlink_model=downlink.flow(name),
+                             uplink_model=uplink.flow(name)) for name in ("a", "b")]
+        async with proxies[0], proxies[1]:
+            assert proxies[0].downlink is cell and proxies[0].uplink is cell
+
+            async def exchange(proxy: LinkProxy) -> bytes:
+                reader, writer = await asyncio.open_connection(*proxy.address)
+                writer.write(payload)
+                received = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+                writer.close()
+                await writer.wait_closed()
+                return received
+
+            assert await asyncio.gather(*(exchange(proxy) for proxy in proxies)) == [payload, payload]
+    for name, proxy in zip("ab", proxies):
+        assert proxy.downlink_counters is downlink.flow_counters(name)
+        assert proxy.uplink_counters.payload_bytes == proxy.downlink_counters.payload_bytes == len(payload)
+        assert proxy.errors == 0
+    assert downlink.counters.payload_bytes == 2 * len(payload)
+
+
+def test_model_and_parameters_for_one_direction_are_rejected() -> None:
+    model = LinkModel(UNLIMITED, np.random.default_rng(0))
+    with pytest.raises(ChannelError, match="downlink or downlink_model"):
+        LinkProxy("127.0.0.1", 1, UNLIMITED, UNLIMITED, seed=0, downlink_model=model)
+    with pytest.raises(ChannelError, match="uplink"):
+        LinkProxy("127.0.0.1", 1, downlink_model=model)
+    with pytest.raises(ChannelError, match="seed"):
+        LinkProxy("127.0.0.1", 1, uplink=UNLIMITED, downlink_model=model)
+    proxy = LinkProxy("127.0.0.1", 1, uplink=UNLIMITED, seed=4, downlink_model=model)
+    assert proxy.downlink_model is model and proxy.downlink is UNLIMITED

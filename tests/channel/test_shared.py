@@ -100,3 +100,57 @@ def test_bad_segment_is_rejected() -> None:
     link = SharedLink(LinkParameters(rate_bps=None), np.random.default_rng(0))
     with pytest.raises(ChannelError, match="segment size"):
         link.transmit("a", 0.0, 2000)
+
+
+def test_shared_flow_is_one_flow_of_the_shared_link() -> None:
+    params = LinkParameters(rate_bps=1_000_000, delay_s=0.02, loss=0.05)
+    direct = SharedLink(params, np.random.default_rng(9))
+    shared = SharedLink(params, np.random.default_rng(9))
+    flows = {"a": shared.flow("a"), "b": shared.flow("b")}
+    assert flows["a"].params is params and flows["a"].flow_id == "a"
+    for i in range(400):
+        flow = "ab"[i % 2]
+        assert flows[flow].transmit(i * 0.001, 1000) == direct.transmit(flow, i * 0.001, 1000)
+    assert flows["a"].last_delivery_s == direct.last_delivery_s("a")
+    assert flows["a"].shared_counters is shared.counters
+
+
+def test_flow_counters_are_per_flow_and_add_up_to_the_shared_ones() -> None:
+    params = LinkParameters(rate_bps=500_000, delay_s=0.01, loss=0.1)
+    shared = SharedLink(params, np.random.default_rng(2))
+    a, b = shared.flow("a"), shared.flow("b")
+    for i in range(300):
+        a.transmit(i * 0.002, 1460)
+        if i % 3 == 0:
+            b.transmit(i * 0.002, 500)
+    assert a.counters.segments == 300 and b.counters.segments == 100
+    assert a.counters.payload_bytes == 300 * 1460 and b.counters.payload_bytes == 100 * 500
+    assert a.counters.lost_segments > 0 and b.counters.lost_segments > 0
+    total = shared.counters
+    for name in ("segments", "payload_bytes", "wire_bytes", "lost_segments", "retransmissions"):
+        assert getattr(a.counters, name) + getattr(b.counters, name) == getattr(total, name), name
+    assert a.counters.queueing_delay_s + b.counters.queueing_delay_s == pytest.approx(total.queueing_delay_s)
+    assert shared.flow_payload_bytes == {"a": 300 * 1460, "b": 100 * 500}
+
+
+def test_new_stream_resets_only_that_flows_in_order_hold_back() -> None:
+    params = LinkParameters(rate_bps=None, delay_s=0.01, loss=0.5)
+    shared = SharedLink(params, ScriptedRng([0.0]))  # type: ignore[arg-type]  # a's first attempt lost
+    a, b = shared.flow("a"), shared.flow("b")
+    held = a.transmit(0.0, 100)  # delivered after an RTO
+    assert held > 0.2
+    b_first = b.transmit(0.0, 100)
+    assert a.transmit(0.001, 100) == held  # in order behind the retransmission
+    a.new_stream(0.002)
+    assert a.transmit(0.002, 100) == pytest.approx(0.012)  # the new connection is not held back
+    assert b.last_delivery_s == b_first  # b's stream untouched
+    assert b.transmit(0.003, 100) == pytest.approx(0.013)
+
+
+def test_shared_outages_reach_every_flow() -> None:
+    params = LinkParameters(rate_bps=None, outages=({"at_s": 1.0, "duration_s": 2.0},))
+    shared = SharedLink(params, np.random.default_rng(0))
+    a, b = shared.flow("a"), shared.flow("b")
+    a.transmit(0.0, 100)  # the outage timeline starts at the link's first use
+    assert a.outage_at(1.5) == b.outage_at(1.5) == (1.0, 3.0)
+    assert b.outage_at(0.5) is None
