@@ -1,19 +1,23 @@
-"""From the scenario's channel section to the link models' parameters (profiles, overrides, traces)."""
+"""From the scenario's channel section to link parameters (profiles, overrides, traces, cells) and each device's link."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from channel.errors import ChannelError
 from channel.link import LinkParameters
 from channel.proxy import LinkProxy
 from channel.loss import GilbertElliottLoss
 from channel.outage import RandomOutages, ScheduledOutage
 from channel.profiles import PROFILES
+from channel.shared import SharedLink
 from channel.trace import load_trace
 
 if TYPE_CHECKING:
-    from testbed.scenario import ChannelSpec, LinkSpec
+    from testbed.scenario import CellSpec, ChannelSpec, LinkSpec
 
 
 def link_parameters(spec: LinkSpec | None, profile: LinkParameters | None) -> LinkParameters:
@@ -56,7 +60,62 @@ def resolve_links(channel: ChannelSpec) -> tuple[LinkParameters, LinkParameters]
     )
 
 
-LINK_BACKENDS = ("proxy", "tun")
+def resolve_cell_links(channel: ChannelSpec, cell: CellSpec) -> tuple[LinkParameters, LinkParameters]:
+    """(downlink, uplink) of a cell's shared bottleneck: the cell's profile and directions, else the channel's."""
+    profile_name = cell.profile or channel.profile
+    profile = PROFILES[profile_name] if profile_name else None
+    downlink = cell.downlink if cell.downlink is not None else channel.downlink
+    uplink = cell.uplink if cell.uplink is not None else channel.uplink
+    return (
+        link_parameters(downlink, profile.downlink if profile else None),
+        link_parameters(uplink, profile.uplink if profile else None),
+    )
+
+
+class DeviceLinks:
+    """Each device's emulated link for one run: its own link, or a flow of its cell's shared bottleneck.
+
+    Builds one SharedLink per cell and direction (seeded from ``seed`` and the cell's index);
+    ``open(device_id, ...)`` gives the device's link (an async context manager exposing ``.address``
+    and ``downlink_counters``/``uplink_counters``; for a cell member, its own flow's counters).
+    """
+
+    def __init__(self, channel: ChannelSpec, seed: int) -> None:
+        self.channel = channel
+        self.default = resolve_links(channel)
+        self._cells: dict[str, tuple[str, SharedLink, SharedLink]] = {}
+        for index, cell in enumerate(channel.cells):
+            downlink, uplink = resolve_cell_links(channel, cell)
+            shared = (cell.name, SharedLink(downlink, np.random.default_rng([seed, 2, index, 0])),
+                      SharedLink(uplink, np.random.default_rng([seed, 2, index, 1])))
+            self._cells.update(dict.fromkeys(cell.devices, shared))
+
+    def cell_of(self, device_id: str) -> str | None:
+        """Name of the cell ``device_id`` is in, or None if it has a link of its own."""
+        cell = self._cells.get(device_id)
+        return None if cell is None else cell[0]
+
+    def parameters(self, device_id: str) -> tuple[LinkParameters, LinkParameters]:
+        """(downlink, uplink) parameters of the link ``device_id`` is behind."""
+        cell = self._cells.get(device_id)
+        return self.default if cell is None else (cell[1].params, cell[2].params)
+
+    def open(self, device_id: str, upstream: tuple[str, int], seed: int) -> Any:
+        """``device_id``'s link to ``upstream``; ``seed`` seeds a link of its own (unused in a cell)."""
+        cell = self._cells.get(device_id)
+        if cell is None:
+            downlink, uplink = self.default
+            return open_link(self.channel.backend, upstream, downlink, uplink, seed=seed, name=device_id,
+                             reset_after_s=self.channel.reset_after_s)
+        if self.channel.backend != "proxy":  # the scenario rejects this; a guard for direct use
+            raise ChannelError(f"cell {cell[0]!r}: shared links need the 'proxy' backend, "
+                               f"not {self.channel.backend!r}")
+        host, port = upstream
+        return LinkProxy(host, port, name=device_id, outage_reset_after_s=self.channel.reset_after_s,
+                         downlink_model=cell[1].flow(device_id), uplink_model=cell[2].flow(device_id))
+
+
+LINK_BACKENDS = ("proxy", "tun", "netem")
 
 
 def open_link(backend: str, upstream: tuple[str, int], downlink: LinkParameters, uplink: LinkParameters,
@@ -75,4 +134,8 @@ def open_link(backend: str, upstream: tuple[str, int], downlink: LinkParameters,
         from channel.tun import TunLink
 
         return TunLink(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name)
+    if backend == "netem":  # the kernel's tc (htb, netem, ifb) on a veth between two namespaces (Linux, root)
+        from channel.netem import NetemLink
+
+        return NetemLink(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name)
     raise ValueError(f"unknown channel backend {backend!r}; choose one of {', '.join(LINK_BACKENDS)}")

@@ -16,6 +16,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from channel.errors import ChannelError
 from devices.agent import DeviceAgent, DeviceConfig
 from devices.fleet import EmulatedFleet
 from devices.profiles import get_device_profile
@@ -26,7 +27,7 @@ from testbed.metrics import MetricsExporter, PushError, RunMetrics, push_metrics
 from testbed.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.publisher import UpdatePublisher
 from testbed.results import ResultsWriter
-from testbed.links import open_link, resolve_links
+from testbed.links import DeviceLinks
 from testbed.scenario import Scenario
 from testbed.topics import Topics
 from testbed.wire import encode_full_model, weights_hash
@@ -140,7 +141,8 @@ class ScenarioRun:
         scenario = self.scenario
         self.progress("preparing", {"run_id": self.run_id})
         server = await asyncio.to_thread(UpdateServer, scenario)
-        downlink, uplink = resolve_links(scenario.channel)
+        links = DeviceLinks(scenario.channel, scenario.seed)
+        downlink, uplink = links.default
         async with AsyncExitStack() as stack:
             results = stack.enter_context(ResultsWriter(self.out_dir))
             results.write_scenario(scenario)
@@ -152,15 +154,17 @@ class ScenarioRun:
                 self.metrics_url = exporter.url
             agents = []
             for index, (device_id, profile_name) in enumerate(self.profiles.items()):
-                link = await stack.enter_async_context(open_link(
-                    scenario.channel.backend, (endpoint.host, endpoint.port), downlink, uplink,
-                    seed=derived_seed(scenario.seed, 1, index), name=device_id,
-                    reset_after_s=scenario.channel.reset_after_s,
-                ))
+                try:
+                    link = await stack.enter_async_context(links.open(
+                        device_id, (endpoint.host, endpoint.port), seed=derived_seed(scenario.seed, 1, index)))
+                except ChannelError as error:  # e.g. a kernel without sch_netem: one clear line, not a traceback
+                    raise RunError(f"channel backend {scenario.channel.backend!r} cannot open the link of "
+                                   f"{device_id}: {error}") from error
                 self.metrics.add_device(device_id, profile_name, link)
                 inference = TorchInference(server.build_device_model(), server.device_test_split(index))
-                config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
-                                      init_seed=server.seed)
+                device_downlink, device_uplink = links.parameters(device_id)
+                config = DeviceConfig(device_id, get_device_profile(profile_name), device_downlink.rate_bps,
+                                      device_uplink.rate_bps, init_seed=server.seed)
                 agents.append(DeviceAgent(config, self.topics, endpoint.via(*link.address), inference))
             control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
             messages = _DeviceMessages(self.topics, self._record_status)

@@ -163,14 +163,57 @@ class LinkSpec(_Model):
         return self
 
 
-class ChannelSpec(_Model):
-    """The emulated link between the broker and each device."""
+CELL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
-    backend: Literal["proxy", "tun"] = "proxy"
+
+class CellSpec(_Model):
+    """Devices behind one shared bottleneck per direction (a radio cell), instead of a link each.
+
+    The cell's link is described like the channel's: ``profile`` (else the channel's), and per
+    direction ``downlink``/``uplink`` (else the channel's) over it.
+    """
+
+    name: str = Field(pattern=CELL_NAME_PATTERN)
+    devices: list[str]
+    profile: str | None = None
+    downlink: LinkSpec | None = None
+    uplink: LinkSpec | None = None
+
+    @field_validator("devices")
+    @classmethod
+    def _some_distinct_devices(cls, devices: list[str]) -> list[str]:
+        if not devices:
+            raise ValueError("a cell needs at least one device id")
+        repeated = sorted({device_id for device_id in devices if devices.count(device_id) > 1})
+        if repeated:
+            raise ValueError(f"device {repeated[0]!r} is listed twice in this cell")
+        return devices
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, name: str | None) -> str | None:
+        return _known_channel_profile(name)
+
+
+def _known_channel_profile(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from channel.profiles import PROFILES
+
+    if name not in PROFILES:
+        raise ValueError(f"unknown channel profile {name!r}; choose one of {', '.join(sorted(PROFILES))}")
+    return name
+
+
+class ChannelSpec(_Model):
+    """The emulated link between the broker and each device (or each cell of devices, see CellSpec)."""
+
+    backend: Literal["proxy", "tun", "netem"] = "proxy"
     profile: str | None = None
     downlink: LinkSpec | None = None
     uplink: LinkSpec | None = None
     reset_after_s: DurationSeconds | None = Field(10.0, alias="reset_after")
+    cells: list[CellSpec] = Field(default_factory=list)
 
     @field_validator("reset_after_s")
     @classmethod
@@ -182,23 +225,29 @@ class ChannelSpec(_Model):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, name: str | None) -> str | None:
-        if name is None:
-            return None
-        from channel.profiles import PROFILES
-
-        if name not in PROFILES:
-            raise ValueError(f"unknown channel profile {name!r}; choose one of {', '.join(sorted(PROFILES))}")
-        return name
+        return _known_channel_profile(name)
 
     @model_validator(mode="after")
     def _links_buildable(self) -> ChannelSpec:
         from channel.errors import ChannelError
-        from testbed.links import resolve_links
+        from testbed.links import resolve_cell_links, resolve_links
 
         try:
             resolve_links(self)
         except ChannelError as error:
             raise ValueError(str(error)) from None
+        for index, cell in enumerate(self.cells):
+            try:
+                resolve_cell_links(self, cell)
+            except ChannelError as error:
+                raise ValueError(f"cells.{index} ({cell.name!r}): {error}") from None
+        names = [cell.name for cell in self.cells]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"cell name {repeated[0]!r} appears twice; give each cell its own name")
+        if self.cells and self.backend != "proxy":
+            raise ValueError(f"cells (shared links) need backend 'proxy', not {self.backend!r}; "
+                             "use backend: proxy or remove channel.cells")
         return self
 
 
@@ -330,6 +379,22 @@ class Scenario(_Model):
             seen.add(device_id)
         return devices
 
+    @model_validator(mode="after")
+    def _cells_hold_known_devices_once(self) -> Scenario:
+        known = self.device_ids()
+        cell_of: dict[str, int] = {}
+        for index, cell in enumerate(self.channel.cells):
+            for device_id in cell.devices:
+                where = f"channel.cells.{index}.devices"
+                if device_id not in known:
+                    raise ValueError(f"{where}: {device_id!r} is not a device of this scenario "
+                                     f"(its devices: {', '.join(known)})")
+                if device_id in cell_of:
+                    raise ValueError(f"{where}: device {device_id!r} is already in cell "
+                                     f"channel.cells.{cell_of[device_id]}; a device can be in one cell only")
+                cell_of[device_id] = index
+        return self
+
     def device_ids(self) -> list[str]:
         """Every device id of the run, in scenario order."""
         return [device_id for group in self.devices for device_id in group.device_ids()]
@@ -358,7 +423,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown field"
         value = detail.get("input")
         shown = "" if detail["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {location}: {message}{shown}")
+        # a whole-scenario check names its own field path in the message
+        lines.append(f"  {location}: {message}{shown}" if detail["loc"] else f"  {message}")
     return "\n".join(lines)
 
 

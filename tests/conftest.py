@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -29,6 +29,23 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def missing_requirement(message: str) -> NoReturn:
+    """Skip a test whose tool or privilege is missing on this machine; in CI (CI=true) fail instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def debian_tool(binary: str, package: str | None = None) -> str:
+    """Path of a program the tests need from a Debian package (`make test-services` installs them)."""
+    found = shutil.which(binary) or next(
+        (path for path in (f"/usr/bin/{binary}", f"/usr/sbin/{binary}") if Path(path).exists()), None)
+    if found is None:
+        missing_requirement(f"{binary} is not installed: run `make test-services` "
+                            f"(installs the Debian package {package or binary})")
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from tests.conftest import free_port
+from tests.conftest import debian_tool, free_port
 from testbed.cli import main
 from testbed.metrics import RunMetrics
 from testbed.runner import ScenarioRun
@@ -133,13 +132,7 @@ def test_monitoring_command_says_where_to_look(capsys: pytest.CaptureFixture[str
 # --- a real Prometheus against a live run --------------------------------------------------------------------
 
 def prometheus_binary() -> str:
-    binary = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
-    if binary is None:
-        message = "prometheus is not installed: run `make test-services` (installs the Debian package prometheus)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return debian_tool("prometheus")
 
 
 def api(base: str, path: str, **params: str) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -13,17 +11,11 @@ import pytest
 
 from testbed.runner import ScenarioRun
 from testbed.scenario import ScenarioError, parse_scenario
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import debian_tool, free_port, wait_for_port
 
 
 def pushgateway_binary() -> str:
-    binary = shutil.which("prometheus-pushgateway")
-    if binary is None:
-        message = "prometheus-pushgateway is not installed: run `make test-services` (Debian package)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return debian_tool("prometheus-pushgateway")
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 
 from testbed.cli import main
 from testbed.report import PLOTS, ReportError, load_run, write_report
+from tests.conftest import debian_tool
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -142,13 +141,7 @@ def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def chromium_binary() -> str:
-    binary = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if binary is None:
-        message = "chromium is not installed: run `make test-services` (installs the Debian package chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return debian_tool("chromium")
 
 
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
