@@ -55,7 +55,7 @@ from channel.netns import (
     run_command,
     unique_name,
 )
-from channel.relay import NamespaceRelays
+from channel.relay import NamespaceRelays, RelayedLink
 
 logger = logging.getLogger("channel.netem")
 
@@ -140,7 +140,7 @@ def counters_from_link_stats(text: str, side: Literal["tx", "rx"]) -> LinkCounte
     return LinkCounters(segments=packets + dropped, wire_bytes=int(stats.get("bytes", 0)), lost_segments=dropped)
 
 
-class NetemLink:
+class NetemLink(RelayedLink):
     """Two namespaces joined by veth, with the downlink on the host veth's egress and the uplink on its ingress.
 
     Two ways to use it:
@@ -189,27 +189,8 @@ class NetemLink:
 
     # --- the run-backend surface (same as TunLink) ------------------------------------------------
 
-    @property
-    def address(self) -> tuple[str, int]:
-        """(127.0.0.1, port) of the relay: connect here from this process's namespace to cross the link."""
-        return self._running_relays().address
-
-    @property
-    def broker_address(self) -> tuple[str, int]:
-        """(host_address, port) of the forwarder: where a program in ``device_namespace`` reaches the broker."""
-        return self._running_relays().broker_address
-
-    async def open_device_connection(
-        self, timeout_s: float | None = None,
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A TCP connection from inside ``device_namespace`` to the broker, through the link."""
-        return await self._running_relays().open_device_connection(timeout_s)
-
-    def _running_relays(self) -> NamespaceRelays:
-        if self._relays is None or self._relays.relay is None:
-            how = "" if self.upstream_host is not None else " and give upstream_host/upstream_port"
-            raise ChannelError(f"NetemLink {self.name!r} is not relaying: use it inside 'async with'{how}")
-        return self._relays
+    def _not_running_hint(self) -> str:
+        return "" if self.upstream_host is not None else " and give upstream_host/upstream_port"
 
     @property
     def downlink_counters(self) -> LinkCounters:

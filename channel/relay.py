@@ -197,3 +197,38 @@ class NamespaceRelays:
 
 
 __all__ = ["RELAY_CHUNK_BYTES", "Connector", "NamespaceRelays", "TcpRelay"]
+
+
+class RelayedLink:
+    """What a run uses of a link whose device side lives in a network namespace (tun, netem):
+    the relay address devices connect to, and the forwarder address inside the namespace."""
+
+    name: str
+    _relays: NamespaceRelays | None
+
+    def _not_running_hint(self) -> str:
+        """Extra advice for the not-running error (a subclass may know why it has no relays)."""
+        return ""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(127.0.0.1, port) of the relay: connect here from this process's namespace to cross the link."""
+        return self._running_relays().address
+
+    @property
+    def broker_address(self) -> tuple[str, int]:
+        """(host_address, port) of the forwarder: where a program in the device namespace reaches the broker."""
+        return self._running_relays().broker_address
+
+    async def open_device_connection(
+        self, timeout_s: float | None = None,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection from inside the device namespace to the broker, through the link."""
+        return await self._running_relays().open_device_connection(timeout_s)
+
+    def _running_relays(self) -> NamespaceRelays:
+        if self._relays is None or self._relays.relay is None:
+            raise ChannelError(f"{type(self).__name__} {self.name!r} is not running: use it inside "
+                               f"'async with'{self._not_running_hint()}")
+        return self._relays
+

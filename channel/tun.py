@@ -40,7 +40,7 @@ import numpy as np
 from channel.errors import ChannelError
 from channel.link import LinkCounters, LinkModel, LinkParameters
 from channel.netns import NetworkNamespace, entered, host_ip, require_netns_support
-from channel.relay import NamespaceRelays
+from channel.relay import NamespaceRelays, RelayedLink
 
 logger = logging.getLogger("channel.tun")
 
@@ -241,7 +241,7 @@ class _PacketEmulator:
         self._arm()
 
 
-class TunLink:
+class TunLink(RelayedLink):
     """One device's packet-level link: ``async with TunLink(host, port, downlink, uplink, seed) as link``.
 
     Same constructor shape as ``LinkProxy``; ``address`` is where an MQTT client in this process
@@ -301,30 +301,9 @@ class TunLink:
         return self.uplink_model.counters
 
     @property
-    def broker_address(self) -> tuple[str, int]:
-        """(host_address, port) reaching the broker from inside ``device_namespace``, through the link."""
-        return self._running_relays().broker_address
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """(127.0.0.1, port) of the relay: connect here from the host namespace to cross the link."""
-        return self._running_relays().address
-
-    def _running_relays(self) -> NamespaceRelays:
-        if self._relays is None or self._relays.relay is None:
-            raise ChannelError(f"TunLink {self.name!r} is not running: use it inside 'async with'")
-        return self._relays
-
-    @property
     def error(self) -> BaseException | None:
         """The emulator's first failure (it keeps running past model errors), or None."""
         return self._emulator.error if self._emulator is not None else None
-
-    async def open_device_connection(
-        self, timeout_s: float | None = None,
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A TCP connection from inside ``device_namespace`` to the broker, through the link."""
-        return await self._running_relays().open_device_connection(timeout_s)
 
     async def __aenter__(self) -> TunLink:
         require_netns_support()

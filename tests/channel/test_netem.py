@@ -412,7 +412,7 @@ def test_run_backend_surface_needs_both_upstream_parts_and_a_running_link() -> N
     with pytest.raises(ChannelError, match="give both"):
         NetemLink("127.0.0.1", None)
     link = NetemLink("127.0.0.1", 1883, LinkParameters(1e6), LinkParameters(1e6), seed=3, name="dev-1")
-    with pytest.raises(ChannelError, match="not relaying: use it inside 'async with'"):
+    with pytest.raises(ChannelError, match="not running: use it inside 'async with'"):
         link.address  # noqa: B018
 
 
