@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -25,10 +24,9 @@ from server.strategies import (
     should_send,
 )
 from testbed import wire
-from testbed.initial_weights import initial_weights, layout_of
 
 if TYPE_CHECKING:
-    from testbed.scenario import Scenario, UpdateSpec
+    from testbed.scenario import Scenario
 
 
 @dataclass
@@ -61,51 +59,6 @@ class RoundOutcome:
     """The encoded update (scenario index/value codecs); empty when nothing was sent."""
 
 
-def _accepts(function: Callable[..., Any], parameter: str) -> bool:
-    return parameter in inspect.signature(function).parameters
-
-
-def _value_codec_arguments(function: Callable[..., Any], spec: UpdateSpec) -> dict[str, str]:
-    """`value_codec=…` when the wire encoder knows it; fp32 works with any wire version."""
-    if _accepts(function, "value_codec"):
-        return {"value_codec": spec.value_codec}
-    if spec.value_codec != "fp32":
-        raise ServerError(f"value codec {spec.value_codec!r} is not supported by this testbed.wire; use fp32")
-    return {}
-
-
-def encode_full_snapshot(weights: WeightDict, target_version: int, spec: UpdateSpec) -> bytes:
-    """Every weight, applicable to any base (round 0 and `full`)."""
-    return wire.encode_full_model(weights, target_version, **_value_codec_arguments(wire.encode_full_model, spec))
-
-
-def encode_sparse_snapshot(weights: WeightDict, target_version: int, spec: UpdateSpec) -> bytes:
-    """A model whose unsent partial entries are zero (pruning); a full snapshot where the wire lacks the codec."""
-    encoder = getattr(wire, "encode_sparse_snapshot", None)
-    if encoder is None:
-        return encode_full_snapshot(weights, target_version, spec)
-    return encoder(weights, target_version, index_codec=spec.index_codec, **_value_codec_arguments(encoder, spec))
-
-
-def encode_partial_update(
-    base: WeightDict, target: WeightDict, base_version: int, target_version: int, spec: UpdateSpec
-) -> bytes:
-    """The positions where `target` differs from `base`, plus every always-sent tensor."""
-    return wire.encode_update(
-        base, target, base_version, target_version,
-        index_codec=spec.index_codec, **_value_codec_arguments(wire.encode_update, spec),
-    )
-
-
-def held_weights_after(base: WeightDict, payload: bytes) -> WeightDict:
-    """What a device holding `base` (the payload's base, or anything for a snapshot) ends with."""
-    held = getattr(wire, "held_weights_after", None)
-    if held is not None:
-        return dict(held(base, payload))
-    decoded = wire.decode_update(payload)
-    return wire.apply_update(base, decoded.header.base_version, decoded)
-
-
 class UpdateServer:
     """Trains the initial deployment (round 0 → version 1), then one version per round that sends something."""
 
@@ -127,15 +80,8 @@ class UpdateServer:
 
     def build_device_model(self) -> nn.Module:
         """A fresh model of the served architecture holding w⁰ (testbed.initial_weights from the seed)."""
-        arguments: dict[str, Any] = {}
-        input_shape = getattr(self.arrival, "input_shape", None)
-        if input_shape is not None and _accepts(build_model, "input_shape"):
-            arguments["input_shape"] = input_shape
-        model = build_model(
-            self.scenario.model, self.arrival.num_features, self.arrival.num_classes, self.seed, **arguments
-        )
-        set_weights(model, initial_weights(layout_of(get_weights(model)), self.seed))
-        return model
+        return build_model(self.scenario.model, self.arrival.num_features, self.arrival.num_classes, self.seed,
+                           input_shape=self.arrival.input_shape)
 
     def device_test_split(self, device_index: int) -> Split:
         """The local test data of device number `device_index`."""
@@ -192,7 +138,7 @@ class UpdateServer:
             self.size_at_last_init = len(train)
         target_version = self.version + 1
         base_version, payload = self._encode(result, start, reinitialised, previous is None, target_version)
-        held = held_weights_after(start, payload)
+        held = wire.held_weights_after(start, payload)
         set_weights(self.model, held)
         validation_accuracy = evaluate_accuracy(self.model, self.arrival.validation)
         sent = not (
@@ -236,8 +182,10 @@ class UpdateServer:
         """(base version, payload) for a strategy result: a snapshot, or an update relative to w⁰ / the deployed."""
         spec = self.scenario.update
         if first or result.snapshot == "full":
-            return None, encode_full_snapshot(result.weights, target_version, spec)
+            return None, wire.encode_full_model(result.weights, target_version, value_codec=spec.value_codec)
         if result.snapshot == "sparse":
-            return None, encode_sparse_snapshot(result.weights, target_version, spec)
+            return None, wire.encode_sparse_snapshot(result.weights, target_version, index_codec=spec.index_codec,
+                                                     value_codec=spec.value_codec)
         base_version = 0 if reinitialised else self.version
-        return base_version, encode_partial_update(start, result.weights, base_version, target_version, spec)
+        return base_version, wire.encode_update(start, result.weights, base_version, target_version,
+                                                index_codec=spec.index_codec, value_codec=spec.value_codec)
