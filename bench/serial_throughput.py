@@ -6,45 +6,24 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 import tty
 
-from devices.serial_framing import MessageType, framing_overhead_bytes
-from devices.serial_link import SerialLink, line_rate_bytes_per_s
+from devices.serial_framing import framing_overhead_bytes
+from devices.serial_link import PacedThroughput, SerialLink, line_rate_bytes_per_s, measure_paced_throughput
 
 TOLERANCE = 0.05
 
 
-async def measure(baud: int, payload_bytes: int, count: int) -> tuple[float, float, float]:
-    """(net line rate, sender rate, receiver rate) in payload bytes per second."""
+async def measure(baud: int, payload_bytes: int, count: int) -> PacedThroughput:
+    """Both ends of a real pty, opened as the host and a board would."""
     master, slave = os.openpty()
     tty.setraw(slave)
-    path = os.ttyname(slave)
-    payload = bytes(1 + index % 255 for index in range(payload_bytes))
-    expected = line_rate_bytes_per_s(baud) * payload_bytes / (payload_bytes + framing_overhead_bytes(payload_bytes))
-    arrivals: list[float] = []
     try:
-        async with SerialLink.from_fd(master, baud=baud) as host, await SerialLink.open(path, baud=baud) as board:
-
-            async def receive_all() -> None:
-                async for frame in board.frames():
-                    if frame.payload != payload:
-                        raise RuntimeError("a frame arrived changed")
-                    arrivals.append(time.perf_counter())
-                    if len(arrivals) == count:
-                        return
-
-            receiver = asyncio.create_task(receive_all())
-            started = time.perf_counter()
-            for _ in range(count):
-                await host.send_message(MessageType.UPDATE_CHUNK, payload)
-            sender_seconds = time.perf_counter() - started
-            await asyncio.wait_for(receiver, 60)
+        async with SerialLink.from_fd(master, baud=baud) as host, \
+                await SerialLink.open(os.ttyname(slave), baud=baud) as board:
+            return await measure_paced_throughput(host, board, payload_bytes, count)
     finally:
         os.close(slave)
-    sender_rate = count * payload_bytes / sender_seconds
-    receiver_rate = (count - 1) * payload_bytes / (arrivals[-1] - arrivals[0])
-    return expected, sender_rate, receiver_rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     frame_seconds = (args.payload + framing_overhead_bytes(args.payload)) / line_rate_bytes_per_s(args.baud)
     count = max(3, int(args.seconds / frame_seconds))
-    expected, sender, receiver = asyncio.run(measure(args.baud, args.payload, count))
+    measured = asyncio.run(measure(args.baud, args.payload, count))
+    expected, sender, receiver = measured.net_line_rate, measured.sender, measured.receiver
     print(f"# bench/serial_throughput.py: {count} frames of {args.payload} B over a pty at {args.baud} baud 8N1")
     print(f"# rerun: python bench/serial_throughput.py --baud {args.baud} --payload {args.payload}")
     print(f"reference: line rate {line_rate_bytes_per_s(args.baud):.0f} B/s, net of framing "

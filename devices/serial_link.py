@@ -6,7 +6,9 @@ import asyncio
 import errno
 import os
 import termios
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -21,6 +23,7 @@ from devices.serial_framing import (
     MessageType,
     SerialFrameError,
     encode_frame,
+    framing_overhead_bytes,
 )
 
 BITS_PER_BYTE_8N1 = 10  # start bit + 8 data bits + stop bit
@@ -280,3 +283,49 @@ class SerialLink:
         await asyncio.wait([self._pump])
         self.transport.close()
         self._finish_queue()
+
+
+@dataclass(frozen=True)
+class PacedThroughput:
+    """Payload bytes per second a paced transfer reached, next to the line rate net of framing."""
+
+    net_line_rate: float
+    sender: float
+    receiver: float
+
+
+async def measure_paced_throughput(host: SerialLink, board: SerialLink, payload_bytes: int,
+                                   count: int) -> PacedThroughput:
+    """Send `count` update-chunk frames from `host` to `board` (two ends of one line) and time both sides.
+
+    The sender rate counts from the first send to the last; the receiver rate from the first arrival to
+    the last, so it does not depend on when the receiver started listening.
+    """
+    if count < 2:
+        raise SerialLinkError(f"count={count} is too small: the receiver rate needs at least two frames")
+    payload = bytes(1 + index % 255 for index in range(payload_bytes))
+    net_line_rate = (line_rate_bytes_per_s(host.baud) * payload_bytes
+                     / (payload_bytes + framing_overhead_bytes(payload_bytes)))
+    arrivals: list[float] = []
+
+    async def receive_all() -> None:
+        async for frame in board.frames():
+            if frame.payload != payload:
+                raise SerialLinkError(f"frame {len(arrivals)} arrived changed")
+            arrivals.append(time.perf_counter())
+            if len(arrivals) == count:
+                return
+
+    receiver = asyncio.create_task(receive_all())
+    started = time.perf_counter()
+    for _ in range(count):
+        await host.send_message(MessageType.UPDATE_CHUNK, payload)
+    sender_seconds = time.perf_counter() - started
+    line_seconds = count * (payload_bytes + framing_overhead_bytes(payload_bytes)) / line_rate_bytes_per_s(host.baud)
+    await asyncio.wait_for(receiver, 10 + 2 * line_seconds)
+    return PacedThroughput(
+        net_line_rate=net_line_rate,
+        sender=count * payload_bytes / sender_seconds,
+        receiver=(count - 1) * payload_bytes / (arrivals[-1] - arrivals[0]),
+    )
+

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import tty
 
 import pytest
@@ -20,6 +19,7 @@ from devices.serial_framing import (
     framing_overhead_bytes,
 )
 from devices.serial_link import (
+    measure_paced_throughput,
     SerialLink,
     SerialLinkError,
     SerialLinkTimeout,
@@ -112,29 +112,12 @@ async def test_open_errors():
 
 async def test_paced_throughput_at_115200_is_the_line_rate_net_of_framing(pty_pair):
     master, path, _ = pty_pair
-    baud, payload_bytes, count = 115200, 1024, 24  # about 2.2 s of line time
-    payload = bytes(1 + index % 255 for index in range(payload_bytes))
-    expected = line_rate_bytes_per_s(baud) * payload_bytes / (payload_bytes + framing_overhead_bytes(payload_bytes))
-    arrivals: list[float] = []
-    async with SerialLink.from_fd(master, baud=baud) as host, await SerialLink.open(path, baud=baud) as board:
-
-        async def receive_all() -> None:
-            async for frame in board.frames():
-                assert frame.payload == payload
-                arrivals.append(time.perf_counter())
-                if len(arrivals) == count:
-                    return
-
-        receiver = asyncio.create_task(receive_all())
-        started = time.perf_counter()
-        for _ in range(count):
-            await host.send_message(MessageType.UPDATE_CHUNK, payload)
-        sender_seconds = time.perf_counter() - started
-        await asyncio.wait_for(receiver, 10)
-    sender_rate = count * payload_bytes / sender_seconds
-    receiver_rate = (count - 1) * payload_bytes / (arrivals[-1] - arrivals[0])
-    print(f"\n115200 baud 8N1, {payload_bytes}-byte payloads: net line rate {expected:.0f} B/s; "
-          f"sender {sender_rate:.0f} B/s ({sender_rate / expected:.3f}), "
-          f"receiver {receiver_rate:.0f} B/s ({receiver_rate / expected:.3f})")
-    assert sender_rate == pytest.approx(expected, rel=0.05)
-    assert receiver_rate == pytest.approx(expected, rel=0.05)
+    async with SerialLink.from_fd(master, baud=115200) as host, await SerialLink.open(path, baud=115200) as board:
+        measured = await measure_paced_throughput(host, board, payload_bytes=1024, count=24)  # ~2.2 s of line
+    print(f"\n115200 baud 8N1, 1024-byte payloads: net line rate {measured.net_line_rate:.0f} B/s; "
+          f"sender {measured.sender:.0f} B/s ({measured.sender / measured.net_line_rate:.3f}), "
+          f"receiver {measured.receiver:.0f} B/s ({measured.receiver / measured.net_line_rate:.3f})")
+    expected = line_rate_bytes_per_s(115200) * 1024 / (1024 + framing_overhead_bytes(1024))
+    assert measured.net_line_rate == pytest.approx(expected)
+    assert measured.sender == pytest.approx(expected, rel=0.05)
+    assert measured.receiver == pytest.approx(expected, rel=0.05)

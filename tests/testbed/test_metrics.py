@@ -9,23 +9,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
+from channel.link import LinkCounters
 from testbed.metrics import ENERGY_PHASES, MetricsExporter, RunMetrics, monitoring_guide
 
 
 @dataclass
-class FakeCounters:
-    segments: int = 0
-    payload_bytes: int = 0
-    wire_bytes: int = 0
-    lost_segments: int = 0
-    retransmissions: int = 0
-    queueing_delay_s: float = 0.0
-
-
-@dataclass
 class FakeLink:
-    downlink_counters: FakeCounters = field(default_factory=FakeCounters)
-    uplink_counters: FakeCounters = field(default_factory=FakeCounters)
+    downlink_counters: LinkCounters = field(default_factory=LinkCounters)
+    uplink_counters: LinkCounters = field(default_factory=LinkCounters)
 
 
 def report(device: str = "d0", **changes: object) -> dict[str, object]:
