@@ -30,7 +30,8 @@ from testbed.results import ResultsWriter
 from testbed.links import DeviceLinks
 from testbed.scenario import Scenario
 from testbed.topics import Topics
-from testbed.wire import encode_full_model, weights_hash
+from testbed.wire import full_model_bytes as wire_full_model_bytes
+from testbed.wire import weights_hash
 
 logger = logging.getLogger("testbed.runner")
 
@@ -203,7 +204,7 @@ class ScenarioRun:
         self.progress("training", {"round": round_index})
         outcome: RoundOutcome = await asyncio.to_thread(server.run_round, round_index)
         started = time.monotonic()
-        full_model_bytes = len(encode_full_model(outcome.weights, max(outcome.version, 1)))
+        full_model_bytes = wire_full_model_bytes(outcome.weights)
         reports: dict[str, dict[str, Any]] = {}
         update_bytes = index_bits = 0
         if outcome.sent:

@@ -215,6 +215,11 @@ def encode_full_model(weights: Mapping[str, np.ndarray], target_version: int, va
                    FULL_SNAPSHOT_BASE, target_version, FLAG_FULL_SNAPSHOT, "dense", value_codec)
 
 
+def full_model_bytes(weights: Mapping[str, np.ndarray]) -> int:
+    """len(encode_full_model(weights, v)) with fp32 values, without encoding: the full-updating reference."""
+    return HEADER_BYTES + 4 * sum(int(np.asarray(tensor).size) for _, tensor in _checked(weights))
+
+
 def encode_sparse_snapshot(
     weights: Mapping[str, np.ndarray], target_version: int, index_codec: str = "auto", value_codec: str = "fp32",
 ) -> bytes:

@@ -607,3 +607,12 @@ def test_chunk_errors() -> None:
         join_chunks(chunks, 3, 8)
     with pytest.raises(WireError, match="chunk_count"):
         join_chunks({}, 0, 0)
+
+
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4), st.integers(0, 20))
+def test_full_model_bytes_is_the_encoded_length(shapes: list[tuple[int, int]], biases: int) -> None:
+    from testbed.wire import full_model_bytes
+
+    weights = {f"layer{i}.weight": np.ones(shape, dtype=np.float32) for i, shape in enumerate(shapes)}
+    weights["out.bias"] = np.zeros(biases, dtype=np.float32)
+    assert full_model_bytes(weights) == len(encode_full_model(weights, 1))
