@@ -13,14 +13,13 @@ from typing import Any, Protocol
 import aiomqtt
 import numpy as np
 
-from devices.assembly import UpdateAssembler
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
-from testbed.initial_weights import initial_weights, layout_of
+from devices.update_receiver import CompletedUpdate, UpdateReceiver
 from testbed.manifest import ManifestError, UpdateManifest
 from testbed.mqtt import MqttEndpoint
 from testbed.topics import Topics, mqtt_publish_wire_bytes
-from testbed.wire import WireError, apply_update, decode_update, weights_hash
+from testbed.wire import WireError, weights_hash
 
 logger = logging.getLogger("devices.agent")
 
@@ -68,10 +67,9 @@ class RoundAccounting:
 
 @dataclass
 class DeviceState:
-    """The device's deployed model and its counters."""
+    """The device's deployed model (held by its UpdateReceiver) and its counters."""
 
-    version: int
-    weights: dict[str, np.ndarray]
+    receiver: UpdateReceiver
     rejected_updates: int = 0
     applied_updates: int = 0
     total_received_bytes: int = 0
@@ -79,6 +77,14 @@ class DeviceState:
     energy_joules_by_phase: dict[str, float] = field(
         default_factory=lambda: {"receive": 0.0, "transmit": 0.0, "compute": 0.0, "idle": 0.0}
     )
+
+    @property
+    def version(self) -> int:
+        return self.receiver.version
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.receiver.weights
 
 
 class DeviceAgent:
@@ -97,16 +103,12 @@ class DeviceAgent:
         self.endpoint = endpoint
         self.inference = inference
         self.clock = clock
-        # Version 0 is the shared initial model w⁰, regenerated here from the seed and the layout alone;
-        # re-initialisation rounds send sparse updates relative to it.
-        self.initial_weights = initial_weights(layout_of(inference.initial_weights()), config.init_seed)
-        self.state = DeviceState(version=0, weights=self.initial_weights)
-        inference.load_weights(self.initial_weights)
-        self.assembler = UpdateAssembler()
+        self.receiver = UpdateReceiver(inference.initial_weights(), config.init_seed)
+        self.state = DeviceState(self.receiver)
+        inference.load_weights(self.receiver.weights)
         self.accounting = RoundAccounting(started_at=time.monotonic())
         self.connected = asyncio.Event()
         self.reconnects = 0
-        self._manifests: dict[str, UpdateManifest] = {}
 
     @property
     def device_id(self) -> str:
@@ -138,8 +140,7 @@ class DeviceAgent:
             if self.reconnects > 0:
                 # Chunks in flight when the connection dropped are gone (clean session): ask for a
                 # catch-up from the version held; the server ignores it if nothing newer exists.
-                self.assembler = UpdateAssembler()
-                self._manifests.clear()
+                self.receiver.drop_transfers()
                 await self._publish(client, self.topics.device(self.device_id, "nack"),
                                     self._nack("reconnected; updates in flight were lost"))
             self.connected.set()
@@ -173,54 +174,34 @@ class DeviceAgent:
             await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
             return
         if completed is not None:
-            manifest, update_payload = completed
-            await self._apply_and_report(client, manifest, update_payload)
+            await self._apply_and_report(client, completed)
 
-    def _receive(self, topic: str, payload: bytes) -> tuple[UpdateManifest, bytes] | None:
+    def _receive(self, topic: str, payload: bytes) -> CompletedUpdate | None:
         chunk = self.topics.parse_update_chunk(topic)
         if chunk is not None:
             key, index = chunk
-            completed = self.assembler.add_chunk(key, index, payload)
-            return (self._manifests.pop(key), completed) if completed is not None else None
+            return self.receiver.add_chunk(key, index, payload)
         if topic not in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
             logger.debug("device %s: ignoring a message on %s", self.device_id, topic)
             return None
-        manifest = UpdateManifest.from_json(payload)
-        if manifest.target_version <= self.state.version:
-            return None
-        if manifest.base_version not in (None, 0, self.state.version):
-            raise WireError(
-                f"update {manifest.key} applies to version {manifest.base_version}, device holds {self.state.version}"
-            )
-        self._manifests[manifest.key] = manifest
-        completed = self.assembler.expect(manifest)
-        return (self._manifests.pop(manifest.key), completed) if completed is not None else None
+        return self.receiver.add_manifest(UpdateManifest.from_json(payload))
 
     def _nack(self, reason: str) -> dict[str, Any]:
         return {"device": self.device_id, "version": self.state.version, "reason": reason}
 
-    async def _apply_and_report(self, client: aiomqtt.Client, manifest: UpdateManifest, payload: bytes) -> None:
+    async def _apply_and_report(self, client: aiomqtt.Client, completed: CompletedUpdate) -> None:
+        manifest = completed.manifest
         delivered_at = self.clock()
         started = time.perf_counter()
         try:
-            update = decode_update(payload)
-            if update.header.target_version != manifest.target_version:
-                raise WireError(
-                    f"update header says version {update.header.target_version}, "
-                    f"manifest announced {manifest.target_version}"
-                )
-            if manifest.base_version == 0:
-                new_weights = apply_update(self.initial_weights, 0, update)
-            else:
-                new_weights = apply_update(self.state.weights, self.state.version, update)
+            version, new_weights = self.receiver.verify(completed)
         except WireError as error:
             self.state.rejected_updates += 1
             logger.warning("device %s: update %s rejected: %s", self.device_id, manifest.key, error)
             await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
             return
         self.inference.load_weights(new_weights)
-        self.state.weights = new_weights
-        self.state.version = update.header.target_version
+        self.receiver.commit(version, new_weights)
         self.state.applied_updates += 1
         apply_host_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -228,7 +209,7 @@ class DeviceAgent:
         evaluate_host_s = time.perf_counter() - started
         await self._publish(
             client, self.topics.device(self.device_id, "report"),
-            self._report(manifest, accuracy, delivered_at, len(payload), apply_host_s, evaluate_host_s),
+            self._report(manifest, accuracy, delivered_at, len(completed.payload), apply_host_s, evaluate_host_s),
         )
 
     def _report(

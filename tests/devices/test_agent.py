@@ -165,7 +165,7 @@ async def test_publisher_catch_up_brings_a_lagging_device_to_the_latest(harness:
 
 async def test_device_regenerates_w0_and_applies_updates_relative_to_it(harness: Harness, trained: tuple[UpdateServer, list[Any]]) -> None:
     server, (first, second) = trained
-    assert weights_hash(harness.agent.initial_weights) == weights_hash(server.initial_weights)
+    assert weights_hash(harness.agent.receiver.initial_weights) == weights_hash(server.initial_weights)
     await harness.publish_update(encode_full_model(first.weights, 1), 1, None)
     kind, report = await harness.reply()
     assert kind == "report" and report["version"] == 1
