@@ -12,6 +12,8 @@ Topology of one ``TunLink`` (Linux, root)::
   times ``LinkModel.packet_fates`` gives (downlink: host → device, uplink: device → host), so the
   kernel's real TCP in the namespace reacts to real drops, delays, duplicates and reordering.
   ``rate_bps`` counts whole IP packets (headers included); non-IPv4 packets are dropped uncounted.
+  Packets wait for the rate in the model's bounded drop-tail queue (``LinkParameters.queue_bytes``),
+  as at a real bottleneck: a burst beyond it is dropped and TCP recovers as it would there.
 * The broker stays where it is: a forwarder on ``host_address:forward_port`` (host side, reachable
   only through the link) copies bytes to ``upstream_host:upstream_port``. A program inside the
   namespace (``ip netns exec``, ``open_device_connection``) connects to ``broker_address``.
@@ -113,9 +115,9 @@ class TunDirectionCounters:
     bytes: int = 0
     delivered_packets: int = 0
     delivered_bytes: int = 0
-    dropped_packets: int = 0  # the link model dropped every copy
+    dropped_packets: int = 0  # the link model dropped every copy (loss, full queue or outage: see LinkCounters)
     duplicated_packets: int = 0  # the link model delivered two copies
-    queue_drops: int = 0  # tail-dropped: queue_limit_packets already waiting
+    pending_overflow_drops: int = 0  # not modelled: max_pending_packets copies already held by the emulator
     non_ipv4_packets: int = 0
     write_errors: int = 0
     max_lateness_s: float = 0.0  # worst delivery after the modelled time (negative = early, see TIMER_SLACK_S)
@@ -140,10 +142,10 @@ class _PacketEmulator:
     """
 
     def __init__(self, host_fd: int, device_fd: int, downlink: LinkModel, uplink: LinkModel,
-                 counters: TunLinkCounters, queue_limit_packets: int, name: str) -> None:
+                 counters: TunLinkCounters, max_pending_packets: int, name: str) -> None:
         self._loop = asyncio.get_running_loop()
         self._name = name
-        self._queue_limit = queue_limit_packets
+        self._max_pending = max_pending_packets
         self._heap: list[tuple[float, int, int, bytes, TunDirectionCounters, str]] = []
         self._sequence = 0
         self._pending = {"downlink": 0, "uplink": 0}
@@ -190,8 +192,8 @@ class _PacketEmulator:
                 continue
             counters.packets += 1
             counters.bytes += len(packet)
-            if self._pending[label] >= self._queue_limit:
-                counters.queue_drops += 1
+            if self._pending[label] >= self._max_pending:
+                counters.pending_overflow_drops += 1
                 continue
             try:
                 fates = model.packet_fates(self._loop.time(), len(packet))
@@ -247,6 +249,11 @@ class TunLink(RelayedLink):
     Same constructor shape as ``LinkProxy``; ``address`` is where an MQTT client in this process
     connects (a 127.0.0.1 relay), ``broker_address`` where a program inside ``device_namespace``
     connects. ``downlink`` shapes host → device packets, ``uplink`` device → host.
+
+    The bottleneck's drop-tail queue is the link model's (``LinkParameters.queue_bytes``; its drops are
+    ``downlink_counters.queue_drops``). ``max_pending_packets`` only bounds the emulator's memory: copies
+    held per direction, queued or in flight (like netem's ``limit``); beyond it a packet is dropped
+    unmodelled and counted in ``counters.<direction>.pending_overflow_drops``.
     """
 
     def __init__(
@@ -259,14 +266,14 @@ class TunLink(RelayedLink):
         name: str = "link",
         subnet_index: int | None = None,
         mtu: int = 1500,
-        queue_limit_packets: int = 1000,
+        max_pending_packets: int = 1000,
         connect_timeout_s: float = 5.0,
         write_timeout_s: float = 60.0,
     ) -> None:
         if not 576 <= mtu <= MAX_PACKET_BYTES:
             raise ChannelError(f"mtu={mtu!r} is invalid: expected 576..{MAX_PACKET_BYTES}")
-        if queue_limit_packets <= 0:
-            raise ChannelError(f"queue_limit_packets={queue_limit_packets!r} is invalid: expected > 0")
+        if max_pending_packets <= 0:
+            raise ChannelError(f"max_pending_packets={max_pending_packets!r} is invalid: expected > 0")
         if subnet_index is not None:
             subnet_addresses(subnet_index)  # validates
         self.upstream_host = upstream_host
@@ -276,7 +283,7 @@ class TunLink(RelayedLink):
         self.seed = seed
         self.name = name
         self.mtu = mtu
-        self.queue_limit_packets = queue_limit_packets
+        self.max_pending_packets = max_pending_packets
         self.connect_timeout_s = connect_timeout_s
         self.write_timeout_s = write_timeout_s
         self.downlink_model = LinkModel(downlink, np.random.default_rng([seed, 0]))
@@ -310,7 +317,7 @@ class TunLink(RelayedLink):
         try:
             self._setup_interfaces()
             self._emulator = _PacketEmulator(self._fds[0], self._fds[1], self.downlink_model,
-                                             self.uplink_model, self.counters, self.queue_limit_packets,
+                                             self.uplink_model, self.counters, self.max_pending_packets,
                                              self.name)
             self._relays = NamespaceRelays(self.name, self.upstream_host, self.upstream_port, self.host_address,
                                            self.device_namespace, None, self.connect_timeout_s,
