@@ -1,0 +1,489 @@
+"""The board agent: runs on a physical board, takes updates over a serial link, verifies, swaps, evaluates, measures energy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from devices.agent import InferenceModel
+from devices.board_state import BoardStateStore
+from devices.energy_meters import (
+    EnergyIntegrator,
+    EnergyMeter,
+    ModelEnergyMeter,
+    PhaseEnergy,
+)
+from devices.frame_order import FrameGapTooLarge, FrameReorder
+from devices.profiles import DeviceProfile
+from devices.serial_framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FLAG_MORE,
+    Ack,
+    Frame,
+    Hello,
+    MessageType,
+    SerialFrameError,
+    UpdateChunk,
+    json_payload,
+    log_payload,
+    parse_json_payload,
+)
+from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
+from devices.task_groups import run_together
+from devices.update_receiver import CompletedUpdate, UpdateReceiver
+from testbed.manifest import ManifestError, UpdateManifest
+from testbed.wire import WireError, weights_hash
+
+logger = logging.getLogger("devices.board")
+
+BOARD_PHASES = ("receive", "apply", "evaluate", "transmit", "idle")
+MODELLED_PHASE_OF = {"receive": "receive", "apply": "compute", "evaluate": "compute", "transmit": "transmit",
+                     "idle": "idle"}  # measured phase -> the phase names emulated devices report
+HELLO_INTERVAL_S = 2.0  # an unconfigured board repeats its hello this often
+REOPEN_DELAY_S = 1.0
+RESEND_AFTER_S = 1.5  # a report or rejection the host has not acknowledged is sent again after this
+MAX_SENDS = 10
+MIN_WAIT_S = 0.005
+MAX_GAP_REQUESTS = 5  # NACK rounds for a missing frame before the transfer restarts from the run
+
+
+@dataclass(frozen=True)
+class BoardConfig:
+    """What the run asks of a board: who it is in the run and the scenario it takes part in."""
+
+    run_id: str
+    device_id: str
+    device_index: int
+    init_seed: int
+    scenario: dict[str, Any]  # the resolved scenario, as the run wrote it to scenario.yaml
+
+    def to_payload(self) -> bytes:
+        """zlib-compressed JSON: a scenario with many devices or outages still fits one frame."""
+        return zlib.compress(json_payload({"run": self.run_id, "device": self.device_id,
+                                           "device_index": self.device_index, "init_seed": self.init_seed,
+                                           "scenario": self.scenario}), 9)
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> BoardConfig:
+        try:
+            data = parse_json_payload(zlib.decompress(payload))
+        except zlib.error as error:
+            raise SerialFrameError(f"config is not zlib-compressed JSON: {error}") from None
+        if set(data) != {"run", "device", "device_index", "init_seed", "scenario"}:
+            raise SerialFrameError(f"config fields must be run, device, device_index, init_seed, scenario; got {sorted(data)}")
+        if not isinstance(data["run"], str) or not isinstance(data["device"], str) \
+                or not all(isinstance(data[name], int) and not isinstance(data[name], bool) and data[name] >= 0
+                           for name in ("device_index", "init_seed")) or not isinstance(data["scenario"], dict):
+            raise SerialFrameError(f"config has a field of the wrong type: {sorted(data.items())!r:.200}")
+        return cls(data["run"], data["device"], data["device_index"], data["init_seed"], data["scenario"])
+
+
+BoardSetup = Callable[[BoardConfig], InferenceModel]
+"""Builds the model and the local test split a board runs (testbed.inference.device_inference)."""
+
+
+@dataclass
+class _Deployment:
+    """A configured board: its run, its model and what it holds."""
+
+    config: BoardConfig
+    inference: InferenceModel
+    receiver: UpdateReceiver
+
+
+class BoardAgent:
+    """The device side of a serial-attached board; `await agent.run()` serves until cancelled.
+
+    Takes the same verify-then-swap rule as the emulated agent (devices.update_receiver) and measures
+    energy with `meter`, integrated over the phases receive, apply, evaluate, transmit and idle. A lost
+    serial frame (a gap in the sequence numbers) drops every transfer in flight and asks the run for the
+    update again; a lost or reopened port is reopened every second; the model held is saved after every
+    apply (`state`), so a rebooted board resumes from its version.
+    """
+
+    def __init__(self, port: str, *, board_name: str, profile: DeviceProfile, meter: EnergyMeter, setup: BoardSetup,
+                 baud: int = 115200, state: BoardStateStore | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 open_link: Callable[[], Awaitable[SerialLink]] | None = None) -> None:
+        self.port = port
+        self.board_name = board_name
+        self.profile = profile
+        self.meter = meter
+        self.setup = setup
+        self.baud = baud
+        self.state = state
+        self.max_frame_bytes = max_frame_bytes
+        self._open_link = open_link or (lambda: SerialLink.open(port, baud, max_frame_bytes=max_frame_bytes))
+        self.deployment: _Deployment | None = None
+        self.sessions = 0
+        self.frames_lost = 0
+        self.rejected_updates = 0
+        self.total_energy_joules = 0.0
+        self.configured = asyncio.Event()
+        self._link: SerialLink | None = None
+        self._order = FrameReorder()
+        self._gap_requests = 0  # rounds of NACKs sent for the gap open now
+        self._gap_request_due = math.inf
+        self._pieces: dict[tuple[str, int], bytearray] = {}
+        self._unacknowledged: dict[int, tuple[MessageType, bytes, int, float]] = {}  # seq -> (type, payload, sends, due)
+        self.resent_frames = 0
+        self._phase = "idle"
+        self._integrator = self._new_integrator("idle", time.monotonic())
+        self._bytes_received_before = 0  # serial bytes of earlier sessions
+        self._bytes_sent_before = 0
+        self._round_received_from = 0
+        self._round_sent_from = 0
+
+    # --- lifetime -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the port open (reopening it after unplugging) and sample power, until cancelled."""
+        await run_together(self._sample_power(), self._serve())
+
+    async def _serve(self) -> None:
+        reported_failure = False
+        while True:
+            try:
+                link = await self._open_link()
+            except SerialLinkError as error:
+                if not reported_failure:
+                    logger.warning("board %s: %s; retrying every %.0f s", self.board_name, error, REOPEN_DELAY_S)
+                    reported_failure = True
+                await asyncio.sleep(REOPEN_DELAY_S)
+                continue
+            reported_failure = False
+            self.sessions += 1
+            async with link:
+                try:
+                    await self._session(link)
+                except SerialLinkError as error:
+                    logger.warning("board %s: serial link lost (%s)", self.board_name, error)
+                finally:
+                    self._bytes_received_before += link.bytes_received
+                    self._bytes_sent_before += link.bytes_sent
+                    self._link = None
+            self._drop_transfers()
+            await asyncio.sleep(REOPEN_DELAY_S)
+
+    async def _session(self, link: SerialLink) -> None:
+        self._link = link
+        self._order.reset()
+        logger.info("board %s: port %s open at %d baud", self.board_name, self.port, self.baud)
+        await self._send(MessageType.HELLO, self._hello().to_payload())
+        hello_due = time.monotonic() + HELLO_INTERVAL_S
+        while True:
+            now = time.monotonic()
+            due = min([hello_due, self._gap_request_due] + [entry[3] for entry in self._unacknowledged.values()])
+            try:
+                # never 0: Python 3.11's wait_for(timeout=0) can leave a cancelled caller waiting forever
+                frame = await link.receive(max(MIN_WAIT_S, due - now))
+            except SerialLinkTimeout:
+                frame = None
+            if frame is not None:
+                await self._accept(frame)
+            now = time.monotonic()
+            if now >= self._gap_request_due:
+                await self._request_missing(now)
+            if now >= hello_due:
+                if self.deployment is None:
+                    await self._send(MessageType.HELLO, self._hello().to_payload())
+                hello_due = now + HELLO_INTERVAL_S
+            await self._resend_due(now)
+
+    async def _send_acknowledged(self, message_type: MessageType, payload: bytes) -> None:
+        """Send a frame the host must acknowledge (reports, rejections); it is sent again until it is."""
+        frame = await self._send(message_type, payload)
+        self._unacknowledged[frame.sequence] = (message_type, payload, 1, time.monotonic() + RESEND_AFTER_S)
+
+    async def _resend_due(self, now: float) -> None:
+        for sequence, (message_type, payload, sends, due) in list(self._unacknowledged.items()):
+            if due > now:
+                continue
+            del self._unacknowledged[sequence]
+            if sends >= MAX_SENDS:
+                logger.warning("board %s: host never acknowledged a %s frame; giving up", self.board_name,
+                               message_type.name)
+                continue
+            frame = await self._send(message_type, payload)
+            self.resent_frames += 1
+            self._unacknowledged[frame.sequence] = (message_type, payload, sends + 1, now + RESEND_AFTER_S)
+
+    def _hello(self) -> Hello:
+        deployment = self.deployment
+        return Hello(self.board_name, self.profile.name, (f"energy:{self.meter.name}", f"serial:{self.baud}"),
+                     version=deployment.receiver.version if deployment else 0,
+                     run=deployment.config.run_id if deployment else "")
+
+    # --- frames ---------------------------------------------------------------------------------------
+
+    async def _accept(self, frame: Frame) -> None:
+        """Frames are handled in sequence order; a gap is asked for again (NACK) while later frames wait."""
+        if frame.message_type in (MessageType.HELLO, MessageType.CONFIG):
+            # a host session starts (its numbering restarts): whatever was in flight before is gone
+            if self._order.missing:
+                await self._give_up_gap("the host started over")
+            self._order.reset()
+        had_gap = bool(self._order.missing)
+        try:
+            ready = self._order.accept(frame)
+        except FrameGapTooLarge as error:
+            await self._give_up_gap(str(error))
+            ready = self._order.accept(frame)
+        for frame_in_order in ready:
+            await self._handle(frame_in_order)
+        if not self._order.missing:
+            self._gap_requests, self._gap_request_due = 0, math.inf
+        elif not had_gap:
+            await self._request_missing(time.monotonic())
+
+    async def _request_missing(self, now: float) -> None:
+        missing = self._order.missing
+        if not missing:
+            self._gap_requests, self._gap_request_due = 0, math.inf
+            return
+        if self._gap_requests >= MAX_GAP_REQUESTS:
+            await self._give_up_gap(f"frames {missing[0]}..{missing[-1]} never arrived")
+            return
+        self._gap_requests += 1
+        self._gap_request_due = now + RESEND_AFTER_S
+        for sequence in missing:
+            await self._send(MessageType.NACK, Ack(sequence, "lost").to_payload())
+
+    async def _give_up_gap(self, reason: str) -> None:
+        """Frames cannot be recovered on the line: drop what waited for them and ask the run for the update again."""
+        self.frames_lost += max(1, len(self._order.missing))
+        self._order.reset()
+        self._gap_requests, self._gap_request_due = 0, math.inf
+        await self._restart_transfers(f"serial frames lost ({reason})")
+
+    async def _handle(self, frame: Frame) -> None:
+        if frame.message_type == MessageType.CONFIG:
+            await self._configure(frame.payload)
+            return
+        if frame.message_type == MessageType.PING:
+            await self._send(MessageType.PONG, frame.payload)
+        elif frame.message_type == MessageType.HELLO:  # the host (re)opened the port and asks who is there
+            await self._send(MessageType.HELLO, self._hello().to_payload())
+        elif frame.message_type == MessageType.ACK:
+            try:
+                self._unacknowledged.pop(Ack.from_payload(frame.payload).sequence, None)
+            except SerialFrameError as error:
+                await self._log(f"ignoring a malformed ACK: {error}")
+        elif frame.message_type in (MessageType.MANIFEST, MessageType.UPDATE_CHUNK):
+            if self.deployment is None:
+                await self._log(f"ignoring a {frame.message_type.name} frame: not configured yet")
+                return
+            await self._update_frame(self.deployment, frame)
+        else:
+            await self._log(f"ignoring an unexpected {frame.message_type.name} frame")
+
+    async def _configure(self, payload: bytes) -> None:
+        try:
+            config = BoardConfig.from_payload(payload)
+        except SerialFrameError as error:
+            await self._send(MessageType.READY, json_payload({"error": f"bad config: {error}"}))
+            return
+        current = self.deployment
+        if current is None or (current.config.run_id, current.config.device_id) != (config.run_id, config.device_id):
+            self.configured.clear()
+            self._unacknowledged.clear()  # reports of another run
+            try:
+                inference = await asyncio.to_thread(self.setup, config)
+                receiver = UpdateReceiver(inference.initial_weights(), config.init_seed)
+                saved = self.state.load(config.run_id, config.device_id) if self.state else None
+                if saved is not None:
+                    receiver.restore(saved.version, saved.weights)
+                await asyncio.to_thread(inference.load_weights, receiver.weights)
+            except Exception as error:  # noqa: BLE001 — any setup failure is reported to the host, which stops the run
+                logger.exception("board %s: cannot set up for %s", self.board_name, config.device_id)
+                await self._send(MessageType.READY, json_payload({"error": f"board cannot set up: {error!r}"}))
+                return
+            self.deployment = _Deployment(config, inference, receiver)
+            if saved is not None:
+                await self._log(f"resumed {config.device_id} of run {config.run_id} at version {saved.version}")
+        self._drop_transfers()
+        deployment = self.deployment
+        assert deployment is not None
+        self.configured.set()
+        await self._send(MessageType.READY, json_payload({
+            "device": deployment.config.device_id, "run": deployment.config.run_id,
+            "version": deployment.receiver.version, "error": None,
+        }))
+        # Reports the host did not acknowledge before the link went away: sent again, under new sequence numbers.
+        pending = list(self._unacknowledged.values())
+        self._unacknowledged.clear()
+        for message_type, payload, sends, _ in pending:
+            frame = await self._send(message_type, payload)
+            self._unacknowledged[frame.sequence] = (message_type, payload, sends + 1, time.monotonic() + RESEND_AFTER_S)
+
+    async def _update_frame(self, deployment: _Deployment, frame: Frame) -> None:
+        receiver = deployment.receiver
+        if self._phase == "idle":
+            self._begin_phase("receive")
+        try:
+            if frame.message_type == MessageType.MANIFEST:
+                completed = receiver.add_manifest(UpdateManifest.from_json(frame.payload))
+            else:
+                completed = self._add_chunk_piece(receiver, UpdateChunk.from_payload(frame.payload), frame.flags)
+        except (WireError, ManifestError, SerialFrameError) as error:
+            self.rejected_updates += 1
+            self._drop_transfers()
+            await self._reject(deployment, f"rejected: {error}")
+            return
+        if completed is not None:
+            await self._apply_and_report(deployment, completed)
+        elif not receiver.transfers_in_flight and not self._pieces:
+            self._begin_phase("idle")
+
+    def _add_chunk_piece(self, receiver: UpdateReceiver, piece: UpdateChunk, flags: int) -> CompletedUpdate | None:
+        held = self._pieces.setdefault((piece.key, piece.index), bytearray())
+        held += piece.data
+        if len(held) > receiver.assembler.max_update_bytes:
+            raise WireError(f"chunk {piece.index} of update {piece.key} grows beyond the update size limit")
+        if flags & FLAG_MORE:
+            return None
+        return receiver.add_chunk(piece.key, piece.index, bytes(self._pieces.pop((piece.key, piece.index))))
+
+    async def _apply_and_report(self, deployment: _Deployment, completed: CompletedUpdate) -> None:
+        completed_at = time.monotonic()
+        receiver = deployment.receiver
+        self._begin_phase("apply")
+        try:
+            version, weights = await asyncio.to_thread(receiver.verify, completed)
+        except WireError as error:
+            self.rejected_updates += 1
+            await self._reject(deployment, f"update {completed.manifest.key} rejected: {error}")
+            return
+        await asyncio.to_thread(deployment.inference.load_weights, weights)
+        receiver.commit(version, weights)
+        if self.state is not None:
+            await asyncio.to_thread(self.state.save, deployment.config.run_id, deployment.config.device_id,
+                                    version, weights)
+        apply_s = time.monotonic() - completed_at
+        self._begin_phase("evaluate")
+        started = time.monotonic()
+        accuracy = await asyncio.to_thread(deployment.inference.accuracy)
+        evaluate_s = time.monotonic() - started
+        self._begin_phase("transmit")
+        energy = self._close_round()
+        report = self._report(deployment, completed, accuracy, apply_s, evaluate_s, energy,
+                              report_delay_s=time.monotonic() - completed_at)
+        await self._send_acknowledged(MessageType.REPORT, json_payload(report))
+        await self._log(f"applied {completed.manifest.key}: version {version}, accuracy {accuracy:.4f}, "
+                        f"{energy.total_joules:.3f} J since the last report")
+        self._begin_phase("idle")
+
+    async def _reject(self, deployment: _Deployment, reason: str) -> None:
+        logger.warning("board %s: %s", self.board_name, reason)
+        self._begin_phase("transmit")
+        await self._send_acknowledged(MessageType.APPLY_RESULT, json_payload({
+            "ok": False, "device": deployment.config.device_id, "version": deployment.receiver.version,
+            "reason": reason,
+        }))
+        self._begin_phase("idle")
+
+    async def _restart_transfers(self, reason: str) -> None:
+        """Frames went missing: drop whatever was in flight and ask for it again (never apply a partial update)."""
+        deployment = self.deployment
+        if deployment is None:
+            return
+        self._drop_transfers()
+        await self._reject(deployment, f"{reason}; update restarted")
+
+    def _drop_transfers(self) -> None:
+        self._pieces.clear()
+        if self.deployment is not None:
+            self.deployment.receiver.drop_transfers()
+        if self._phase == "receive":
+            self._begin_phase("idle")
+
+    async def _send(self, message_type: MessageType, payload: bytes) -> Frame:
+        link = self._link
+        if link is None:
+            raise SerialLinkError(f"{self.port}: not open")
+        return await link.send_message(message_type, payload)
+
+    async def _log(self, line: str) -> None:
+        """A log line to the host (it lands in the run's serial log) and to the local log."""
+        logger.info("board %s: %s", self.board_name, line)
+        await self._send(MessageType.LOG, log_payload(line)[: self.max_frame_bytes - 64])
+
+    # --- energy ---------------------------------------------------------------------------------------
+
+    def _new_integrator(self, phase: str, t_s: float) -> EnergyIntegrator:
+        integrator = EnergyIntegrator(self.meter.period_s, BOARD_PHASES)
+        integrator.begin_phase(phase, t_s)
+        return integrator
+
+    def _begin_phase(self, phase: str) -> None:
+        self._phase = phase
+        if isinstance(self.meter, ModelEnergyMeter):
+            self.meter.set_state(phase)
+        self._integrator.begin_phase(phase, time.monotonic())
+
+    async def _sample_power(self) -> None:
+        while True:
+            self._integrator.add_sample(self.meter.sample())
+            await asyncio.sleep(self.meter.period_s)
+
+    def _close_round(self) -> PhaseEnergy:
+        """Energy since the last report; a new integral starts now, in the current phase."""
+        sample = self.meter.sample()
+        self._integrator.add_sample(sample)
+        energy = self._integrator.finish(sample.t_s)
+        self._integrator = self._new_integrator(self._phase, sample.t_s)
+        self._integrator.add_sample(sample)
+        self.total_energy_joules += energy.total_joules
+        return energy
+
+    def _report(self, deployment: _Deployment, completed: CompletedUpdate, accuracy: float, apply_s: float,
+                evaluate_s: float, energy: PhaseEnergy, report_delay_s: float) -> dict[str, Any]:
+        link = self._link
+        received_total = self._bytes_received_before + (link.bytes_received if link else 0)
+        sent_total = self._bytes_sent_before + (link.bytes_sent if link else 0)
+        joules: dict[str, float] = {"receive": 0.0, "transmit": 0.0, "compute": 0.0, "idle": 0.0}
+        seconds: dict[str, float] = dict.fromkeys(joules, 0.0)
+        for phase, modelled in MODELLED_PHASE_OF.items():
+            joules[modelled] += energy.joules_by_phase[phase]
+            seconds[modelled] += energy.seconds_by_phase[phase]
+        report = {
+            "device": deployment.config.device_id,
+            "profile": self.profile.name,
+            "kind": "serial",
+            "round": completed.manifest.round_index,
+            "version": deployment.receiver.version,
+            "weights_hash": weights_hash(deployment.receiver.weights).hex(),
+            "accuracy": accuracy,
+            "update_bytes": len(completed.payload),
+            "received_bytes": received_total - self._round_received_from,
+            "transmitted_bytes": sent_total - self._round_sent_from,
+            "total_received_bytes": received_total,
+            "published_at": completed.manifest.published_at,
+            "report_delay_seconds": report_delay_s,
+            "apply_seconds": apply_s,
+            "evaluate_seconds": evaluate_s,
+            "energy_joules": energy.total_joules,
+            "energy_joules_by_phase": joules,
+            "phase_seconds": seconds,
+            "measured_energy": {
+                "meter": self.meter.name,
+                "joules_by_phase": energy.joules_by_phase,
+                "seconds_by_phase": energy.seconds_by_phase,
+                "sampling_period_s": energy.sampling_period_s,
+                "mean_sample_interval_s": energy.mean_sample_interval_s,
+                "sample_count": energy.sample_count,
+                "extrapolated_s": energy.extrapolated_s,
+            },
+            "total_energy_joules": self.total_energy_joules,
+            "rejected_updates": self.rejected_updates,
+            "serial_frames_lost": self.frames_lost,
+        }
+        self._round_received_from, self._round_sent_from = received_total, sent_total
+        return report
+

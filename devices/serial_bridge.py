@@ -1,0 +1,402 @@
+"""The host bridge: a serial-attached board joins a run as an MQTT device; updates go down as frames, reports come up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import aiomqtt
+
+from devices.board_agent import BoardConfig
+from devices.serial_framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FLAG_MORE,
+    Ack,
+    Frame,
+    Hello,
+    MessageType,
+    SerialFrameError,
+    UpdateChunk,
+    encode_frame,
+    parse_json_payload,
+    parse_log_payload,
+)
+from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout, line_rate_bytes_per_s
+from devices.task_groups import run_together
+from testbed.manifest import ManifestError, UpdateManifest
+from testbed.mqtt import MqttEndpoint
+from testbed.topics import Topics
+
+logger = logging.getLogger("devices.bridge")
+
+PING_INTERVAL_S = 2.0
+SILENCE_TIMEOUT_S = 8.0  # no frame for this long (pings unanswered): the board is offline
+HANDSHAKE_TIMEOUT_S = 120.0  # hello -> ready: the board builds its model and test split meanwhile
+REOPEN_DELAY_S = 1.0
+MQTT_RECONNECT_DELAY_S = 1.0
+MQTT_OPERATION_TIMEOUT_S = 10.0
+SENT_FRAMES_KEPT = 512  # frames the board may still ask for again (at most 2 MB with 4 KiB frames)
+CHUNK_PIECE_HEADROOM = 16  # frame bytes kept free for the chunk header beyond the key
+
+
+class BridgeError(RuntimeError):
+    """The board cannot take part in the run (it failed to set up, or its configuration is unknown)."""
+
+
+class SerialLog:
+    """Every frame across the serial line, one timestamped line each, with its direction."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 — closed by close()
+
+    def write(self, direction: str, frame: Frame | None, text: str = "") -> None:
+        if self._file is None:
+            return
+        stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        what = "" if frame is None else f"{frame.message_type.name} seq={frame.sequence} len={len(frame.payload)}"
+        self._file.write(f"{stamp} {direction} {what} {text}".rstrip() + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SerialBridge:
+    """One serial-attached board as a device of the run. `await bridge.run()` serves until cancelled.
+
+    MQTT side: subscribes like an emulated device and publishes the board's hello, status (online while
+    the board answers), reports and nacks. Serial side: hello -> config -> ready handshake, then manifests
+    and chunks forwarded as frames paced at the line rate, pings every PING_INTERVAL_S; a board silent
+    for SILENCE_TIMEOUT_S, a lost port or a board that says hello again (it rebooted) is marked offline,
+    and when it is ready again the bridge asks the run for a catch-up from the version the board holds.
+    """
+
+    def __init__(self, device_id: str, profile_name: str, port: str, topics: Topics, endpoint: MqttEndpoint,
+                 config: BoardConfig, *, baud: int = 115200, log_path: Path | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 open_link: Callable[[], Awaitable[SerialLink]] | None = None,
+                 silence_timeout_s: float = SILENCE_TIMEOUT_S) -> None:
+        self.device_id = device_id
+        self.profile_name = profile_name
+        self.port = port
+        self.topics = topics
+        self.endpoint = endpoint
+        self.config = config
+        self.baud = baud
+        self.max_frame_bytes = max_frame_bytes
+        self.silence_timeout_s = silence_timeout_s
+        self._open_link = open_link or (lambda: SerialLink.open(port, baud, max_frame_bytes=max_frame_bytes))
+        self.serial_log = SerialLog(log_path)
+        self.connected = asyncio.Event()  # MQTT subscribed and the board ready: what the run waits for
+        self.mqtt_ready = asyncio.Event()
+        self.board_ready = asyncio.Event()
+        self.board_hello: Hello | None = None
+        self.board_version = 0
+        self.latest_target_version = 0  # newest version announced on MQTT
+        self.offline_periods = 0
+        self.dropped_while_offline = 0
+        self.frames_forwarded = 0
+        self._outbox: asyncio.Queue[tuple[str, dict[str, Any], bool]] = asyncio.Queue()
+        self._unsent: tuple[str, dict[str, Any], bool] | None = None
+        self._to_board: asyncio.Queue[tuple[MessageType, bytes, int]] = asyncio.Queue()
+        self._last_board_result = b""
+        self._sent_frames: OrderedDict[int, Frame] = OrderedDict()
+        self.frames_sent_again = 0
+
+    # --- lifetime -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await run_together(self._mqtt_loop(), self._serial_loop())
+        finally:
+            self.serial_log.close()
+
+    def _update_connected(self) -> None:
+        if self.mqtt_ready.is_set() and self.board_ready.is_set():
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    # --- MQTT side ------------------------------------------------------------------------------------
+
+    async def _mqtt_loop(self) -> None:
+        while True:
+            try:
+                await self._mqtt_session()
+            except aiomqtt.MqttError as error:
+                self.mqtt_ready.clear()
+                self._update_connected()
+                logger.warning("bridge %s: MQTT connection lost (%s); reconnecting", self.device_id, error)
+                await asyncio.sleep(MQTT_RECONNECT_DELAY_S)
+
+    async def _mqtt_session(self) -> None:
+        status_topic = self.topics.device(self.device_id, "status")
+        will = aiomqtt.Will(status_topic, json.dumps({"online": False}), qos=1, retain=True)
+        client = self.endpoint.client(f"{self.topics.run_id}-{self.device_id}", will=will,
+                                      timeout_s=MQTT_OPERATION_TIMEOUT_S)
+        async with client:
+            for topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest"),
+                          self.topics.update_chunks, self.topics.device_update_chunks(self.device_id)):
+                await client.subscribe(topic, qos=1)
+            await client.publish(status_topic, json.dumps({"online": self.board_ready.is_set()}), qos=1, retain=True)
+            reconnected = self.mqtt_ready.is_set() or self._unsent is not None
+            self.mqtt_ready.set()
+            self._update_connected()
+            if reconnected and self.board_ready.is_set():
+                self._ask_catch_up("bridge reconnected to the broker; updates in flight were lost")
+            await run_together(self._drain_outbox(client), self._receive_mqtt(client))
+
+    async def _drain_outbox(self, client: aiomqtt.Client) -> None:
+        while True:
+            message = self._unsent or await self._outbox.get()
+            self._unsent = message
+            topic, body, retain = message
+            await client.publish(topic, json.dumps(body), qos=1, retain=retain, timeout=60.0)
+            self._unsent = None
+
+    async def _receive_mqtt(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic, payload = str(message.topic), bytes(message.payload)
+            chunk = self.topics.parse_update_chunk(topic)
+            if chunk is not None:
+                self._forward_chunk(chunk[0], chunk[1], payload)
+            elif topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
+                self._forward_manifest(payload)
+
+    def _publish(self, kind: str, body: dict[str, Any], retain: bool = False) -> None:
+        self._outbox.put_nowait((self.topics.device(self.device_id, kind), body, retain))
+
+    def _ask_catch_up(self, reason: str) -> None:
+        self._publish("nack", {"device": self.device_id, "version": self.board_version, "reason": reason})
+
+    # --- MQTT -> board --------------------------------------------------------------------------------
+
+    def _forward_manifest(self, payload: bytes) -> None:
+        try:
+            manifest = UpdateManifest.from_json(payload)
+        except ManifestError as error:  # the board would reject it too; say so on the run's nack topic
+            logger.warning("bridge %s: malformed manifest: %s", self.device_id, error)
+            self._publish("nack", {"device": self.device_id, "version": self.board_version, "reason": str(error)})
+            return
+        self.latest_target_version = max(self.latest_target_version, manifest.target_version)
+        self._enqueue(MessageType.MANIFEST, payload)
+
+    def _forward_chunk(self, key: str, index: int, data: bytes) -> None:
+        room = self.max_frame_bytes - 8 - len(key.encode("utf-8")) - CHUNK_PIECE_HEADROOM
+        pieces = [data[start:start + room] for start in range(0, len(data), room)] or [b""]
+        for number, piece in enumerate(pieces):
+            flags = FLAG_MORE if number < len(pieces) - 1 else 0
+            self._enqueue(MessageType.UPDATE_CHUNK, UpdateChunk(key, index, piece).to_payload(), flags)
+
+    def _enqueue(self, message_type: MessageType, payload: bytes, flags: int = 0) -> None:
+        if not self.board_ready.is_set():
+            self.dropped_while_offline += 1  # the board asks for a catch-up when it is back
+            return
+        self._to_board.put_nowait((message_type, payload, flags))
+
+    # --- serial side ----------------------------------------------------------------------------------
+
+    async def _serial_loop(self) -> None:
+        reported_failure = False
+        while True:
+            try:
+                link = await self._open_link()
+            except SerialLinkError as error:
+                if not reported_failure:
+                    logger.warning("bridge %s: %s; retrying every %.0f s", self.device_id, error, REOPEN_DELAY_S)
+                    self.serial_log.write("--", None, f"cannot open {self.port}: {error}")
+                    reported_failure = True
+                await asyncio.sleep(REOPEN_DELAY_S)
+                continue
+            reported_failure = False
+            self.serial_log.write("--", None, f"opened {self.port} at {self.baud} baud")
+            async with link:
+                try:
+                    await self._serial_session(link)
+                except (SerialLinkError, asyncio.TimeoutError) as error:
+                    logger.warning("bridge %s: board link lost: %s", self.device_id, error)
+                    self.serial_log.write("--", None, f"link lost: {error}")
+                finally:
+                    self._board_offline()
+            await asyncio.sleep(REOPEN_DELAY_S)
+
+    async def _serial_session(self, link: SerialLink) -> None:
+        self._sent_frames.clear()  # sequence numbers start over with the link
+        await run_together(self._read_board(link), self._ping(link), self._write_board(link))
+
+    async def _send(self, link: SerialLink, message_type: MessageType, payload: bytes, flags: int = 0) -> None:
+        frame = await link.send_message(message_type, payload, flags=flags)
+        self._sent_frames[frame.sequence] = frame
+        while len(self._sent_frames) > SENT_FRAMES_KEPT:
+            self._sent_frames.popitem(last=False)
+        self.serial_log.write("host>board", frame, _describe(frame))
+
+    async def _send_again(self, link: SerialLink, nack: Frame) -> None:
+        """The board missed a frame (bad CRC, noise): send it again under its own sequence number."""
+        try:
+            sequence = Ack.from_payload(nack.payload).sequence
+        except SerialFrameError as error:
+            logger.warning("bridge %s: bad NACK from the board: %s", self.device_id, error)
+            return
+        frame = self._sent_frames.get(sequence)
+        if frame is None:
+            return  # too old to keep: the board gives up on it and asks the run for the update again
+        await link.send(frame)
+        self.frames_sent_again += 1
+        self.serial_log.write("host>board", frame, "(sent again) " + _describe(frame))
+
+    async def _write_board(self, link: SerialLink) -> None:
+        while True:
+            message_type, payload, flags = await self._to_board.get()
+            await self._send(link, message_type, payload, flags)
+            self.frames_forwarded += 1
+
+    async def _ping(self, link: SerialLink) -> None:
+        """Ask who is there until the board is ready (it answers with its hello), then ping it."""
+        while True:
+            if self.board_ready.is_set():
+                await self._send(link, MessageType.PING, str(time.monotonic()).encode())
+            else:
+                await self._send(link, MessageType.HELLO, b"")
+            await asyncio.sleep(PING_INTERVAL_S)
+
+    async def _read_board(self, link: SerialLink) -> None:
+        handshake_deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        while True:
+            timeout = self.silence_timeout_s
+            if not self.board_ready.is_set():
+                timeout = max(timeout, handshake_deadline - time.monotonic())
+            try:
+                frame = await link.receive(timeout)
+            except SerialLinkTimeout:
+                raise SerialLinkError(f"board silent for {timeout:.0f} s") from None
+            self.serial_log.write("board>host", frame, _describe(frame))
+            if frame.message_type == MessageType.HELLO:
+                handshake_deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+                await self._on_hello(link, frame)
+            elif frame.message_type == MessageType.READY:
+                self._on_ready(frame)
+            elif frame.message_type == MessageType.NACK:
+                await self._send_again(link, frame)
+            elif frame.message_type in (MessageType.REPORT, MessageType.APPLY_RESULT):
+                await self._send(link, MessageType.ACK, Ack(frame.sequence).to_payload())
+                if frame.payload == self._last_board_result:
+                    continue  # sent again because our ACK was lost: already relayed
+                self._last_board_result = frame.payload
+                if frame.message_type == MessageType.REPORT:
+                    self._on_report(frame, link)
+                else:
+                    self._on_apply_result(frame)
+
+    async def _on_hello(self, link: SerialLink, frame: Frame) -> None:
+        try:
+            hello = Hello.from_payload(frame.payload)
+        except SerialFrameError as error:
+            logger.warning("bridge %s: bad hello from the board: %s", self.device_id, error)
+            return
+        if self.board_ready.is_set():
+            if hello.run == self.config.run_id:
+                return  # a configured board answering our hello: nothing changed
+            self._board_offline()  # an unconfigured board where a ready one was: it rebooted
+        self.board_hello = hello
+        await self._send(link, MessageType.CONFIG, self.config.to_payload())
+
+    def _on_ready(self, frame: Frame) -> None:
+        try:
+            ready = parse_json_payload(frame.payload)
+        except SerialFrameError as error:
+            logger.warning("bridge %s: bad ready from the board: %s", self.device_id, error)
+            return
+        if ready.get("error"):
+            raise BridgeError(f"board on {self.port} cannot take part as {self.device_id}: {ready['error']}")
+        version = ready.get("version")
+        if ready.get("run") != self.config.run_id or ready.get("device") != self.device_id \
+                or isinstance(version, bool) or not isinstance(version, int):
+            logger.warning("bridge %s: ready for another run or device: %s", self.device_id, ready)
+            return
+        if self.board_ready.is_set() and version == self.board_version:
+            return  # the answer to a repeated config
+        first = self.offline_periods == 0 and not self.board_ready.is_set() and version == 0
+        self.board_version = version
+        self.board_ready.set()
+        self._update_connected()
+        hello = self.board_hello
+        self._publish("status", {"online": True}, retain=True)
+        self._publish("hello", {"device": self.device_id, "profile": self.profile_name, "version": version,
+                                "kind": "serial", "port": self.port, "board": hello.board if hello else None,
+                                "capabilities": list(hello.capabilities) if hello else []})
+        if not first or version < self.latest_target_version:
+            self._ask_catch_up(f"board ready at version {version} after (re)connecting")
+
+    def _on_report(self, frame: Frame, link: SerialLink) -> None:
+        try:
+            report = parse_json_payload(frame.payload)
+        except SerialFrameError as error:
+            logger.warning("bridge %s: bad report from the board: %s", self.device_id, error)
+            return
+        version = report.get("version")
+        if isinstance(version, int) and not isinstance(version, bool):
+            self.board_version = version
+        # Delivery on the host's clock (the board's may differ): when the report arrived, less its time on
+        # the line and the time the board spent between completing the update and sending the report.
+        line_s = len(encode_frame(frame.message_type, frame.sequence, frame.payload, flags=frame.flags,
+                                  max_frame_bytes=link.max_frame_bytes)) / line_rate_bytes_per_s(link.baud)
+        published_at = report.get("published_at")
+        delay = report.get("report_delay_seconds")
+        if isinstance(published_at, (int, float)) and isinstance(delay, (int, float)):
+            report["delivery_seconds"] = max(0.0, time.time() - line_s - delay - published_at)
+        report.setdefault("delivery_seconds", 0.0)
+        report["device"] = self.device_id
+        self._publish("report", report)
+
+    def _on_apply_result(self, frame: Frame) -> None:
+        try:
+            result = parse_json_payload(frame.payload)
+        except SerialFrameError as error:
+            logger.warning("bridge %s: bad apply result from the board: %s", self.device_id, error)
+            return
+        if result.get("ok") is False:
+            version = result.get("version")
+            if isinstance(version, int) and not isinstance(version, bool):
+                self.board_version = version
+            self._publish("nack", {"device": self.device_id, "version": self.board_version,
+                                   "reason": str(result.get("reason", "rejected on the board"))})
+
+    def _board_offline(self) -> None:
+        if self.board_ready.is_set():
+            self.board_ready.clear()
+            self.offline_periods += 1
+            self._update_connected()
+            self._publish("status", {"online": False}, retain=True)
+        while not self._to_board.empty():  # what was queued for the board is lost with it
+            self._to_board.get_nowait()
+            self.dropped_while_offline += 1
+
+
+def _describe(frame: Frame) -> str:
+    """What a log line shows of a frame's payload: text for text frames, key/index for chunks."""
+    if frame.message_type == MessageType.UPDATE_CHUNK:
+        try:
+            chunk = UpdateChunk.from_payload(frame.payload)
+        except SerialFrameError:
+            return "(malformed chunk)"
+        more = " more" if frame.flags & FLAG_MORE else ""
+        return f"key={chunk.key} index={chunk.index} bytes={len(chunk.data)}{more}"
+    if frame.message_type in (MessageType.PING, MessageType.PONG):
+        return ""
+    if frame.message_type == MessageType.CONFIG:
+        return "(run configuration)"
+    text = parse_log_payload(frame.payload)
+    return text if len(text) <= 400 else text[:400] + "…"

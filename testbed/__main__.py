@@ -1,0 +1,5 @@
+"""`python -m testbed`: the same as the `testbed` command."""
+
+from testbed.cli import main
+
+raise SystemExit(main())

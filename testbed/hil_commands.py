@@ -1,0 +1,195 @@
+"""`testbed board` (the agent on a board) and `testbed attach` (the host bridge joining a run on its own)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from devices.board_agent import BoardAgent, BoardConfig
+from devices.board_state import BoardStateStore
+from devices.energy_meters import DEFAULT_PERIOD_S, ENERGY_METERS, EnergyMeterError, open_energy_meter
+from devices.profiles import DEVICE_PROFILES, get_device_profile
+from devices.serial_bridge import BridgeError, SerialBridge
+from testbed.mqtt import MqttEndpoint
+from testbed.scenario import ScenarioError, parse_scenario
+from testbed.topics import Topics
+
+COMMANDS = ("board", "attach")
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_ARGUMENTS = 2
+CONFIG_WAIT_S = 120.0
+
+logger = logging.getLogger("testbed.hil")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `board` and `attach` on the `testbed` command's subparsers."""
+    board = commands.add_parser(
+        "board", help="run the board agent (on a Raspberry Pi / Jetson attached to the testbed host over serial)",
+        description="The program on a board: waits for the host bridge on PORT, takes the run's configuration, "
+                    "applies updates (verify, then swap), evaluates on its local test split and reports accuracy "
+                    "and measured energy. Runs until Ctrl-C; survives the port going away and coming back.")
+    board.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyGS0 (Pi USB gadget), /dev/ttyAMA0, "
+                                                     "/dev/ttyUSB0, or socket://HOST:PORT")
+    board.add_argument("--baud", type=int, default=115200, help="line rate (default 115200)")
+    board.add_argument("--name", default=socket.gethostname(), help="board name shown to the host (default: hostname)")
+    board.add_argument("--profile", choices=sorted(DEVICE_PROFILES), default="rpi4",
+                       help="device profile for the `model` energy reader (default rpi4)")
+    board.add_argument("--energy", choices=["auto", *sorted(ENERGY_METERS)], default="auto",
+                       help="power reader: jetson (INA3221 sysfs), ina3221, ina219 (I2C), model, or auto (default)")
+    board.add_argument("--sample-period", type=float, default=DEFAULT_PERIOD_S,
+                       help=f"power sampling period in seconds (default {DEFAULT_PERIOD_S})")
+    board.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
+    board.add_argument("--state-dir", type=Path, default=Path.home() / ".local" / "state" / "edge-testbed",
+                       help="where the model held is saved, so a reboot resumes (default ~/.local/state/edge-testbed)")
+    board.add_argument("-v", "--verbose", action="store_true")
+    attach = commands.add_parser(
+        "attach", help="bridge a serial-attached board into a running scenario as one of its devices",
+        description="Host side of a board in the loop, for a scenario device with `external: true`: finds the run "
+                    "on the broker, opens PORT, hands the board its configuration and relays updates and reports. "
+                    "Every frame is logged to OUT/serial/NAME.log. Runs until Ctrl-C.")
+    attach.add_argument("--port", required=True, help="serial port (device path, or socket://HOST:PORT for ser2net)")
+    attach.add_argument("--baud", type=int, default=115200, help="line rate (default 115200)")
+    attach.add_argument("--name", required=True, help="the device name in the scenario (devices: [{name: ...}])")
+    attach.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
+                        help="where the run said to attach (its link for this device), default 127.0.0.1:1883")
+    attach.add_argument("--run", default=None, help="run id (default: the newest run that has a device NAME)")
+    attach.add_argument("--out", type=Path, default=Path("."), help="folder for serial/NAME.log (default .)")
+    attach.add_argument("-v", "--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `board` or `attach`; returns the exit code."""
+    try:
+        if args.command == "board":
+            return asyncio.run(_board(args))
+        return asyncio.run(_attach(args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
+    print(f"testbed {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+# --- board ----------------------------------------------------------------------------------------------
+
+def _setup_inference(config: BoardConfig) -> Any:
+    from testbed.inference import device_inference
+
+    return device_inference(parse_scenario(config.scenario, f"config from the host for {config.device_id}"),
+                            config.device_index)
+
+
+async def _board(args: argparse.Namespace) -> int:
+    profile = get_device_profile(args.profile)
+    try:
+        meter = open_energy_meter(args.energy, profile, sysfs_root=args.sysfs_root, period_s=args.sample_period)
+    except EnergyMeterError as error:
+        return _fail("board", str(error), EXIT_BAD_ARGUMENTS)
+    agent = BoardAgent(args.port, board_name=args.name, profile=profile, meter=meter, setup=_setup_inference,
+                       baud=args.baud, state=BoardStateStore(args.state_dir / args.name))
+    print(f"board {args.name}: waiting for the host on {args.port} at {args.baud} baud; energy reader "
+          f"{meter.name} every {meter.period_s * 1000:.0f} ms; state in {args.state_dir / args.name}", flush=True)
+    try:
+        await agent.run()
+    except (EnergyMeterError, ScenarioError) as error:
+        return _fail("board", str(error))
+    return EXIT_OK
+
+
+# --- attach ---------------------------------------------------------------------------------------------
+
+def _broker_address(text: str) -> tuple[str, int]:
+    host, separator, port = text.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--broker: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+async def find_run_config(endpoint: MqttEndpoint, device_id: str, run_id: str | None,
+                          wait_s: float = CONFIG_WAIT_S) -> dict[str, Any]:
+    """The retained config of run `run_id` (or of the newest run listing `device_id`) on the broker."""
+    topic = f"testbed/{run_id}/config" if run_id else "testbed/+/config"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    settle_until: float | None = None  # retained configs of several runs arrive together: keep reading briefly
+    found: dict[str, Any] | None = None
+    async with endpoint.client(f"attach-{device_id}-{time.monotonic_ns()}") as client:
+        await client.subscribe(topic, qos=1)
+        messages = client.messages
+        while True:
+            remaining = (deadline if settle_until is None else min(deadline, settle_until)) - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(anext(messages), remaining)
+            except asyncio.TimeoutError:
+                break
+            try:
+                config = json.loads(bytes(message.payload)) if message.payload else None
+            except ValueError:
+                continue
+            if not isinstance(config, dict) or device_id not in config.get("devices", {}):
+                continue
+            if found is None or config.get("started_at", 0) > found.get("started_at", 0):
+                found = config
+            if run_id is not None or not message.retain:
+                break
+            settle_until = loop.time() + 1.0
+    if found is None:
+        where = f"run {run_id}" if run_id else "any run"
+        raise BridgeError(f"no config of {where} listing device {device_id!r} on the broker within {wait_s:.0f} s; "
+                          "start `testbed run` first and check --broker (the address the run printed)")
+    return found
+
+
+async def _attach(args: argparse.Namespace) -> int:
+    try:
+        endpoint = MqttEndpoint(*_broker_address(args.broker))
+    except ValueError as error:
+        return _fail("attach", str(error), EXIT_BAD_ARGUMENTS)
+    try:
+        config = await find_run_config(endpoint, args.name, args.run)
+        scenario = parse_scenario(config["scenario"], "the run's config")
+    except (BridgeError, ScenarioError, KeyError) as error:
+        return _fail("attach", str(error))
+    except aiomqtt.MqttError as error:
+        return _fail("attach", f"cannot reach the broker at {args.broker}: {error}")
+    profile = scenario.device_profiles()[args.name]
+    board_config = BoardConfig(config["run"], args.name, config["devices"][args.name], config["init_seed"],
+                               config["scenario"])
+    log_path = args.out / "serial" / f"{args.name}.log"
+    bridge = SerialBridge(args.name, profile, args.port, Topics(config["run"]), endpoint, board_config,
+                          baud=args.baud, log_path=log_path)
+    print(f"attach {args.name}: run {config['run']}, profile {profile}, port {args.port} at {args.baud} baud; "
+          f"serial log {log_path}", flush=True)
+    watcher = asyncio.create_task(_print_board_state(bridge))
+    try:
+        await bridge.run()
+    except BridgeError as error:
+        return _fail("attach", str(error))
+    finally:
+        watcher.cancel()
+    return EXIT_OK
+
+
+async def _print_board_state(bridge: SerialBridge) -> None:
+    while True:
+        await bridge.connected.wait()
+        print(f"attach {bridge.device_id}: board online at version {bridge.board_version}", flush=True)
+        while bridge.connected.is_set():
+            await asyncio.sleep(0.5)
+        print(f"attach {bridge.device_id}: board offline", flush=True)
+

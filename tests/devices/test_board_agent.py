@@ -1,0 +1,298 @@
+"""The board agent over a real pty, driven by a test playing the host: verify-then-swap, lost frames, resends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import tty
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from devices.board_agent import BoardAgent, BoardConfig
+from devices.board_state import BoardStateStore
+from devices.energy_meters import ModelEnergyMeter
+from devices.profiles import get_device_profile
+from devices.serial_framing import (
+    FLAG_MORE,
+    Ack,
+    Frame,
+    Hello,
+    MessageType,
+    SerialFrameError,
+    UpdateChunk,
+    parse_json_payload,
+    parse_log_payload,
+)
+from devices.serial_link import SerialLink
+from server.update_server import UpdateServer
+from testbed.inference import TorchInference
+from testbed.manifest import UpdateManifest, payload_digest
+from testbed.scenario import parse_scenario
+from testbed.wire import encode_full_model, encode_update, split_chunks, weights_hash
+
+SCENARIO = parse_scenario({
+    "name": "board-test", "seed": 5, "rounds": 3,
+    "model": {"hidden": [16]},
+    "update": {"strategy": "dpu", "ratio": 0.1, "epochs": 2},
+    "devices": [{"name": "bench-pi", "profile": "rpi4", "serial": "/dev/null"}],
+})
+MAX_FRAME = 2048  # small frames (a report still fits), so 4 KiB chunks travel in pieces
+RUN = "run-1"
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[UpdateServer, list[Any]]:
+    server = UpdateServer(SCENARIO)
+    return server, [server.run_round(0), server.run_round(1)]
+
+
+class Host:
+    """The test's end of the line: sends what a bridge would and collects what the board says."""
+
+    def __init__(self, link: SerialLink) -> None:
+        self.link = link
+        self.logs: list[str] = []
+        self.sent: dict[int, Frame] = {}
+        self.answer_nacks = True
+        self.nacks = 0
+
+    async def send(self, message_type: MessageType, payload: bytes, flags: int = 0, lose: bool = False) -> None:
+        """Send a frame (kept for NACKs); `lose=True` numbers it but it never reaches the board."""
+        frame = Frame(message_type, self.link.next_sequence(), payload, flags)
+        self.sent[frame.sequence] = frame
+        if not lose:
+            await self.link.send(frame)
+
+    async def expect(self, message_type: MessageType, timeout_s: float = 20.0) -> Frame:
+        """The next frame of `message_type` (pings answered, logs kept, other frames skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            frame = await self.link.receive(max(0.01, deadline - time.monotonic()))
+            if frame.message_type == MessageType.LOG:
+                self.logs.append(parse_log_payload(frame.payload))
+            if frame.message_type == MessageType.NACK:
+                self.nacks += 1
+                if self.answer_nacks:
+                    await self.link.send(self.sent[Ack.from_payload(frame.payload).sequence])
+            if frame.message_type == message_type:
+                return frame
+
+    async def configure(self, run_id: str = RUN) -> dict[str, Any]:
+        await self.expect(MessageType.HELLO)
+        config = BoardConfig(run_id, "bench-pi", 0, SCENARIO.seed, SCENARIO.model_dump(mode="json", by_alias=True))
+        await self.link.send_message(MessageType.CONFIG, config.to_payload())
+        return parse_json_payload((await self.expect(MessageType.READY)).payload)
+
+    async def send_update(self, payload: bytes, target: int, base: int | None, *, digest: str | None = None,
+                          skip_chunk: int | None = None, chunk_size: int = 4096) -> None:
+        chunks = split_chunks(payload, chunk_size)
+        manifest = UpdateManifest(RUN, target - 1, str(target), target, base, len(payload), len(chunks), chunk_size,
+                                  digest or payload_digest(payload), time.time())
+        await self.send(MessageType.MANIFEST, manifest.to_json())
+        room = MAX_FRAME - 64
+        for index, chunk in enumerate(chunks):
+            pieces = [chunk[start:start + room] for start in range(0, len(chunk), room)]
+            for number, piece in enumerate(pieces):
+                await self.send(MessageType.UPDATE_CHUNK, UpdateChunk(str(target), index, piece).to_payload(),
+                                flags=FLAG_MORE if number < len(pieces) - 1 else 0, lose=index == skip_chunk)
+
+    async def acknowledge(self, frame: Frame) -> None:
+        await self.link.send_message(MessageType.ACK, Ack(frame.sequence).to_payload())
+
+
+class BoardOnPty:
+    """A BoardAgent on one end of a pty, and a Host on the other."""
+
+    def __init__(self, server: UpdateServer, state_dir: Path) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.server = server
+        self.state = BoardStateStore(state_dir)
+        self.agent = self.new_agent()
+        self.task: asyncio.Task[None] | None = None
+
+    def new_agent(self) -> BoardAgent:
+        async def open_link() -> SerialLink:
+            return SerialLink.from_fd(self.slave, close_fd=False, pace=False, max_frame_bytes=MAX_FRAME)
+
+        def setup(config: BoardConfig) -> TorchInference:
+            assert config.device_id == "bench-pi"
+            return TorchInference(self.server.build_device_model(), self.server.device_test_split(config.device_index))
+
+        profile = get_device_profile("rpi4")
+        return BoardAgent("pty", board_name="bench-pi", profile=profile, meter=ModelEnergyMeter(profile, 0.01),
+                          setup=setup, state=self.state, max_frame_bytes=MAX_FRAME, open_link=open_link)
+
+    async def restart(self) -> None:
+        """A reboot: the agent process ends and a new one starts with the same state folder."""
+        await self.stop()
+        self.agent = self.new_agent()
+        self.task = asyncio.create_task(self.agent.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+@pytest.fixture
+async def board(trained: tuple[UpdateServer, list[Any]], tmp_path: Path) -> AsyncIterator[tuple[BoardOnPty, Host]]:
+    server, _ = trained
+    setup = BoardOnPty(server, tmp_path / "state")
+    setup.task = asyncio.create_task(setup.agent.run())
+    host = SerialLink.from_fd(setup.master, close_fd=False, pace=False, max_frame_bytes=MAX_FRAME)
+    try:
+        yield setup, Host(host)
+    finally:
+        await setup.stop()
+        await host.close()
+        os.close(setup.master)
+        os.close(setup.slave)
+
+
+async def test_board_applies_updates_sent_in_pieces_and_reports_measured_energy(board, trained) -> None:
+    setup, host = board
+    _, (first, second) = trained
+    hello = Hello.from_payload((await host.expect(MessageType.HELLO)).payload)
+    assert (hello.board, hello.profile, hello.version, hello.run) == ("bench-pi", "rpi4", 0, "")
+    assert "energy:model" in hello.capabilities
+    ready = await host.configure()
+    assert ready == {"device": "bench-pi", "run": RUN, "version": 0, "error": None}
+
+    await host.send_update(encode_full_model(first.weights, 1), 1, None)
+    frame = await host.expect(MessageType.REPORT)
+    await host.acknowledge(frame)
+    report = parse_json_payload(frame.payload)
+    assert report["version"] == 1 and report["weights_hash"] == weights_hash(first.weights).hex()
+    measured = report["measured_energy"]
+    assert measured["meter"] == "model" and measured["sample_count"] >= 2 and measured["sampling_period_s"] == 0.01
+    # the model reader's power per phase, integrated: receive at the radio's power, apply/evaluate at compute's
+    profile = get_device_profile("rpi4")
+    # the model reader's power is a step per phase and the integral interpolates between samples, so each
+    # phase's energy lies between the lowest and the highest power the profile has, times its duration
+    powers = (profile.idle_power_w, profile.radio_rx_power_w, profile.radio_tx_power_w, profile.compute_power_w)
+    for phase, seconds in measured["seconds_by_phase"].items():
+        joules = measured["joules_by_phase"][phase]
+        assert min(powers) * seconds * 0.999 <= joules <= max(powers) * seconds * 1.001, phase
+    assert measured["seconds_by_phase"]["receive"] > 0 and measured["seconds_by_phase"]["evaluate"] > 0
+    assert report["energy_joules"] == pytest.approx(sum(report["energy_joules_by_phase"].values()))
+    assert report["energy_joules_by_phase"]["compute"] == pytest.approx(
+        measured["joules_by_phase"]["apply"] + measured["joules_by_phase"]["evaluate"])
+
+    await host.send_update(encode_update(first.weights, second.weights, 1, 2), 2, 1)
+    frame = await host.expect(MessageType.REPORT)
+    await host.acknowledge(frame)
+    assert parse_json_payload(frame.payload)["weights_hash"] == weights_hash(second.weights).hex()
+    saved = setup.state.load(RUN, "bench-pi")
+    assert saved is not None and saved.version == 2
+    assert weights_hash(saved.weights) == weights_hash(second.weights)
+
+
+async def test_frames_lost_on_the_line_are_asked_for_again_and_the_update_applies(board, trained) -> None:
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    await host.send_update(encode_full_model(first.weights, 1), 1, None, skip_chunk=0)
+    report = parse_json_payload((await host.expect(MessageType.REPORT)).payload)
+    assert report["version"] == 1 and report["weights_hash"] == weights_hash(first.weights).hex()
+    assert host.nacks >= 1 and setup.agent.frames_lost == 0
+
+
+async def test_frames_that_never_come_restart_the_transfer_and_nothing_is_applied(board, trained) -> None:
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    host.answer_nacks = False
+    payload = encode_full_model(first.weights, 1)
+    await host.send_update(payload, 1, None, skip_chunk=0)
+    frame = await host.expect(MessageType.APPLY_RESULT)
+    await host.acknowledge(frame)
+    result = parse_json_payload(frame.payload)
+    assert result["ok"] is False and result["version"] == 0 and "never arrived" in result["reason"]
+    assert host.nacks >= 5  # asked five times before giving up
+    assert setup.agent.deployment is not None and setup.agent.deployment.receiver.version == 0
+    assert setup.agent.frames_lost >= 1
+    # what follows the gap is dropped too; the update sent again (a catch-up) applies whole
+    await host.send_update(payload, 1, None)
+    frame = await host.expect(MessageType.REPORT)
+    assert parse_json_payload(frame.payload)["version"] == 1
+
+
+async def test_a_corrupted_update_is_rejected_whole(board, trained) -> None:
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    deployment = setup.agent.deployment
+    assert deployment is not None
+    before = weights_hash(deployment.receiver.weights)
+    await host.send_update(encode_full_model(first.weights, 1), 1, None, digest="0" * 64)
+    result = parse_json_payload((await host.expect(MessageType.APPLY_RESULT)).payload)
+    assert result["ok"] is False and "SHA-256" in result["reason"]
+    assert deployment.receiver.version == 0 and weights_hash(deployment.receiver.weights) == before
+    assert setup.agent.rejected_updates == 1
+
+
+async def test_an_unacknowledged_report_is_sent_again_until_acknowledged(board, trained) -> None:
+    _, host = board
+    _, (first, _) = trained
+    await host.configure()
+    await host.send_update(encode_full_model(first.weights, 1), 1, None)
+    original = await host.expect(MessageType.REPORT)
+    again = await host.expect(MessageType.REPORT, timeout_s=5)  # not acknowledged: sent again after ~1.5 s
+    assert again.payload == original.payload and again.sequence != original.sequence
+    await host.acknowledge(again)
+    with pytest.raises(TimeoutError):
+        await host.expect(MessageType.REPORT, timeout_s=3)
+
+
+async def test_frames_before_the_config_are_ignored_and_a_bad_config_is_answered(board, trained) -> None:
+    setup, host = board
+    _, (first, _) = trained
+    await host.expect(MessageType.HELLO)
+    await host.send_update(encode_full_model(first.weights, 1), 1, None)
+    await host.link.send_message(MessageType.CONFIG, b'{"run": 1}')
+    ready = parse_json_payload((await host.expect(MessageType.READY)).payload)
+    assert "bad config" in ready["error"]
+    assert any("not configured" in line for line in host.logs)
+    assert setup.agent.deployment is None
+    with pytest.raises(SerialFrameError, match="config fields"):
+        BoardConfig.from_payload(zlib.compress(json.dumps({"run": "r"}).encode()))
+
+
+async def test_a_rebooted_board_resumes_from_its_saved_version(board, trained) -> None:
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    await host.send_update(encode_full_model(first.weights, 1), 1, None)
+    await host.acknowledge(await host.expect(MessageType.REPORT))
+    await setup.restart()
+    hello = Hello.from_payload((await host.expect(MessageType.HELLO)).payload)
+    assert (hello.version, hello.run) == (0, "")  # not configured yet after the reboot
+    ready = await host.configure()
+    assert ready["version"] == 1
+    assert any("resumed bench-pi of run run-1 at version 1" in line for line in host.logs)
+    deployment = setup.agent.deployment
+    assert deployment is not None and weights_hash(deployment.receiver.weights) == weights_hash(first.weights)
+    # a different run starts from w⁰, not from another run's weights
+    await setup.restart()
+    assert (await host.configure(run_id="run-2"))["version"] == 0
+
+
+def test_board_state_survives_only_whole(tmp_path: Path) -> None:
+    store = BoardStateStore(tmp_path)
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    store.save("r", "d", 3, weights)
+    saved = store.load("r", "d")
+    assert saved is not None and saved.version == 3 and np.array_equal(saved.weights["w"], weights["w"])
+    assert store.load("other-run", "d") is None and store.load("r", "other-device") is None
+    store.save("r", "d", 4, {"w": weights["w"] + 1})
+    assert len(list(tmp_path.glob("weights-*.npz"))) == 1  # older versions are removed
+    (tmp_path / "state.json").write_text("{not json")
+    assert store.load("r", "d") is None  # unreadable state: start from version 0, get a catch-up

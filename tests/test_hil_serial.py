@@ -1,0 +1,195 @@
+"""Boards in the loop: scenarios/hil-serial.yaml against a board agent in its own process, over real ptys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.runner import ScenarioRun
+from testbed.scenario import load_scenario
+from tests.serial_cable import PtyCable
+
+REPO = Path(__file__).resolve().parents[1]
+BOARD = "bench-pi"
+
+
+@pytest.fixture
+def cable() -> Iterator[PtyCable]:
+    cable = PtyCable()
+    yield cable
+    cable.close()
+
+
+class BoardProcess:
+    """`testbed board` in a child process, on the board end of the cable; restartable (a reboot)."""
+
+    def __init__(self, port: str, state_dir: Path, log_path: Path) -> None:
+        self.port, self.state_dir, self.log_path = port, state_dir, log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 — handed to the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "testbed", "board", "--port", self.port, "--name", BOARD, "--energy", "model",
+             "--state-dir", str(self.state_dir), "--sample-period", "0.02"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def board(cable: PtyCable, tmp_path: Path) -> Iterator[BoardProcess]:
+    process = BoardProcess(cable.board_path, tmp_path / "board-state", tmp_path / "board.log")
+    process.start()
+    yield process
+    process.kill()
+
+
+def hil_scenario(cable: PtyCable, rounds: int) -> Any:
+    return load_scenario(REPO / "scenarios" / "hil-serial.yaml", [
+        f"devices.0.serial={cable.host_path}", f"rounds={rounds}", "metrics.port=0"])
+
+
+def check_all_on_final_version(summary: dict[str, Any]) -> None:
+    final = summary["server"]["final_version"]
+    assert final >= 1
+    for device_id, state in summary["devices"].items():
+        assert state["final_version"] == final, (device_id, state)
+        assert state["hash_matches_server"], device_id
+
+
+@pytest.mark.slow
+async def test_hil_serial_scenario_with_a_board_in_its_own_process(cable: PtyCable, board: BoardProcess,
+                                                                    tmp_path: Path) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    run = ScenarioRun(hil_scenario(cable, rounds=3), tmp_path / "out", lambda event, data: events.append((event, data)))
+    result = await asyncio.wait_for(run.execute(), 300)
+
+    summary = result.summary
+    assert set(summary["devices"]) == {BOARD, "rpi4-0", "rpi4-1"}
+    check_all_on_final_version(summary)
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    board_records = [record for record in records if record["device"] == BOARD and record.get("delivered")]
+    assert len(board_records) == sum(1 for record in summary["rounds"] if record["sent"])
+    for record in board_records:
+        assert record["hash_matches_server"]
+        assert 0.5 < record["accuracy"] <= 1.0
+        # measured by the board's integrator from its `model` reader: every phase it went through has energy
+        assert record["energy_joules"] > 0 and record["energy_joules_by_phase"]["compute"] > 0
+        assert record["delivery_seconds"] > 0
+    serial_log = (tmp_path / "out" / "serial" / f"{BOARD}.log").read_text().splitlines()
+    assert any(" host>board CONFIG " in line for line in serial_log)
+    assert any(" board>host READY " in line for line in serial_log)
+    assert any(" host>board UPDATE_CHUNK " in line for line in serial_log)
+    assert any(" board>host REPORT " in line for line in serial_log)
+    assert any(" board>host LOG " in line and "applied" in line for line in serial_log)
+    assert board.process is not None and board.process.poll() is None, board.output()
+
+
+def board_status_changes(events: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+    """The board's online state as the run saw it, repeated values collapsed."""
+    changes: list[bool] = []
+    for event, data in events:
+        if event == "board-status" and data["device"] == BOARD and (not changes or changes[-1] != data["online"]):
+            changes.append(data["online"])
+    return changes
+
+
+@pytest.mark.slow
+async def test_a_board_rebooting_mid_update_and_after_an_update_ends_on_the_final_version(
+        cable: PtyCable, board: BoardProcess, tmp_path: Path) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    loop = asyncio.get_running_loop()
+
+    def reboot() -> None:
+        board.kill()
+        loop.call_later(0.5, board.start)
+
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        events.append((event, data))
+        if event == "publishing" and data["round"] == 0:
+            loop.call_later(2.0, reboot)  # the 69 kB snapshot takes ~6 s over the serial line: cut it halfway
+        if event == "training" and data["round"] == 2:
+            reboot()  # after v1 was applied and saved: the board resumes from it
+
+    run = ScenarioRun(hil_scenario(cable, rounds=3), tmp_path / "out", on_event)
+    result = await asyncio.wait_for(run.execute(), 300)
+
+    check_all_on_final_version(result.summary)
+    assert board.starts == 3
+    # offline until the board is first ready, and from each reboot until it is ready again
+    assert board_status_changes(events) == [False, True, False, True, False, True]
+    assert any(event == "catch-up" and data["device"] == BOARD for event, data in events)
+    serial_log = (tmp_path / "out" / "serial" / f"{BOARD}.log").read_text()
+    assert "resumed bench-pi of run" in serial_log and "at version 1" in serial_log
+    # the cut transfer was never applied: every report of the board carries the server's hash of its version
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all(record["hash_matches_server"] for record in records if record.get("delivered"))
+
+
+@pytest.mark.slow
+async def test_a_silent_board_is_marked_offline_and_catches_up_when_it_answers_again(
+        cable: PtyCable, board: BoardProcess, tmp_path: Path) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    loop = asyncio.get_running_loop()
+
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        events.append((event, data))
+        if event == "training" and data["round"] == 1:
+            cable.cut()  # the board stops answering (cable pulled, board hung) for longer than the silence timeout
+            loop.call_later(12.0, cable.restore)
+
+    run = ScenarioRun(hil_scenario(cable, rounds=3), tmp_path / "out", on_event)
+    result = await asyncio.wait_for(run.execute(), 300)
+
+    check_all_on_final_version(result.summary)
+    changes = board_status_changes(events)
+    assert changes[-3:] == [True, False, True], changes
+    assert cable.bytes_dropped["host>board"] > 0
+    serial_log = (tmp_path / "out" / "serial" / f"{BOARD}.log").read_text()
+    assert "board silent for" in serial_log
+
+
+@pytest.mark.slow
+async def test_line_noise_and_corrupted_frames_cost_retries_not_correctness(
+        cable: PtyCable, board: BoardProcess, tmp_path: Path) -> None:
+    counts = {"host>board": 0, "board>host": 0, "reports cut": 0}
+
+    def corrupt(direction: str, data: bytes) -> bytes:
+        counts[direction] += 1
+        if direction == "host>board" and len(data) > 500 and counts[direction] % 25 == 0:
+            middle = len(data) // 2  # a flipped byte inside an update chunk: bad CRC, the frame is lost
+            return data[:middle] + bytes([data[middle] ^ 0x55]) + data[middle + 1:]
+        if direction == "board>host" and len(data) > 900 and counts["reports cut"] < 2:
+            counts["reports cut"] += 1  # only reports are this long: cut short, the board sends them again
+            return data[: len(data) // 2]
+        if counts[direction] % 7 == 0:
+            return b"\xff\xfe garbage \x00\x13\x37" + data  # noise between frames: the decoder resyncs
+        return data
+
+    cable.corrupt = corrupt
+    run = ScenarioRun(hil_scenario(cable, rounds=3), tmp_path / "out", lambda event, data: None)
+    result = await asyncio.wait_for(run.execute(), 300)
+
+    check_all_on_final_version(result.summary)
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    board_reports = [record for record in records if record["device"] == BOARD and record.get("delivered")]
+    assert board_reports and all(record["hash_matches_server"] for record in board_reports)
+    assert counts["reports cut"] == 2
+    assert board_reports[-1]["accuracy"] > 0.5
