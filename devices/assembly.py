@@ -52,6 +52,11 @@ class UpdateAssembler:
         self._arrived(key)
         return self._complete(key)
 
+    @property
+    def pending_updates(self) -> int:
+        """Updates with a manifest or chunks held but not complete yet."""
+        return len(self._arrival)
+
     def forget(self, key: str) -> None:
         """Drop everything held for one update."""
         self._manifests.pop(key, None)

@@ -1,4 +1,4 @@
-"""The emulated fleet: many device agents in one asyncio process, started and stopped together."""
+"""The fleet: every device of a run (emulated agents, serial bridges, attached boards) in one asyncio process."""
 
 from __future__ import annotations
 
@@ -6,10 +6,37 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from types import TracebackType
-
-from devices.agent import DeviceAgent
+from typing import Protocol
 
 logger = logging.getLogger("devices.fleet")
+
+
+class FleetMember(Protocol):
+    """A device the run waits for: an emulated DeviceAgent, a SerialBridge, or an ExternalDevice."""
+
+    connected: asyncio.Event
+
+    @property
+    def device_id(self) -> str: ...
+
+    async def run(self) -> None: ...
+
+
+class ExternalDevice:
+    """A board whose bridge runs outside this process (`testbed attach`): online when its status says so."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.connected = asyncio.Event()
+
+    def set_online(self, online: bool) -> None:
+        if online:
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()  # nothing to run here; its bridge is another process
 
 
 class FleetError(Exception):
@@ -17,9 +44,9 @@ class FleetError(Exception):
 
 
 class EmulatedFleet:
-    """Owns one task per device agent; `async with` starts them, leaving the block cancels them all."""
+    """Owns one task per fleet member; `async with` starts them, leaving the block cancels them all."""
 
-    def __init__(self, agents: Sequence[DeviceAgent]) -> None:
+    def __init__(self, agents: Sequence[FleetMember]) -> None:
         self.agents = list(agents)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -8,13 +8,17 @@ The leading delimiter ends whatever garbage preceded the frame (a board's boot c
 frame after any noise decodes; two delimiters in a row are an empty frame and ignored. Payloads by type:
 
 ===============  ==========================================================================
-HELLO            JSON ``{"board": str, "profile": str, "capabilities": [str, ...]}``  (`Hello`)
-UPDATE_CHUNK     binary ``u16 key length | key (UTF-8) | u32 chunk index | chunk bytes`` (`UpdateChunk`)
+HELLO            JSON ``{"board", "profile", "capabilities": [...], "version", "run"}`` (`Hello`)
+UPDATE_CHUNK     binary ``u16 key length | key (UTF-8) | u32 chunk index | chunk bytes`` (`UpdateChunk`);
+                 flag FLAG_MORE: more pieces of the same chunk follow (chunks above the frame size)
 ACK, NACK        binary ``u16 acknowledged sequence | reason (UTF-8, empty for ACK)``  (`Ack`)
 APPLY_RESULT     JSON (update key, version, ok, reason)
 REPORT           JSON (the device report: accuracy, energy, timings)
 LOG              one UTF-8 log line
 PING, PONG       opaque bytes, echoed by PONG
+MANIFEST         the update manifest's JSON, as published on MQTT (testbed.manifest)
+CONFIG           zlib-compressed JSON: what the run asks of the board (run id, device, the scenario)
+READY            JSON ``{"device", "run", "version"}``: the board is configured and holds `version`
 ===============  ==========================================================================
 """
 
@@ -54,6 +58,12 @@ class MessageType(IntEnum):
     LOG = 7
     PING = 8
     PONG = 9
+    MANIFEST = 10
+    CONFIG = 11
+    READY = 12
+
+
+FLAG_MORE = 0x01  # UPDATE_CHUNK: the chunk continues in the next frame
 
 
 class DecodeError(str, Enum):
@@ -338,25 +348,34 @@ class Ack:
 
 @dataclass(frozen=True)
 class Hello:
-    """A board introducing itself: its id, device profile and what it can do (e.g. energy readers)."""
+    """A board introducing itself: its id, device profile, what it can do, and the model version it holds.
+
+    `run` is the run its `version` belongs to ("" for a board that has not been configured yet).
+    """
 
     board: str
     profile: str
     capabilities: tuple[str, ...] = ()
+    version: int = 0
+    run: str = ""
 
     def to_payload(self) -> bytes:
-        return json_payload({"board": self.board, "profile": self.profile, "capabilities": list(self.capabilities)})
+        return json_payload({"board": self.board, "profile": self.profile, "capabilities": list(self.capabilities),
+                             "version": self.version, "run": self.run})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Hello:
         data = parse_json_payload(payload)
-        if set(data) != {"board", "profile", "capabilities"}:
-            raise SerialFrameError(f"hello fields must be board, profile, capabilities; got {sorted(data)}")
+        required, optional = {"board", "profile", "capabilities"}, {"version", "run"}
+        if not required <= set(data) <= required | optional:
+            raise SerialFrameError(f"hello fields must be board, profile, capabilities[, version, run]; got {sorted(data)}")
         capabilities = data["capabilities"]
+        version, run = data.get("version", 0), data.get("run", "")
         if not isinstance(data["board"], str) or not isinstance(data["profile"], str) \
-                or not isinstance(capabilities, list) or not all(isinstance(item, str) for item in capabilities):
+                or not isinstance(capabilities, list) or not all(isinstance(item, str) for item in capabilities) \
+                or isinstance(version, bool) or not isinstance(version, int) or version < 0 or not isinstance(run, str):
             raise SerialFrameError(f"hello has a field of the wrong type: {data!r}")
-        return cls(data["board"], data["profile"], tuple(capabilities))
+        return cls(data["board"], data["profile"], tuple(capabilities), version, run)
 
 
 def json_payload(message: dict[str, Any]) -> bytes:

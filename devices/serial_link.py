@@ -172,7 +172,8 @@ class SerialLink:
             raise SerialLinkError(f"{port!r}: the async link supports device paths and socket:// (ser2net raw mode)")
         try:
             device = serial.Serial(port, baudrate=baud, timeout=0)
-        except (serial.SerialException, ValueError) as error:
+            device.reset_input_buffer()  # bytes from before we opened it (boot chatter, a dead session) are stale
+        except (serial.SerialException, ValueError, OSError) as error:
             raise SerialLinkError(f"cannot open serial port {port}: {error}") from None
         return cls(FdTransport(device.fileno(), timeout_s, owner=device), baud, max_frame_bytes=max_frame_bytes, pace=pace, name=port)
 
@@ -229,10 +230,17 @@ class SerialLink:
 
     async def receive(self, timeout_s: float) -> Frame:
         """The next frame; SerialLinkTimeout if none within `timeout_s`, SerialLinkError once closed."""
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that coincides with a frame
+        # arriving, and the cancelled caller then waits on forever.
+        getter = asyncio.ensure_future(self._queue.get())
         try:
-            frame = await asyncio.wait_for(self._queue.get(), timeout_s)
-        except asyncio.TimeoutError:
-            raise SerialLinkTimeout(f"{self.name}: no frame within {timeout_s} s") from None
+            await asyncio.wait({getter}, timeout=timeout_s)
+        finally:
+            if not getter.done():
+                getter.cancel()  # Queue.get gives up cleanly: the frame stays queued for the next reader
+        if not getter.done() or getter.cancelled():
+            raise SerialLinkTimeout(f"{self.name}: no frame within {timeout_s} s")
+        frame = getter.result()
         if frame is None:
             self._queue.put_nowait(None)  # keep the end marker for later readers
             raise self._end_error()

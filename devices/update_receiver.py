@@ -48,6 +48,11 @@ class UpdateReceiver:
         self.version = version
         self.weights = {name: np.asarray(array) for name, array in weights.items()}
 
+    @property
+    def transfers_in_flight(self) -> bool:
+        """Whether some update has been announced or begun but is not complete."""
+        return self.assembler.pending_updates > 0
+
     def drop_transfers(self) -> None:
         """Forget every update in flight (its chunks were lost with a connection)."""
         self.assembler = UpdateAssembler()

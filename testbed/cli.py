@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from testbed import channel_command
+from testbed import channel_command, hil_commands
 from testbed.scenario import Scenario, ScenarioError, load_scenario
 
 EXIT_OK = 0
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("scenario", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     channel_command.add_commands(commands)
+    hil_commands.add_commands(commands)
     _add_report_commands(commands)
     return parser
 
@@ -111,6 +112,12 @@ class _RichProgress:
         self.reported = 0
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "waiting-for-board":
+            self.console.print(
+                f"waiting for board {data['device']}: on the host it is attached to, run\n"
+                f"  testbed attach --name {data['device']} --broker {data['broker']} --port PORT", highlight=False)
+        elif event == "board-status":
+            self.console.print(f"  board {data['device']} {'online' if data['online'] else '[yellow]offline[/]'}")
         if event == "starting":
             self.devices = data["devices"]
             self.console.print(
@@ -319,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in channel_command.COMMANDS:
         return channel_command.run(args)
+    if args.command in hil_commands.COMMANDS:
+        return hil_commands.run(args)
     console = Console()
     if args.command == "validate":
         return _command_validate(args, console)

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from server.data import Split
-from server.models import evaluate_accuracy, get_weights, set_weights
+from server.data import Split, device_test_split, load_dataset_arrival
+from server.models import build_model, evaluate_accuracy, get_weights, set_weights
+from testbed.scenario import Scenario
 
 
 class TorchInference:
@@ -27,3 +28,14 @@ class TorchInference:
 
     def accuracy(self) -> float:
         return evaluate_accuracy(self.model, self.test_split)
+
+
+def device_inference(scenario: Scenario, device_index: int) -> TorchInference:
+    """What device number `device_index` of a run runs, built from the scenario alone (on a board).
+
+    The same model (w⁰ from the seed) and local test split the run's server gives its emulated devices.
+    """
+    seed = int(scenario.seed)
+    arrival = load_dataset_arrival(scenario.data, seed)
+    model = build_model(scenario.model, arrival.num_features, arrival.num_classes, seed, input_shape=arrival.input_shape)
+    return TorchInference(model, device_test_split(arrival.test, device_index, scenario.data.device_test_samples, seed))

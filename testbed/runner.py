@@ -18,8 +18,10 @@ import numpy as np
 
 from channel.errors import ChannelError
 from devices.agent import DeviceAgent, DeviceConfig
-from devices.fleet import EmulatedFleet
+from devices.board_agent import BoardConfig
+from devices.fleet import EmulatedFleet, ExternalDevice, FleetMember
 from devices.profiles import get_device_profile
+from devices.serial_bridge import SerialBridge
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.broker import EmbeddedBroker
 from testbed.inference import TorchInference
@@ -134,6 +136,9 @@ class ScenarioRun:
                         "bytes_received": 0, "weights_hash": None, "rounds_missed": 0}
             for device_id, profile in self.profiles.items()
         }
+        self.external_devices: dict[str, ExternalDevice] = {}
+        self.board_devices = [device_id for device_id, entry in scenario.device_entries().items()
+                              if entry.kind != "emulated"]
         self.metrics_url: str | None = None
         self.pushes = 0
         self.push_errors: list[str] = []
@@ -153,7 +158,8 @@ class ScenarioRun:
                     MetricsExporter(self.metrics.registry, scenario.metrics.host, scenario.metrics.port)
                 )
                 self.metrics_url = exporter.url
-            agents = []
+            agents: list[FleetMember] = []
+            entries = scenario.device_entries()
             for index, (device_id, profile_name) in enumerate(self.profiles.items()):
                 try:
                     link = await stack.enter_async_context(links.open(
@@ -162,12 +168,27 @@ class ScenarioRun:
                     raise RunError(f"channel backend {scenario.channel.backend!r} cannot open the link of "
                                    f"{device_id}: {error}") from error
                 self.metrics.add_device(device_id, profile_name, link)
-                inference = TorchInference(server.build_device_model(), server.device_test_split(index))
-                device_downlink, device_uplink = links.parameters(device_id)
-                config = DeviceConfig(device_id, get_device_profile(profile_name), device_downlink.rate_bps,
-                                      device_uplink.rate_bps, init_seed=server.seed)
-                agents.append(DeviceAgent(config, self.topics, endpoint.via(*link.address), inference))
+                entry = entries[device_id]
+                if entry.kind == "emulated":
+                    inference = TorchInference(server.build_device_model(), server.device_test_split(index))
+                    device_downlink, device_uplink = links.parameters(device_id)
+                    config = DeviceConfig(device_id, get_device_profile(profile_name), device_downlink.rate_bps,
+                                          device_uplink.rate_bps, init_seed=server.seed)
+                    agents.append(DeviceAgent(config, self.topics, endpoint.via(*link.address), inference))
+                elif entry.kind == "serial":
+                    assert entry.serial is not None
+                    agents.append(SerialBridge(
+                        device_id, profile_name, entry.serial, self.topics, endpoint.via(*link.address),
+                        self._board_config(device_id, index, server.seed), baud=entry.baud,
+                        log_path=self.out_dir / "serial" / f"{device_id}.log"))
+                else:
+                    self.external_devices[device_id] = ExternalDevice(device_id)
+                    agents.append(self.external_devices[device_id])
+                    self.progress("waiting-for-board", {"device": device_id, "broker": f"{link.address[0]}:{link.address[1]}",
+                                                        "run_id": self.run_id})
             control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
+            await control.publish(self.topics.config, json.dumps(self._run_config(server.seed)), qos=1, retain=True)
+            stack.push_async_callback(_clear_retained, control, self.topics.config)
             messages = _DeviceMessages(self.topics, self._record_status)
             await control.subscribe(self.topics.devices("status"), qos=1)
             await control.subscribe(self.topics.devices("report"), qos=1)
@@ -298,6 +319,22 @@ class ScenarioRun:
     def _record_status(self, device_id: str, status: dict[str, Any]) -> None:
         if device_id in self.profiles and isinstance(status.get("online"), bool):
             self.metrics.record_online(device_id, self.profiles[device_id], status["online"])
+            if device_id in self.external_devices:
+                self.external_devices[device_id].set_online(status["online"])
+            if device_id in self.board_devices:
+                self.progress("board-status", {"device": device_id, "online": status["online"]})
+
+    def _scenario_data(self) -> dict[str, Any]:
+        return self.scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def _board_config(self, device_id: str, index: int, init_seed: int) -> BoardConfig:
+        """What a board taking part as `device_id` needs to build its model and local test split."""
+        return BoardConfig(self.run_id, device_id, index, init_seed, self._scenario_data())
+
+    def _run_config(self, init_seed: int) -> dict[str, Any]:
+        """The retained config message: how `testbed attach` learns the run's scenario and device numbers."""
+        return {"run": self.run_id, "started_at": time.time(), "init_seed": init_seed, "scenario": self._scenario_data(),
+                "devices": {device_id: index for index, device_id in enumerate(self.profiles)}}
 
     def _device_record(self, round_index: int, outcome: RoundOutcome, device_id: str, profile: str,
                        report: dict[str, Any] | None, expected_hash: str) -> dict[str, Any]:
@@ -354,6 +391,14 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
     except (asyncio.CancelledError, aiomqtt.MqttError):
         pass
+
+
+async def _clear_retained(client: aiomqtt.Client, topic: str) -> None:
+    """Remove a retained message (an empty retained payload deletes it), so an external broker keeps no stale config."""
+    try:
+        await client.publish(topic, b"", qos=1, retain=True, timeout=5.0)
+    except aiomqtt.MqttError as error:
+        logger.warning("could not clear the retained %s: %s", topic, error)
 
 
 async def run_scenario(scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None) -> RunResult:

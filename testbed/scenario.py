@@ -252,11 +252,19 @@ class ChannelSpec(_Model):
 
 
 class DeviceGroup(_Model):
-    """Either `count` emulated devices of a profile, or one named device."""
+    """Either `count` emulated devices of a profile, or one named device (emulated, or a board in the loop).
+
+    A named device with `serial` is a board on that port (a device path, or socket://host:port for a
+    serial server such as ser2net): the run starts its host bridge. With `external: true` the bridge is
+    started separately (`testbed attach`, possibly on another host) and the run waits for it to join.
+    """
 
     profile: str
     count: int | None = Field(None, ge=1, le=1000)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    serial: str | None = Field(None, min_length=1)
+    baud: int = Field(115200, ge=50, le=4_000_000)
+    external: bool = False
 
     @field_validator("profile")
     @classmethod
@@ -271,7 +279,17 @@ class DeviceGroup(_Model):
     def _count_or_name(self) -> DeviceGroup:
         if self.count is not None and self.name is not None:
             raise ValueError("give either 'count' (a group of emulated devices) or 'name' (one device), not both")
+        if (self.serial is not None or self.external) and self.name is None:
+            raise ValueError("a board in the loop ('serial' or 'external') needs a 'name' (one device per board)")
+        if self.serial is not None and self.external:
+            raise ValueError("give either 'serial' (the run starts the bridge) or 'external: true' "
+                             "(`testbed attach` starts it), not both")
         return self
+
+    @property
+    def kind(self) -> str:
+        """emulated, serial or external."""
+        return "serial" if self.serial is not None else "external" if self.external else "emulated"
 
     def device_ids(self) -> list[str]:
         """The ids of the devices this entry stands for."""
@@ -398,6 +416,10 @@ class Scenario(_Model):
     def device_ids(self) -> list[str]:
         """Every device id of the run, in scenario order."""
         return [device_id for group in self.devices for device_id in group.device_ids()]
+
+    def device_entries(self) -> dict[str, DeviceGroup]:
+        """Device id -> the entry it comes from (its kind, port and baud)."""
+        return {device_id: group for group in self.devices for device_id in group.device_ids()}
 
     def device_profiles(self) -> dict[str, str]:
         """Device id -> profile name."""

@@ -22,6 +22,11 @@ class Topics:
         """Retained: the latest update every device should hold."""
         return self.prefix + "manifest"
 
+    @property
+    def config(self) -> str:
+        """Retained: the run's scenario and device list, for boards attached from outside the run."""
+        return self.prefix + "config"
+
     def update_chunk(self, update_key: str, chunk_index: int) -> str:
         """One chunk of an encoded update; `update_key` is the target version, or `<target>-from-<base>`."""
         return f"{self.prefix}update/{update_key}/{chunk_index}"
