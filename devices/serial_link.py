@@ -29,6 +29,7 @@ from devices.serial_framing import (
 BITS_PER_BYTE_8N1 = 10  # start bit + 8 data bits + stop bit
 READ_BYTES = 65536
 RECEIVE_QUEUE_FRAMES = 256  # beyond this the link stops reading and the kernel buffer pushes back
+URL_READ_TIMEOUT_S = 0.1  # a URL port's reader thread returns this often, so closing never waits longer
 PACING_SLACK_S = 0.02  # lateness of the sender still counted as a busy line (like a UART FIFO)
 
 
@@ -127,6 +128,36 @@ class StreamTransport:
         self.writer.close()
 
 
+class ThreadedSerialTransport:
+    """A pyserial URL port (rfc2217://, loop://) with blocking I/O, read and written from worker threads."""
+
+    def __init__(self, device: serial.SerialBase) -> None:
+        self.device = device
+        self._closed = False
+
+    async def read(self) -> bytes:
+        while not self._closed:
+            try:
+                data = await asyncio.to_thread(self.device.read, READ_BYTES)
+            except (serial.SerialException, OSError) as error:
+                if self._closed:
+                    break
+                raise SerialLinkError(f"{self.device.port}: {error}") from None
+            if data:
+                return data
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(self.device.write, data)
+        except (serial.SerialException, OSError) as error:
+            raise SerialLinkError(f"{self.device.port}: {error}") from None
+
+    def close(self) -> None:
+        self._closed = True
+        self.device.close()
+
+
 class SerialLink:
     """Frames both ways over one byte stream. Use `async with await SerialLink.open(port) as link:`.
 
@@ -158,7 +189,7 @@ class SerialLink:
     @classmethod
     async def open(cls, port: str, baud: int = 115200, *, timeout_s: float = 10.0,
                    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, pace: bool = True) -> SerialLink:
-        """A device path (/dev/ttyUSB0, /dev/pts/N) through pyserial, or socket://host:port."""
+        """A device path (/dev/ttyUSB0, /dev/pts/N), socket://host:port, or any pyserial URL (rfc2217://host:port)."""
         if port.startswith("socket://"):
             address = urlsplit(port)
             if address.hostname is None or address.port is None:
@@ -168,8 +199,13 @@ class SerialLink:
             except (OSError, asyncio.TimeoutError) as error:
                 raise SerialLinkError(f"cannot connect to {port}: {error or 'timed out'}") from None
             return cls(StreamTransport(reader, writer, timeout_s), baud, max_frame_bytes=max_frame_bytes, pace=pace, name=port)
-        if "://" in port:
-            raise SerialLinkError(f"{port!r}: the async link supports device paths and socket:// (ser2net raw mode)")
+        if "://" in port:  # rfc2217:// (ser2net telnet mode, RFC 2217 servers), loop://, spy://, ...
+            try:
+                device = await asyncio.wait_for(asyncio.to_thread(
+                    serial.serial_for_url, port, baudrate=baud, timeout=URL_READ_TIMEOUT_S), timeout_s)
+            except (serial.SerialException, ValueError, OSError, asyncio.TimeoutError) as error:
+                raise SerialLinkError(f"cannot open serial URL {port}: {error or 'timed out'}") from None
+            return cls(ThreadedSerialTransport(device), baud, max_frame_bytes=max_frame_bytes, pace=pace, name=port)
         try:
             device = serial.Serial(port, baudrate=baud, timeout=0)
             device.reset_input_buffer()  # bytes from before we opened it (boot chatter, a dead session) are stale

@@ -193,3 +193,53 @@ async def test_line_noise_and_corrupted_frames_cost_retries_not_correctness(
     assert board_reports and all(record["hash_matches_server"] for record in board_reports)
     assert counts["reports cut"] == 2
     assert board_reports[-1]["accuracy"] > 0.5
+
+
+@pytest.mark.slow
+async def test_testbed_attach_joins_a_running_scenario_from_its_own_process(
+        cable: PtyCable, board: BoardProcess, tmp_path: Path) -> None:
+    scenario = load_scenario(REPO / "scenarios" / "hil-serial.yaml", [
+        "devices.0.serial=null", "devices.0.external=true", "rounds=2", "metrics.port=0"])
+    attach_log = tmp_path / "attach.log"
+    attach: list[subprocess.Popen[bytes]] = []
+
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        if event == "waiting-for-board":  # what the run prints for the user to run on the board's host
+            with open(attach_log, "wb") as log:
+                attach.append(subprocess.Popen(
+                    [sys.executable, "-m", "testbed", "attach", "--port", cable.host_path, "--name", data["device"],
+                     "--broker", data["broker"], "--out", str(tmp_path / "attach-out")],
+                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+
+    run = ScenarioRun(scenario, tmp_path / "out", on_event)
+    try:
+        result = await asyncio.wait_for(run.execute(), 300)
+    finally:
+        for process in attach:
+            process.terminate()
+            process.wait(10)
+    assert len(attach) == 1
+    check_all_on_final_version(result.summary)
+    output = attach_log.read_text()
+    assert f"attach {BOARD}: run {run.run_id}" in output and "board online at version 0" in output
+    serial_log = (tmp_path / "attach-out" / "serial" / f"{BOARD}.log").read_text()
+    assert " board>host REPORT " in serial_log
+
+
+async def test_attach_without_a_run_on_the_broker_fails_with_a_clear_message(mosquitto: tuple[str, int]) -> None:
+    from devices.serial_bridge import BridgeError
+    from testbed.hil_commands import find_run_config
+    from testbed.mqtt import MqttEndpoint
+
+    with pytest.raises(BridgeError, match="no config of any run listing device 'nobody'.*start `testbed run` first"):
+        await find_run_config(MqttEndpoint(*mosquitto), "nobody", None, wait_s=1.0)
+
+
+def test_board_and_attach_reject_bad_arguments_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from testbed.cli import main
+
+    assert main(["board", "--port", "/dev/null", "--energy", "jetson", "--sysfs-root", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("testbed board: error:") and "INA3221" in error
+    assert main(["attach", "--port", "/dev/null", "--name", "x", "--broker", "localhost"]) == 2
+    assert "--broker: expected HOST:PORT" in capsys.readouterr().err

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import threading
 import tty
 
 import pytest
+import serial
+import serial.rfc2217
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -19,11 +23,11 @@ from devices.serial_framing import (
     framing_overhead_bytes,
 )
 from devices.serial_link import (
-    measure_paced_throughput,
     SerialLink,
     SerialLinkError,
     SerialLinkTimeout,
     line_rate_bytes_per_s,
+    measure_paced_throughput,
 )
 
 
@@ -106,8 +110,97 @@ async def test_socket_url_link():
 async def test_open_errors():
     with pytest.raises(SerialLinkError, match="cannot open serial port /dev/does-not-exist"):
         await SerialLink.open("/dev/does-not-exist")
-    with pytest.raises(SerialLinkError, match="supports device paths and socket://"):
-        await SerialLink.open("rfc2217://localhost:2217")
+    with pytest.raises(SerialLinkError, match="cannot open serial URL rfc2217://127.0.0.1:1"):
+        await SerialLink.open("rfc2217://127.0.0.1:1", timeout_s=5)
+    with pytest.raises(SerialLinkError, match="cannot open serial URL nosuch://"):
+        await SerialLink.open("nosuch://x")
+
+
+class PtySerial(serial.Serial):
+    """A pty through pyserial, minus modem lines (DTR/RTS/CTS...), which ptys have no ioctls for."""
+
+    def _update_dtr_state(self) -> None:
+        pass
+
+    def _update_rts_state(self) -> None:
+        pass
+
+    @property
+    def cts(self) -> bool:
+        return True
+
+    @property
+    def dsr(self) -> bool:
+        return True
+
+    @property
+    def ri(self) -> bool:
+        return False
+
+    @property
+    def cd(self) -> bool:
+        return True
+
+
+class Rfc2217Server:
+    """pyserial's RFC 2217 PortManager in front of a pty, on 127.0.0.1: what ser2net's telnet mode offers."""
+
+    def __init__(self, port_path: str) -> None:
+        self.serial = PtySerial(port_path, 115200, timeout=0.05)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        connection.settimeout(0.05)
+        manager = serial.rfc2217.PortManager(self.serial, connection_writer(connection))
+
+        def to_network() -> None:
+            while not self.stop.is_set():
+                data = self.serial.read(4096)
+                if data:
+                    connection.sendall(b"".join(manager.escape(data)))
+
+        threading.Thread(target=to_network, daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                data = connection.recv(4096)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            self.serial.write(b"".join(manager.filter(data)))
+        connection.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+class connection_writer:  # noqa: N801 — the object PortManager writes its telnet replies to
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
+
+    def write(self, data: bytes) -> None:
+        self.connection.sendall(data)
+
+
+async def test_rfc2217_url_link_carries_frames_both_ways(pty_pair):
+    master, path, _ = pty_pair
+    server = Rfc2217Server(path)
+    try:
+        async with await SerialLink.open(f"rfc2217://127.0.0.1:{server.port}", pace=False) as host:
+            board = SerialLink.from_fd(master, close_fd=False, pace=False)
+            payload = bytes(range(256)) * 8  # 0xFF is telnet's IAC: it must come through escaped and back
+            sent = await host.send_message(MessageType.UPDATE_CHUNK, payload)
+            assert await board.receive(10) == sent
+            reply = await board.send_message(MessageType.REPORT, b"\xff\xff report \x00")
+            assert await host.receive(10) == reply
+            await board.close()
+    finally:
+        server.close()
 
 
 async def test_paced_throughput_at_115200_is_the_line_rate_net_of_framing(pty_pair):
