@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -146,6 +147,7 @@ class LinkSpec(_Model):
     trace: Path | None = None
     overhead_bytes: SizeBytes = Field(40, alias="overhead")
     mss_bytes: SizeBytes = Field(1460, alias="mss")
+    queue_bytes: SizeBytes | None = Field(None, alias="queue")  # drop-tail bottleneck queue (tun backend)
 
     @field_validator("loss")
     @classmethod
@@ -213,7 +215,8 @@ class ChannelSpec(_Model):
     downlink: LinkSpec | None = None
     uplink: LinkSpec | None = None
     reset_after_s: DurationSeconds | None = Field(10.0, alias="reset_after")
-    cells: list[CellSpec] = Field(default_factory=list)
+    cells: list[CellSpec] = Field(default_factory=list, alias="cells",
+                                  validation_alias=AliasChoices("cells", "links"))  # `links:` reads the same
 
     @field_validator("reset_after_s")
     @classmethod
@@ -245,6 +248,11 @@ class ChannelSpec(_Model):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"cell name {repeated[0]!r} appears twice; give each cell its own name")
+        queued = [name for name, link in (("downlink", self.downlink), ("uplink", self.uplink))
+                  if link is not None and link.queue_bytes is not None]
+        if queued and self.backend != "tun":
+            raise ValueError(f"{queued[0]}.queue (a bounded bottleneck queue) is emulated by backend 'tun' only, "
+                             f"not {self.backend!r}; use backend: tun or remove the queue")
         if self.cells and self.backend != "proxy":
             raise ValueError(f"cells (shared links) need backend 'proxy', not {self.backend!r}; "
                              "use backend: proxy or remove channel.cells")

@@ -127,3 +127,17 @@ async def test_a_shared_cell_halves_each_devices_rate(tmp_path: Path) -> None:
         tmp_path / "cell")
     ratio = (sum(cell) / len(cell)) / (sum(own) / len(own))
     assert 1.6 <= ratio <= 2.4, (own, cell)
+
+
+def test_links_is_another_name_for_cells() -> None:
+    cells = [{"name": "cell-a", "devices": ["rpi4-0", "rpi4-1"], "downlink": {"rate": "200kbit"}}]
+    by_links = parse_scenario(scenario({"links": cells}))
+    assert by_links == parse_scenario(scenario({"cells": cells}))
+    assert "cells:" in by_links.to_yaml()
+
+
+def test_a_bottleneck_queue_reaches_the_link_and_needs_the_tun_backend() -> None:
+    parsed = parse_scenario(scenario({"backend": "tun", "downlink": {"rate": "100kbit", "queue": "6KB"}}))
+    assert DeviceLinks(parsed.channel, 1).parameters("rpi4-0")[0].queue_bytes == 6000
+    assert "downlink.queue (a bounded bottleneck queue) is emulated by backend 'tun' only, not 'proxy'" in error_of(
+        scenario({"downlink": {"rate": "100kbit", "queue": "6KB"}}))
