@@ -19,6 +19,7 @@ from devices.board_state import BoardStateStore
 from devices.energy_meters import DEFAULT_PERIOD_S, ENERGY_METERS, EnergyMeterError, open_energy_meter
 from devices.profiles import DEVICE_PROFILES, get_device_profile
 from devices.serial_bridge import BridgeError, SerialBridge
+from devices.task_groups import run_together
 from testbed.mqtt import MqttEndpoint
 from testbed.scenario import ScenarioError, parse_scenario
 from testbed.topics import Topics
@@ -28,6 +29,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_ARGUMENTS = 2
 CONFIG_WAIT_S = 120.0
+RUN_GONE_AFTER_FAILURES = 10  # a second apart: the run's broker has not come back for ten seconds
 
 logger = logging.getLogger("testbed.hil")
 
@@ -177,12 +179,29 @@ async def _attach(args: argparse.Namespace) -> int:
           f"serial log {log_path}", flush=True)
     watcher = asyncio.create_task(_print_board_state(bridge))
     try:
-        await bridge.run()
+        await run_together(bridge.run(), _until_run_ends(endpoint, Topics(config["run"]), args.name))
     except BridgeError as error:
         return _fail("attach", str(error))
     finally:
         watcher.cancel()
+    print(f"attach {args.name}: run {config['run']} finished", flush=True)
     return EXIT_OK
+
+
+async def _until_run_ends(endpoint: MqttEndpoint, topics: Topics, device_id: str) -> None:
+    """Returns when the run clears its retained config (it ends), or its broker is gone for good."""
+    failures = 0
+    while failures < RUN_GONE_AFTER_FAILURES:
+        try:
+            async with endpoint.client(f"{topics.run_id}-{device_id}-watch") as client:
+                await client.subscribe(topics.config, qos=1)
+                failures = 0
+                async for message in client.messages:
+                    if not message.payload or bytes(message.payload) == b'{"finished": true}':
+                        return
+        except aiomqtt.MqttError:
+            failures += 1
+            await asyncio.sleep(1.0)
 
 
 async def _print_board_state(bridge: SerialBridge) -> None:

@@ -38,6 +38,7 @@ from testbed.wire import weights_hash
 logger = logging.getLogger("testbed.runner")
 
 ONLINE_TIMEOUT_S = 60.0
+EXTERNAL_GOODBYE_S = 3.0  # at the end, time for "finished" to reach `testbed attach` bridges through their links
 MAX_CATCH_UPS_PER_ROUND = 3
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
@@ -188,7 +189,8 @@ class ScenarioRun:
                                                         "run_id": self.run_id})
             control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
             await control.publish(self.topics.config, json.dumps(self._run_config(server.seed)), qos=1, retain=True)
-            stack.push_async_callback(_clear_retained, control, self.topics.config)
+            stack.push_async_callback(_end_run_config, control, self.topics.config,
+                                      EXTERNAL_GOODBYE_S if self.external_devices else 0.0)
             messages = _DeviceMessages(self.topics, self._record_status)
             await control.subscribe(self.topics.devices("status"), qos=1)
             await control.subscribe(self.topics.devices("report"), qos=1)
@@ -393,9 +395,14 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         pass
 
 
-async def _clear_retained(client: aiomqtt.Client, topic: str) -> None:
-    """Remove a retained message (an empty retained payload deletes it), so an external broker keeps no stale config."""
+async def _end_run_config(client: aiomqtt.Client, topic: str, goodbye_s: float) -> None:
+    """Tell `testbed attach` bridges the run is over, then delete the retained config (an empty retained payload).
+
+    `goodbye_s` keeps the links up that long, so the message crosses the emulated links before they close.
+    """
     try:
+        await client.publish(topic, b'{"finished": true}', qos=1, timeout=5.0)
+        await asyncio.sleep(goodbye_s)
         await client.publish(topic, b"", qos=1, retain=True, timeout=5.0)
     except aiomqtt.MqttError as error:
         logger.warning("could not clear the retained %s: %s", topic, error)

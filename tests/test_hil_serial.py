@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from testbed.runner import ScenarioRun
 from testbed.scenario import load_scenario
-from tests.serial_cable import PtyCable
+from devices.pty_cable import PtyCable
 
 REPO = Path(__file__).resolve().parents[1]
 BOARD = "bench-pi"
@@ -214,14 +215,18 @@ async def test_testbed_attach_joins_a_running_scenario_from_its_own_process(
     run = ScenarioRun(scenario, tmp_path / "out", on_event)
     try:
         result = await asyncio.wait_for(run.execute(), 300)
+        assert len(attach) == 1
+        ended = time.monotonic()
+        assert await asyncio.to_thread(attach[0].wait, 30) == 0  # it sees the run end and exits by itself
+        assert time.monotonic() - ended < 5, "attach should stop on the run's finished message, not time out"
     finally:
         for process in attach:
-            process.terminate()
+            process.kill()
             process.wait(10)
-    assert len(attach) == 1
     check_all_on_final_version(result.summary)
     output = attach_log.read_text()
     assert f"attach {BOARD}: run {run.run_id}" in output and "board online at version 0" in output
+    assert f"run {run.run_id} finished" in output
     serial_log = (tmp_path / "attach-out" / "serial" / f"{BOARD}.log").read_text()
     assert " board>host REPORT " in serial_log
 

@@ -1,4 +1,4 @@
-"""A null-modem cable of two real ptys, relayed by a thread: unplug it, or put noise on it, from a test."""
+"""A null-modem cable of two real ptys, relayed by a thread: try boards in the loop without hardware, unplug it, add noise."""
 
 from __future__ import annotations
 
@@ -73,3 +73,20 @@ class PtyCable:
         for fd in (self._host_master, self._host_slave, self._board_master, self._board_slave,
                    self._stop_read, self._stop_write):
             os.close(fd)
+
+
+def main() -> int:
+    """`python -m devices.pty_cable`: print both ends' paths and relay until Ctrl-C."""
+    cable = PtyCable()
+    print(f"host end:  {cable.host_path}\nboard end: {cable.board_path}\n(Ctrl-C to unplug)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cable.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
