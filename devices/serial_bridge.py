@@ -396,6 +396,12 @@ def _describe(frame: Frame) -> str:
         return f"key={chunk.key} index={chunk.index} bytes={len(chunk.data)}{more}"
     if frame.message_type in (MessageType.PING, MessageType.PONG):
         return ""
+    if frame.message_type in (MessageType.ACK, MessageType.NACK):
+        try:
+            ack = Ack.from_payload(frame.payload)
+        except SerialFrameError:
+            return "(malformed)"
+        return f"of seq={ack.sequence} {ack.reason}".rstrip()
     if frame.message_type == MessageType.CONFIG:
         return "(run configuration)"
     text = parse_log_payload(frame.payload)

@@ -242,7 +242,12 @@ class SerialLink:
         return frame
 
     async def send(self, frame: Frame) -> None:
-        """Write one frame; returns when the line has carried it (at `baud`, 8N1)."""
+        """Write one frame; returns when the line has carried it (at `baud`, 8N1).
+
+        Paced, the bytes are released when a UART would have finished sending them (after the frame's
+        line time), so over a pty, a socket or USB serial the receiver sees each frame complete when a
+        real line at `baud` would have delivered it, never earlier.
+        """
         data = encode_frame(frame.message_type, frame.sequence, frame.payload, flags=frame.flags,
                             max_frame_bytes=self.max_frame_bytes)
         if self._closed:
@@ -251,18 +256,15 @@ class SerialLink:
         async with self._send_lock:
             now = loop.time()
             start = self._line_free_at if now - self._line_free_at <= PACING_SLACK_S else now
-            if self.pace and start > now:
-                await asyncio.sleep(start - now)
+            end = start + len(data) / self.line_rate_bytes_per_s
+            if self.pace and end > now:
+                await asyncio.sleep(end - now)
             try:
                 await self.transport.write(data)
             except (OSError, asyncio.TimeoutError) as error:
                 raise SerialLinkError(f"{self.name}: write failed: {error or 'timed out'}") from None
             self.bytes_sent += len(data)
-            self._line_free_at = start + len(data) / self.line_rate_bytes_per_s
-            if self.pace:
-                remaining = self._line_free_at - loop.time()
-                if remaining > 0:
-                    await asyncio.sleep(remaining)
+            self._line_free_at = end
 
     async def receive(self, timeout_s: float) -> Frame:
         """The next frame; SerialLinkTimeout if none within `timeout_s`, SerialLinkError once closed."""
