@@ -28,6 +28,7 @@ class LinkCountersView(Protocol):
     lost_segments: int
     retransmissions: int
     queueing_delay_s: float
+    queue_drops: int
 
 
 class LinkView(Protocol):
@@ -47,6 +48,8 @@ LINK_COUNTERS = (
     ("testbed_link_wire_bytes", "Bytes on the wire including header overhead and retransmissions", "wire_bytes"),
     ("testbed_link_dropped_segments", "Segments the link dropped (each costs a retransmission)", "lost_segments"),
     ("testbed_link_retransmissions", "Retransmissions the link caused", "retransmissions"),
+    ("testbed_link_queue_drops", "Packets tail-dropped by a full bottleneck queue (`queue`, tun backend)",
+     "queue_drops"),
     ("testbed_link_queueing_delay_seconds", "Queueing delay summed over all segments (divide by segments)",
      "queueing_delay_s"),
 )

@@ -107,11 +107,13 @@ def test_link_counters_are_read_when_scraped() -> None:
     link.downlink_counters.lost_segments = 2
     link.downlink_counters.retransmissions = 2
     link.downlink_counters.queueing_delay_s = 0.5
+    link.downlink_counters.queue_drops = 3
     link.uplink_counters.payload_bytes = 77
     assert value(metrics, "testbed_link_wire_bytes_total", **labels) == 15_000
     assert value(metrics, "testbed_link_dropped_segments_total", **labels) == 2
     assert value(metrics, "testbed_link_retransmissions_total", **labels) == 2
     assert value(metrics, "testbed_link_queueing_delay_seconds_total", **labels) == 0.5
+    assert value(metrics, "testbed_link_queue_drops_total", **labels) == 3
     assert value(metrics, "testbed_link_mean_queueing_delay_seconds", **labels) == pytest.approx(0.05)
     assert value(metrics, "testbed_link_payload_bytes_total", **{**labels, "direction": "uplink"}) == 77
 
