@@ -138,6 +138,7 @@ class ScenarioRun:
             for device_id, profile in self.profiles.items()
         }
         self.external_devices: dict[str, ExternalDevice] = {}
+        self.boards_seen_online: set[str] = set()
         self.board_devices = [device_id for device_id, entry in scenario.device_entries().items()
                               if entry.kind != "emulated"]
         self.metrics_url: str | None = None
@@ -323,7 +324,8 @@ class ScenarioRun:
             self.metrics.record_online(device_id, self.profiles[device_id], status["online"])
             if device_id in self.external_devices:
                 self.external_devices[device_id].set_online(status["online"])
-            if device_id in self.board_devices:
+            if device_id in self.board_devices and (status["online"] or device_id in self.boards_seen_online):
+                self.boards_seen_online.add(device_id)  # "offline" before the board was ever ready is no news
                 self.progress("board-status", {"device": device_id, "online": status["online"]})
 
     def _scenario_data(self) -> dict[str, Any]:

@@ -134,8 +134,8 @@ async def test_a_board_rebooting_mid_update_and_after_an_update_ends_on_the_fina
 
     check_all_on_final_version(result.summary)
     assert board.starts == 3
-    # offline until the board is first ready, and from each reboot until it is ready again
-    assert board_status_changes(events) == [False, True, False, True, False, True]
+    # online when first ready, offline from each reboot until it is ready again
+    assert board_status_changes(events) == [True, False, True, False, True]
     assert any(event == "catch-up" and data["device"] == BOARD for event, data in events)
     serial_log = (tmp_path / "out" / "serial" / f"{BOARD}.log").read_text()
     assert "resumed bench-pi of run" in serial_log and "at version 1" in serial_log
