@@ -17,7 +17,7 @@ import pytest
 
 from devices.board_agent import BoardAgent, BoardConfig
 from devices.board_state import BoardStateStore
-from devices.energy_meters import ModelEnergyMeter
+from devices.energy_meters import EnergyMeter, JetsonEnergyMeter, ModelEnergyMeter
 from devices.profiles import get_device_profile
 from devices.serial_framing import (
     FLAG_MORE,
@@ -110,7 +110,8 @@ class Host:
 class BoardOnPty:
     """A BoardAgent on one end of a pty, and a Host on the other."""
 
-    def __init__(self, server: UpdateServer, state_dir: Path) -> None:
+    def __init__(self, server: UpdateServer, state_dir: Path, meter: EnergyMeter | None = None) -> None:
+        self.meter = meter
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)
         self.server = server
@@ -127,7 +128,7 @@ class BoardOnPty:
             return TorchInference(self.server.build_device_model(), self.server.device_test_split(config.device_index))
 
         profile = get_device_profile("rpi4")
-        return BoardAgent("pty", board_name="bench-pi", profile=profile, meter=ModelEnergyMeter(profile, 0.01),
+        return BoardAgent("pty", board_name="bench-pi", profile=profile, meter=self.meter or ModelEnergyMeter(profile, 0.01),
                           setup=setup, state=self.state, max_frame_bytes=MAX_FRAME, open_link=open_link)
 
     async def restart(self) -> None:
@@ -143,9 +144,15 @@ class BoardOnPty:
 
 
 @pytest.fixture
-async def board(trained: tuple[UpdateServer, list[Any]], tmp_path: Path) -> AsyncIterator[tuple[BoardOnPty, Host]]:
+def meter() -> EnergyMeter | None:
+    return None  # the profile's model; a test overrides this fixture for a hardware reader
+
+
+@pytest.fixture
+async def board(trained: tuple[UpdateServer, list[Any]], tmp_path: Path,
+                meter: EnergyMeter | None) -> AsyncIterator[tuple[BoardOnPty, Host]]:
     server, _ = trained
-    setup = BoardOnPty(server, tmp_path / "state")
+    setup = BoardOnPty(server, tmp_path / "state", meter)
     setup.task = asyncio.create_task(setup.agent.run())
     host = SerialLink.from_fd(setup.master, close_fd=False, pace=False, max_frame_bytes=MAX_FRAME)
     try:
@@ -296,3 +303,33 @@ def test_board_state_survives_only_whole(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("weights-*.npz"))) == 1  # older versions are removed
     (tmp_path / "state.json").write_text("{not json")
     assert store.load("r", "d") is None  # unreadable state: start from version 0, get a catch-up
+
+
+class TestOnAJetson:
+    """The board agent with the Jetson reader, on a fake INA3221 sysfs tree (VDD_IN: 5 V x 1.2 A = 6 W)."""
+
+    @pytest.fixture
+    def meter(self, tmp_path: Path) -> EnergyMeter:
+        hwmon = tmp_path / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+        hwmon.mkdir(parents=True)
+        for name, value in (("in1_label", "VDD_IN"), ("in1_input", 5000), ("curr1_input", 1200), ("in1_enable", 1),
+                            ("in2_label", "VDD_CPU_GPU_CV"), ("in2_input", 5000), ("curr2_input", 400),
+                            ("in2_enable", 1), ("name", "ina3221")):
+            (hwmon / name).write_text(f"{value}\n")
+        return JetsonEnergyMeter(tmp_path / "sys", period_s=0.01)
+
+    async def test_reported_energy_is_the_input_rails_power_integrated_over_the_phases(self, board, trained) -> None:
+        _, host = board
+        _, (first, _) = trained
+        hello = Hello.from_payload((await host.expect(MessageType.HELLO)).payload)
+        assert "energy:jetson" in hello.capabilities
+        await host.configure()
+        await host.send_update(encode_full_model(first.weights, 1), 1, None)
+        report = parse_json_payload((await host.expect(MessageType.REPORT)).payload)
+        measured = report["measured_energy"]
+        assert measured["meter"] == "jetson" and measured["sample_count"] > 10
+        seconds = sum(measured["seconds_by_phase"].values())
+        # constant 6 W on the input rail (not 6 + 2 W, the sum of rails): the integral is exact
+        assert report["energy_joules"] == pytest.approx(6.0 * seconds, rel=1e-9)
+        for phase, joules in measured["joules_by_phase"].items():
+            assert joules == pytest.approx(6.0 * measured["seconds_by_phase"][phase], rel=1e-9, abs=1e-12)
