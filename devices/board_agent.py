@@ -12,13 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from devices.agent import InferenceModel
+from devices.board_energy import BoardEnergy
 from devices.board_state import BoardStateStore
-from devices.energy_meters import (
-    EnergyIntegrator,
-    EnergyMeter,
-    ModelEnergyMeter,
-    PhaseEnergy,
-)
+from devices.energy_meters import EnergyMeter, PhaseEnergy
 from devices.frame_order import FrameGapTooLarge, FrameReorder
 from devices.profiles import DeviceProfile
 from devices.serial_framing import (
@@ -42,9 +38,6 @@ from testbed.wire import WireError, weights_hash
 
 logger = logging.getLogger("devices.board")
 
-BOARD_PHASES = ("receive", "apply", "evaluate", "transmit", "idle")
-MODELLED_PHASE_OF = {"receive": "receive", "apply": "compute", "evaluate": "compute", "transmit": "transmit",
-                     "idle": "idle"}  # measured phase -> the phase names emulated devices report
 HELLO_INTERVAL_S = 2.0  # an unconfigured board repeats its hello this often
 REOPEN_DELAY_S = 1.0
 RESEND_AFTER_S = 1.5  # a report or rejection the host has not acknowledged is sent again after this
@@ -124,7 +117,6 @@ class BoardAgent:
         self.sessions = 0
         self.frames_lost = 0
         self.rejected_updates = 0
-        self.total_energy_joules = 0.0
         self.configured = asyncio.Event()
         self._link: SerialLink | None = None
         self._order = FrameReorder()
@@ -133,8 +125,7 @@ class BoardAgent:
         self._pieces: dict[tuple[str, int], bytearray] = {}
         self._unacknowledged: dict[int, tuple[MessageType, bytes, int, float]] = {}  # seq -> (type, payload, sends, due)
         self.resent_frames = 0
-        self._phase = "idle"
-        self._integrator = self._new_integrator("idle", time.monotonic())
+        self.energy = BoardEnergy(meter)
         self._bytes_received_before = 0  # serial bytes of earlier sessions
         self._bytes_sent_before = 0
         self._round_received_from = 0
@@ -144,7 +135,7 @@ class BoardAgent:
 
     async def run(self) -> None:
         """Keep the port open (reopening it after unplugging) and sample power, until cancelled."""
-        await run_together(self._sample_power(), self._serve())
+        await run_together(self.energy.run(), self._serve())
 
     async def _serve(self) -> None:
         reported_failure = False
@@ -324,8 +315,8 @@ class BoardAgent:
 
     async def _update_frame(self, deployment: _Deployment, frame: Frame) -> None:
         receiver = deployment.receiver
-        if self._phase == "idle":
-            self._begin_phase("receive")
+        if self.energy.phase == "idle":
+            self.energy.begin_phase("receive")
         try:
             if frame.message_type == MessageType.MANIFEST:
                 completed = receiver.add_manifest(UpdateManifest.from_json(frame.payload))
@@ -339,7 +330,7 @@ class BoardAgent:
         if completed is not None:
             await self._apply_and_report(deployment, completed)
         elif not receiver.transfers_in_flight and not self._pieces:
-            self._begin_phase("idle")
+            self.energy.begin_phase("idle")
 
     def _add_chunk_piece(self, receiver: UpdateReceiver, piece: UpdateChunk, flags: int) -> CompletedUpdate | None:
         held = self._pieces.setdefault((piece.key, piece.index), bytearray())
@@ -353,7 +344,7 @@ class BoardAgent:
     async def _apply_and_report(self, deployment: _Deployment, completed: CompletedUpdate) -> None:
         completed_at = time.monotonic()
         receiver = deployment.receiver
-        self._begin_phase("apply")
+        self.energy.begin_phase("apply")
         try:
             version, weights = await asyncio.to_thread(receiver.verify, completed)
         except WireError as error:
@@ -366,27 +357,27 @@ class BoardAgent:
             await asyncio.to_thread(self.state.save, deployment.config.run_id, deployment.config.device_id,
                                     version, weights)
         apply_s = time.monotonic() - completed_at
-        self._begin_phase("evaluate")
+        self.energy.begin_phase("evaluate")
         started = time.monotonic()
         accuracy = await asyncio.to_thread(deployment.inference.accuracy)
         evaluate_s = time.monotonic() - started
-        self._begin_phase("transmit")
-        energy = self._close_round()
+        self.energy.begin_phase("transmit")
+        energy = self.energy.close_round()
         report = self._report(deployment, completed, accuracy, apply_s, evaluate_s, energy,
                               report_delay_s=time.monotonic() - completed_at)
         await self._send_acknowledged(MessageType.REPORT, json_payload(report))
         await self._log(f"applied {completed.manifest.key}: version {version}, accuracy {accuracy:.4f}, "
                         f"{energy.total_joules:.3f} J since the last report")
-        self._begin_phase("idle")
+        self.energy.begin_phase("idle")
 
     async def _reject(self, deployment: _Deployment, reason: str) -> None:
         logger.warning("board %s: %s", self.board_name, reason)
-        self._begin_phase("transmit")
+        self.energy.begin_phase("transmit")
         await self._send_acknowledged(MessageType.APPLY_RESULT, json_payload({
             "ok": False, "device": deployment.config.device_id, "version": deployment.receiver.version,
             "reason": reason,
         }))
-        self._begin_phase("idle")
+        self.energy.begin_phase("idle")
 
     async def _restart_transfers(self, reason: str) -> None:
         """Frames went missing: drop whatever was in flight and ask for it again (never apply a partial update)."""
@@ -400,8 +391,8 @@ class BoardAgent:
         self._pieces.clear()
         if self.deployment is not None:
             self.deployment.receiver.drop_transfers()
-        if self._phase == "receive":
-            self._begin_phase("idle")
+        if self.energy.phase == "receive":
+            self.energy.begin_phase("idle")
 
     async def _send(self, message_type: MessageType, payload: bytes) -> Frame:
         link = self._link
@@ -414,44 +405,11 @@ class BoardAgent:
         logger.info("board %s: %s", self.board_name, line)
         await self._send(MessageType.LOG, log_payload(line)[: self.max_frame_bytes - 64])
 
-    # --- energy ---------------------------------------------------------------------------------------
-
-    def _new_integrator(self, phase: str, t_s: float) -> EnergyIntegrator:
-        integrator = EnergyIntegrator(self.meter.period_s, BOARD_PHASES)
-        integrator.begin_phase(phase, t_s)
-        return integrator
-
-    def _begin_phase(self, phase: str) -> None:
-        self._phase = phase
-        if isinstance(self.meter, ModelEnergyMeter):
-            self.meter.set_state(phase)
-        self._integrator.begin_phase(phase, time.monotonic())
-
-    async def _sample_power(self) -> None:
-        while True:
-            self._integrator.add_sample(self.meter.sample())
-            await asyncio.sleep(self.meter.period_s)
-
-    def _close_round(self) -> PhaseEnergy:
-        """Energy since the last report; a new integral starts now, in the current phase."""
-        sample = self.meter.sample()
-        self._integrator.add_sample(sample)
-        energy = self._integrator.finish(sample.t_s)
-        self._integrator = self._new_integrator(self._phase, sample.t_s)
-        self._integrator.add_sample(sample)
-        self.total_energy_joules += energy.total_joules
-        return energy
-
     def _report(self, deployment: _Deployment, completed: CompletedUpdate, accuracy: float, apply_s: float,
                 evaluate_s: float, energy: PhaseEnergy, report_delay_s: float) -> dict[str, Any]:
         link = self._link
         received_total = self._bytes_received_before + (link.bytes_received if link else 0)
         sent_total = self._bytes_sent_before + (link.bytes_sent if link else 0)
-        joules: dict[str, float] = {"receive": 0.0, "transmit": 0.0, "compute": 0.0, "idle": 0.0}
-        seconds: dict[str, float] = dict.fromkeys(joules, 0.0)
-        for phase, modelled in MODELLED_PHASE_OF.items():
-            joules[modelled] += energy.joules_by_phase[phase]
-            seconds[modelled] += energy.seconds_by_phase[phase]
         report = {
             "device": deployment.config.device_id,
             "profile": self.profile.name,
@@ -468,19 +426,7 @@ class BoardAgent:
             "report_delay_seconds": report_delay_s,
             "apply_seconds": apply_s,
             "evaluate_seconds": evaluate_s,
-            "energy_joules": energy.total_joules,
-            "energy_joules_by_phase": joules,
-            "phase_seconds": seconds,
-            "measured_energy": {
-                "meter": self.meter.name,
-                "joules_by_phase": energy.joules_by_phase,
-                "seconds_by_phase": energy.seconds_by_phase,
-                "sampling_period_s": energy.sampling_period_s,
-                "mean_sample_interval_s": energy.mean_sample_interval_s,
-                "sample_count": energy.sample_count,
-                "extrapolated_s": energy.extrapolated_s,
-            },
-            "total_energy_joules": self.total_energy_joules,
+            **self.energy.report_fields(energy),
             "rejected_updates": self.rejected_updates,
             "serial_frames_lost": self.frames_lost,
         }

@@ -28,7 +28,12 @@ from devices.serial_framing import (
     parse_json_payload,
     parse_log_payload,
 )
-from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout, line_rate_bytes_per_s
+from devices.serial_link import (
+    SerialLink,
+    SerialLinkError,
+    SerialLinkTimeout,
+    line_rate_bytes_per_s,
+)
 from devices.task_groups import run_together
 from testbed.manifest import ManifestError, UpdateManifest
 from testbed.mqtt import MqttEndpoint
