@@ -38,6 +38,7 @@ from testbed.wire import weights_hash
 logger = logging.getLogger("testbed.runner")
 
 ONLINE_TIMEOUT_S = 60.0
+EXTERNAL_ONLINE_TIMEOUT_S = 600.0  # someone has to start `testbed attach` by hand
 EXTERNAL_GOODBYE_S = 3.0  # at the end, time for "finished" to reach `testbed attach` bridges through their links
 MAX_CATCH_UPS_PER_ROUND = 3
 
@@ -202,7 +203,7 @@ class ScenarioRun:
             self.progress("starting", {"devices": len(agents), "broker": f"{endpoint.host}:{endpoint.port}",
                                        "metrics": self.metrics_url, "downlink": downlink.description, "uplink": uplink.description,
                                        "rounds": server.rounds})
-            await fleet.wait_online(ONLINE_TIMEOUT_S)
+            await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if self.external_devices else ONLINE_TIMEOUT_S)
             publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, server.initial_weights)
             for round_index in range(server.rounds):
                 await self._round(round_index, server, publisher, messages, fleet, pump, results)

@@ -18,11 +18,12 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from tests.conftest import debian_tool, free_port
+from channel.link import LinkCounters
 from testbed.cli import main
 from testbed.metrics import RunMetrics
 from testbed.runner import ScenarioRun
 from testbed.scenario import load_scenario
+from tests.conftest import debian_tool, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "monitoring"
@@ -84,12 +85,8 @@ def test_dashboard_has_grafana_basics() -> None:
 
 
 def test_dashboard_uses_only_metrics_the_testbed_defines() -> None:
-    class Counters:
-        segments = payload_bytes = wire_bytes = lost_segments = retransmissions = 0
-        queueing_delay_s = 0.0
-
     class Link:
-        downlink_counters = uplink_counters = Counters()
+        downlink_counters = uplink_counters = LinkCounters()
 
     metrics = RunMetrics("r", "dpu", "s", 0.05)
     metrics.add_device("d", "rpi4", Link())
