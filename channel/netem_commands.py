@@ -100,6 +100,8 @@ def _check_expressible(params: LinkParameters) -> None:
         raise _unsupported("outages", params.outages, "netem has no scheduled outages")
     if params.random_outages is not None:
         raise _unsupported("random_outages", params.random_outages, "netem has no random outages")
+    if params.queue_bytes is not None and params.rate_bps is None:
+        raise _unsupported("queue_bytes", params.queue_bytes, "a bottleneck queue needs a rate (htb) to queue at")
 
 
 def netem_options(params: LinkParameters) -> list[str]:
@@ -165,17 +167,28 @@ def _htb_commands(device: str, params: LinkParameters, parent: list[str], handle
     return [["tc", "qdisc", "add", "dev", device, *parent, "handle", f"{handle}:", "htb", "default", "1"], klass]
 
 
+def bfifo_limit_bytes(params: LinkParameters) -> int:
+    """bfifo's limit for ``queue_bytes``: it counts frames with their Ethernet header, the model IP packets."""
+    assert params.queue_bytes is not None
+    return params.queue_bytes + (params.queue_bytes // params.packet_bytes) * ETHERNET_HEADER_BYTES
+
+
 def shaping_commands(device: str, params: LinkParameters) -> list[list[str]]:
-    """The qdiscs shaping packets *leaving* ``device`` (see the module docstring for the layout)."""
+    """The qdiscs shaping packets *leaving* ``device`` (see the module docstring for the layout).
+
+    A bounded bottleneck queue (``queue_bytes``) is a ``bfifo`` under the htb class: drop-tail where
+    packets wait for the rate, like the model's queue.
+    """
     options = netem_options(params)
     commands: list[list[str]] = []
     if options:
         commands.append(["tc", "qdisc", "add", "dev", device, "root", "handle", "1:", "netem", *options])
     if params.rate_bps is not None:
-        if options:
-            commands += _htb_commands(device, params, ["parent", "1:1"], "2")
-        else:
-            commands += _htb_commands(device, params, ["root"], "1")
+        handle = "2" if options else "1"
+        commands += _htb_commands(device, params, ["parent", "1:1"] if options else ["root"], handle)
+        if params.queue_bytes is not None:
+            commands.append(["tc", "qdisc", "add", "dev", device, "parent", f"{handle}:1", "handle", f"{handle}0:",
+                             "bfifo", "limit", str(bfifo_limit_bytes(params))])
     return commands
 
 

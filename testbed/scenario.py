@@ -147,7 +147,7 @@ class LinkSpec(_Model):
     trace: Path | None = None
     overhead_bytes: SizeBytes = Field(40, alias="overhead")
     mss_bytes: SizeBytes = Field(1460, alias="mss")
-    queue_bytes: SizeBytes | None = Field(None, alias="queue")  # drop-tail bottleneck queue (tun backend)
+    queue_bytes: SizeBytes | None = Field(None, alias="queue")  # drop-tail bottleneck queue (tun, netem)
 
     @field_validator("loss")
     @classmethod
@@ -250,9 +250,12 @@ class ChannelSpec(_Model):
             raise ValueError(f"cell name {repeated[0]!r} appears twice; give each cell its own name")
         queued = [name for name, link in (("downlink", self.downlink), ("uplink", self.uplink))
                   if link is not None and link.queue_bytes is not None]
-        if queued and self.backend != "tun":
-            raise ValueError(f"{queued[0]}.queue (a bounded bottleneck queue) is emulated by backend 'tun' only, "
-                             f"not {self.backend!r}; use backend: tun or remove the queue")
+        for name, resolved in zip(("downlink", "uplink"), resolve_links(self)):
+            if name in queued and resolved.rate_bps is None and resolved.trace is None:
+                raise ValueError(f"{name}.queue needs a rate (or trace) to queue at: without a bottleneck it never fills")
+        if queued and self.backend == "proxy":
+            raise ValueError(f"{queued[0]}.queue (a bounded bottleneck queue) works at the packet level, with "
+                             "backend 'tun' or 'netem', not 'proxy'; choose one of them or remove the queue")
         if self.cells and self.backend != "proxy":
             raise ValueError(f"cells (shared links) need backend 'proxy', not {self.backend!r}; "
                              "use backend: proxy or remove channel.cells")

@@ -86,6 +86,14 @@ CASES: list[tuple[str, LinkParameters, str, list[list[str]]]] = [
        "limit", "5334"],
       ["tc", "qdisc", "add", "dev", "eth0", "parent", "1:1", "handle", "2:", "htb", "default", "1"],
       htb_class("eth0", "2", "100000000bit", "1500")]),
+    ("rate-with-bounded-queue", LinkParameters(100_000, queue_bytes=6000), "egress",  # 4 frames of 1500 + 14 B
+     [HTB_ROOT, htb_class("eth0", "1", "100000bit", "1500"),
+      ["tc", "qdisc", "add", "dev", "eth0", "parent", "1:1", "handle", "10:", "bfifo", "limit", "6056"]]),
+    ("delay-rate-and-queue", LinkParameters(100_000, delay_s=0.05, queue_bytes=3000), "egress",
+     [[*TC, "root", "handle", "1:", "netem", "delay", "50ms"],
+      ["tc", "qdisc", "add", "dev", "eth0", "parent", "1:1", "handle", "2:", "htb", "default", "1"],
+      htb_class("eth0", "2", "100000bit", "1500"),
+      ["tc", "qdisc", "add", "dev", "eth0", "parent", "2:1", "handle", "20:", "bfifo", "limit", "3028"]]),
     ("ingress-rate", LinkParameters(500_000), "ingress",
      [*INGRESS_SETUP,
       ["tc", "qdisc", "add", "dev", "ifb-eth0", "root", "handle", "1:", "htb", "default", "1"],
@@ -119,6 +127,7 @@ def test_ingress_uses_the_given_ifb_device() -> None:
     (LinkParameters(None, reorder=0.1), "reorder"),
     (LinkParameters(None, jitter_s=0.01, delay_distribution="normal"), "delay_distribution"),
     (LinkParameters(0.4), "rate_bps"),
+    (LinkParameters(None, queue_bytes=6000), "queue_bytes"),
 ])
 @pytest.mark.parametrize("direction", ["egress", "ingress"])
 def test_what_netem_cannot_express_raises_naming_the_field(params: LinkParameters, field: str,
@@ -385,6 +394,19 @@ async def test_async_with_sets_up_htb_and_ifb_and_removes_everything(netns: None
     assert "mirred (Egress Redirect to device ifb-host0)" in filters
     assert "mtu 540 " in device_link and "gso_max_segs 1 " in device_link
     assert "198.19.41.2/24" in addresses
+    assert_removed(link)
+
+
+async def test_a_bounded_queue_is_a_bfifo_under_the_rate_and_drops_a_burst(netns: None) -> None:
+    link = NetemLink(downlink=LinkParameters(1e6, queue_bytes=4 * 1500), index=42)
+    async with link:
+        burst = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "for _ in range(30): s.sendto(bytes(1400), (sys.argv[1], 9))")
+        link.host_namespace.run([sys.executable, "-c", burst, link.device_address])  # more than the queue holds
+        qdiscs = link.host_namespace.run(["tc", "-s", "qdisc", "show", "dev", "host0"]).stdout
+    assert "qdisc bfifo 10: parent 1:1 limit 6056b" in qdiscs
+    dropped = int(qdiscs.split("qdisc bfifo 10:")[1].split("dropped ")[1].split(",")[0])
+    assert dropped > 0, qdiscs
     assert_removed(link)
 
 

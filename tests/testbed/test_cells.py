@@ -136,8 +136,10 @@ def test_links_is_another_name_for_cells() -> None:
     assert "cells:" in by_links.to_yaml()
 
 
-def test_a_bottleneck_queue_reaches_the_link_and_needs_the_tun_backend() -> None:
-    parsed = parse_scenario(scenario({"backend": "tun", "downlink": {"rate": "100kbit", "queue": "6KB"}}))
+@pytest.mark.parametrize("backend", ["tun", "netem"])
+def test_a_bottleneck_queue_reaches_the_link_of_a_packet_level_backend(backend: str) -> None:
+    parsed = parse_scenario(scenario({"backend": backend, "downlink": {"rate": "100kbit", "queue": "6KB"}}))
     assert DeviceLinks(parsed.channel, 1).parameters("rpi4-0")[0].queue_bytes == 6000
-    assert "downlink.queue (a bounded bottleneck queue) is emulated by backend 'tun' only, not 'proxy'" in error_of(
-        scenario({"downlink": {"rate": "100kbit", "queue": "6KB"}}))
+    assert "downlink.queue (a bounded bottleneck queue) works at the packet level, with backend 'tun' or 'netem', " \
+           "not 'proxy'" in error_of(scenario({"downlink": {"rate": "100kbit", "queue": "6KB"}}))
+    assert "needs a rate" in error_of(scenario({"backend": "netem", "downlink": {"delay": "10ms", "queue": "6KB"}}))
