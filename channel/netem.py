@@ -4,7 +4,7 @@
 calls in a worker thread) creates two network namespaces, ``device`` and ``host``, joined by a veth
 pair (device side ``198.19.<index>.2``, host side ``198.19.<index>.1``), applies the downlink on the
 host veth's egress and the uplink on its ingress (through an ifb device) with the commands
-``channel.netem_commands`` generates (re-exported here; its docstring has the qdisc layout and the
+``channel.netem_commands`` generates (its docstring has the qdisc layout and the
 mapping of every ``LinkParameters`` field), and deletes both namespaces — and with them every veth,
 ifb and qdisc — on exit. Given an upstream broker, it is also a run backend (``channel.backend:
 netem``) with ``TunLink``'s surface: ``address``, ``downlink_counters``/``uplink_counters``.
@@ -33,20 +33,10 @@ from typing import Any, Literal
 from channel.errors import ChannelError
 from channel.link import LinkCounters, LinkParameters
 from channel.netem_commands import (
-    ETHERNET_HEADER_BYTES,
-    IPV4_TCP_HEADER_BYTES,
-    MIN_IPV4_MTU,
-    NO_NETEM_MESSAGE,
-    QUEUE_LIMIT_PACKETS,
-    Direction,
     default_ifb_name,
-    htb_overhead_bytes,
     link_mtu_bytes,
     missing_kernel_part,
     netem_commands,
-    netem_options,
-    shaping_commands,
-    teardown_commands,
 )
 from channel.netns import (
     NAME_PREFIX,
@@ -303,22 +293,9 @@ class NetemLink(RelayedLink):
 
 
 __all__ = [
-    "ETHERNET_HEADER_BYTES",
-    "IPV4_TCP_HEADER_BYTES",
-    "MIN_IPV4_MTU",
-    "NO_NETEM_MESSAGE",
-    "QUEUE_LIMIT_PACKETS",
-    "Direction",
     "NetemLink",
     "counters_from_link_stats",
     "counters_from_qdisc_stats",
-    "default_ifb_name",
-    "htb_overhead_bytes",
     "kernel_supports",
-    "link_mtu_bytes",
-    "netem_commands",
-    "netem_options",
     "run_in",
-    "shaping_commands",
-    "teardown_commands",
 ]

@@ -20,13 +20,15 @@ from channel.errors import ChannelError
 from channel.link import LinkParameters
 from channel.loss import BernoulliLoss, GilbertElliottLoss
 from channel.netem import (
-    ETHERNET_HEADER_BYTES,
-    NO_NETEM_MESSAGE,
     NetemLink,
     counters_from_link_stats,
     counters_from_qdisc_stats,
-    htb_overhead_bytes,
     kernel_supports,
+)
+from channel.netem_commands import (
+    ETHERNET_HEADER_BYTES,
+    NO_NETEM_MESSAGE,
+    htb_overhead_bytes,
     link_mtu_bytes,
     netem_commands,
     teardown_commands,
