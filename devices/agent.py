@@ -87,6 +87,12 @@ class DeviceState:
         return self.receiver.weights
 
 
+def device_client(endpoint: MqttEndpoint, topics: Topics, device_id: str) -> aiomqtt.Client:
+    """The MQTT client a device (agent or serial bridge) connects with; its will marks the device offline."""
+    will = aiomqtt.Will(topics.device(device_id, "status"), json.dumps({"online": False}), qos=1, retain=True)
+    return endpoint.client(f"{topics.run_id}-{device_id}", will=will, timeout_s=MQTT_OPERATION_TIMEOUT_S)
+
+
 class DeviceAgent:
     """One edge device speaking MQTT: the same logic for emulated devices and board agents."""
 
@@ -126,16 +132,10 @@ class DeviceAgent:
                 await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def _session(self) -> None:
-        status_topic = self.topics.device(self.device_id, "status")
-        will = aiomqtt.Will(status_topic, json.dumps({"online": False}), qos=1, retain=True)
-        client = self.endpoint.client(f"{self.topics.run_id}-{self.device_id}", will=will,
-                                      timeout_s=MQTT_OPERATION_TIMEOUT_S)
-        async with client:
-            await client.subscribe(self.topics.manifest, qos=1)
-            await client.subscribe(self.topics.device(self.device_id, "manifest"), qos=1)
-            await client.subscribe(self.topics.update_chunks, qos=1)
-            await client.subscribe(self.topics.device_update_chunks(self.device_id), qos=1)
-            await self._publish(client, status_topic, {"online": True}, retain=True)
+        async with device_client(self.endpoint, self.topics, self.device_id) as client:
+            for topic in self.topics.device_subscriptions(self.device_id):
+                await client.subscribe(topic, qos=1)
+            await self._publish(client, self.topics.device(self.device_id, "status"), {"online": True}, retain=True)
             await self._publish(client, self.topics.device(self.device_id, "hello"), self._hello())
             if self.reconnects > 0:
                 # Chunks in flight when the connection dropped are gone (clean session): ask for a

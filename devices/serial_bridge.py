@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import aiomqtt
 
+from devices.agent import device_client
 from devices.board_agent import BoardConfig
 from devices.serial_framing import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -46,7 +47,6 @@ SILENCE_TIMEOUT_S = 8.0  # no frame for this long (pings unanswered): the board 
 HANDSHAKE_TIMEOUT_S = 120.0  # hello -> ready: the board builds its model and test split meanwhile
 REOPEN_DELAY_S = 1.0
 MQTT_RECONNECT_DELAY_S = 1.0
-MQTT_OPERATION_TIMEOUT_S = 10.0
 SENT_FRAMES_KEPT = 512  # frames the board may still ask for again (at most 2 MB with 4 KiB frames)
 CHUNK_PIECE_HEADROOM = 16  # frame bytes kept free for the chunk header beyond the key
 
@@ -147,15 +147,11 @@ class SerialBridge:
                 await asyncio.sleep(MQTT_RECONNECT_DELAY_S)
 
     async def _mqtt_session(self) -> None:
-        status_topic = self.topics.device(self.device_id, "status")
-        will = aiomqtt.Will(status_topic, json.dumps({"online": False}), qos=1, retain=True)
-        client = self.endpoint.client(f"{self.topics.run_id}-{self.device_id}", will=will,
-                                      timeout_s=MQTT_OPERATION_TIMEOUT_S)
-        async with client:
-            for topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest"),
-                          self.topics.update_chunks, self.topics.device_update_chunks(self.device_id)):
+        async with device_client(self.endpoint, self.topics, self.device_id) as client:
+            for topic in self.topics.device_subscriptions(self.device_id):
                 await client.subscribe(topic, qos=1)
-            await client.publish(status_topic, json.dumps({"online": self.board_ready.is_set()}), qos=1, retain=True)
+            await client.publish(self.topics.device(self.device_id, "status"),
+                                 json.dumps({"online": self.board_ready.is_set()}), qos=1, retain=True)
             reconnected = self.mqtt_ready.is_set() or self._unsent is not None
             self.mqtt_ready.set()
             self._update_connected()

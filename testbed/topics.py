@@ -50,6 +50,11 @@ class Topics:
             raise ValueError(f"unknown device message kind {kind!r}")
         return f"{self.prefix}device/{device_id}/{kind}"
 
+    def device_subscriptions(self, device_id: str) -> tuple[str, ...]:
+        """What a device subscribes to: the broadcast manifest and chunks, and its own catch-ups."""
+        return (self.manifest, self.device(device_id, "manifest"), self.update_chunks,
+                self.device_update_chunks(device_id))
+
     def devices(self, kind: str) -> str:
         """Wildcard matching one kind of message from every device."""
         return self.device("+", kind)
