@@ -314,17 +314,22 @@ class SerialBridge:
         self.board_hello = hello
         await self._send(link, MessageType.CONFIG, self.config.to_payload())
 
-    def _on_ready(self, frame: Frame) -> None:
+    def _board_message(self, frame: Frame) -> dict[str, Any] | None:
+        """A JSON frame from the board, or None (logged) when it does not parse."""
         try:
-            ready = parse_json_payload(frame.payload)
+            return parse_json_payload(frame.payload)
         except SerialFrameError as error:
-            logger.warning("bridge %s: bad ready from the board: %s", self.device_id, error)
+            logger.warning("bridge %s: bad %s from the board: %s", self.device_id, frame.message_type.name, error)
+            return None
+
+    def _on_ready(self, frame: Frame) -> None:
+        ready = self._board_message(frame)
+        if ready is None:
             return
         if ready.get("error"):
             raise BridgeError(f"board on {self.port} cannot take part as {self.device_id}: {ready['error']}")
-        version = ready.get("version")
-        if ready.get("run") != self.config.run_id or ready.get("device") != self.device_id \
-                or isinstance(version, bool) or not isinstance(version, int):
+        version = _version_in(ready)
+        if ready.get("run") != self.config.run_id or ready.get("device") != self.device_id or version is None:
             logger.warning("bridge %s: ready for another run or device: %s", self.device_id, ready)
             return
         if self.board_ready.is_set() and version == self.board_version:
@@ -342,14 +347,10 @@ class SerialBridge:
             self._ask_catch_up(f"board ready at version {version} after (re)connecting")
 
     def _on_report(self, frame: Frame, link: SerialLink) -> None:
-        try:
-            report = parse_json_payload(frame.payload)
-        except SerialFrameError as error:
-            logger.warning("bridge %s: bad report from the board: %s", self.device_id, error)
+        report = self._board_message(frame)
+        if report is None:
             return
-        version = report.get("version")
-        if isinstance(version, int) and not isinstance(version, bool):
-            self.board_version = version
+        self.board_version = _version_in(report, self.board_version)
         # Delivery on the host's clock (the board's may differ): when the report arrived, less its time on
         # the line and the time the board spent between completing the update and sending the report.
         line_s = len(encode_frame(frame.message_type, frame.sequence, frame.payload, flags=frame.flags,
@@ -363,15 +364,9 @@ class SerialBridge:
         self._publish("report", report)
 
     def _on_apply_result(self, frame: Frame) -> None:
-        try:
-            result = parse_json_payload(frame.payload)
-        except SerialFrameError as error:
-            logger.warning("bridge %s: bad apply result from the board: %s", self.device_id, error)
-            return
-        if result.get("ok") is False:
-            version = result.get("version")
-            if isinstance(version, int) and not isinstance(version, bool):
-                self.board_version = version
+        result = self._board_message(frame)
+        if result is not None and result.get("ok") is False:
+            self.board_version = _version_in(result, self.board_version)
             self._publish("nack", {"device": self.device_id, "version": self.board_version,
                                    "reason": str(result.get("reason", "rejected on the board"))})
 
@@ -384,6 +379,12 @@ class SerialBridge:
         while not self._to_board.empty():  # what was queued for the board is lost with it
             self._to_board.get_nowait()
             self.dropped_while_offline += 1
+
+
+def _version_in(message: dict[str, Any], default: int | None = None) -> int | None:
+    """The model version a board message states, or `default` when it states none."""
+    version = message.get("version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else default
 
 
 def _describe(frame: Frame) -> str:
