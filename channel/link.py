@@ -445,7 +445,8 @@ class LinkModel:
                 self.counters.queue_drops += 1
                 return []
             departure = self._depart(now_s, size_bytes)
-            self._queue.append((departure, size_bytes))
+            if self._queue_capacity is not None:
+                self._queue.append((departure, size_bytes))
             arrival = departure + self._one_way_delay()
         if self._outages is not None and self._outages.overlapping(departure, arrival) is not None:
             self.counters.outage_losses += 1
@@ -454,10 +455,12 @@ class LinkModel:
 
     def _enqueue(self, now_s: float, size_bytes: int) -> bool:
         """Whether a packet arriving at ``now_s`` fits the drop-tail queue (those departed by now have left it)."""
+        if self._queue_capacity is None:
+            return True  # unbounded: nothing to track
         queue = self._queue
         while queue and queue[0][0] <= now_s:
             self._queued_bytes -= queue.popleft()[1]
-        if self._queue_capacity is not None and self._queued_bytes + size_bytes > self._queue_capacity:
+        if self._queued_bytes + size_bytes > self._queue_capacity:
             return False
         self._queued_bytes += size_bytes
         return True
