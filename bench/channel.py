@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from channel.errors import ChannelError  # noqa: E402
 from channel.link import LinkModel, LinkParameters  # noqa: E402
 from channel.netns import require_netns_support  # noqa: E402
-from channel.profiles import PROFILES  # noqa: E402
+from testbed.core.plugins import LINK_PROFILES  # noqa: E402
 from channel.proxy import LinkProxy  # noqa: E402
 from channel.tun import TunLink  # noqa: E402
 
@@ -78,7 +78,7 @@ def grid_cases(quick: bool) -> list[Case]:
                     "configured: rate·mss/(mss+overhead), delay, loss")
 
     def named(name: str) -> Case:
-        profile = PROFILES[name]
+        profile = LINK_PROFILES.get(name)
         return Case(name, name, profile.downlink, profile.uplink, profile.source)
 
     if quick:

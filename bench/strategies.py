@@ -14,7 +14,7 @@ from testbed.compare import (
     summarise,
     write_report,
 )
-from testbed.scenario import load_scenario
+from testbed.core.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 

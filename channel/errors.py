@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from testbed.core.errors import TestbedError
 
-class ChannelError(Exception):
+
+class ChannelError(TestbedError):
     """A link or emulator was misconfigured or failed; the message says what and how to fix it."""

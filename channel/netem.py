@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal
 
+from channel.backend import LinkRequest
 from channel.errors import ChannelError
+from testbed.core.plugins import register_link_backend
 from channel.link import LinkCounters, LinkParameters
 from channel.netem_commands import (
     default_ifb_name,
@@ -299,3 +301,10 @@ __all__ = [
     "kernel_supports",
     "run_in",
 ]
+
+
+@register_link_backend("netem", packet_level=True, shared_cells=False)
+def open_netem_link(request: LinkRequest) -> NetemLink:
+    """The kernel's tc (htb, netem, ifb) on a veth between two namespaces (Linux, root, sch_netem for delay/loss)."""
+    return NetemLink(request.upstream_host, request.upstream_port, downlink=request.downlink, uplink=request.uplink,
+                     seed=request.seed, name=request.name)

@@ -10,7 +10,9 @@ from typing import Protocol
 
 import numpy as np
 
+from channel.backend import LinkRequest
 from channel.errors import ChannelError
+from testbed.core.plugins import register_link_backend
 from channel.link import LinkCounters, LinkModel, LinkParameters
 
 logger = logging.getLogger("channel.proxy")
@@ -445,3 +447,10 @@ class LinkProxy:
             logger.info("%s: a side reset the connection: %r", self.name, error)
         else:
             self._record_error("reading failed", error)
+
+
+@register_link_backend("proxy", packet_level=False, shared_cells=True)
+def open_proxy_link(request: LinkRequest) -> LinkProxy:
+    """The user-space TCP proxy (any OS, unprivileged): the default backend."""
+    return LinkProxy(request.upstream_host, request.upstream_port, downlink=request.downlink, uplink=request.uplink,
+                     seed=request.seed, name=request.name, outage_reset_after_s=request.reset_after_s)

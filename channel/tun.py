@@ -39,7 +39,9 @@ from types import TracebackType
 
 import numpy as np
 
+from channel.backend import LinkRequest
 from channel.errors import ChannelError
+from testbed.core.plugins import register_link_backend
 from channel.link import LinkCounters, LinkModel, LinkParameters
 from channel.netns import NetworkNamespace, entered, host_ip, require_netns_support
 from channel.relay import NamespaceRelays, RelayedLink
@@ -369,3 +371,10 @@ class TunLink(RelayedLink):
             if self.subnet_index is not None:
                 _claimed.discard(self.subnet_index)
             self.device_namespace.delete()
+
+
+@register_link_backend("tun", packet_level=True, shared_cells=False)
+def open_tun_link(request: LinkRequest) -> TunLink:
+    """IP packets through TUN devices into a network namespace (Linux, root): the kernel's TCP meets the drops."""
+    return TunLink(request.upstream_host, request.upstream_port, downlink=request.downlink, uplink=request.uplink,
+                   seed=request.seed, name=request.name)

@@ -16,10 +16,10 @@ import numpy as np
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver
-from testbed.manifest import ManifestError, UpdateManifest
-from testbed.mqtt import MqttEndpoint
-from testbed.topics import Topics, mqtt_publish_wire_bytes
-from testbed.wire import WireError, weights_hash
+from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.mqtt import MqttEndpoint
+from testbed.core.topics import Topics, mqtt_publish_wire_bytes
+from testbed.core.wire import WireError, weights_hash
 
 logger = logging.getLogger("devices.agent")
 

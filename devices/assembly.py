@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from testbed.manifest import UpdateManifest, payload_digest
-from testbed.wire import WireError, join_chunks
+from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.wire import WireError, join_chunks
 
 MAX_PENDING_KEYS = 8
 

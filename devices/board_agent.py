@@ -33,8 +33,8 @@ from devices.serial_framing import (
 from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate, UpdateReceiver
-from testbed.manifest import ManifestError, UpdateManifest
-from testbed.wire import WireError, weights_hash
+from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.wire import WireError, weights_hash
 
 logger = logging.getLogger("devices.board")
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from devices.errors import DeviceError
 
 STATE_FILE = "state.json"
 SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-class BoardStateError(RuntimeError):
+class BoardStateError(DeviceError):
     """The state folder cannot be written."""
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from devices.profiles import DeviceProfile
+from devices.errors import DeviceError
+from testbed.core.plugins import ENERGY_METERS, register_energy_meter
 
 MEASURED_PHASES = ("receive", "apply", "evaluate", "idle")
 JETSON_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")  # whole-module input on JetPack 5 (Orin, Xavier NX) / JetPack 4 (Nano, TX2)
@@ -19,7 +21,7 @@ IIO_GLOB = "bus/i2c/devices/*/iio:device*"
 DEFAULT_PERIOD_S = 0.05
 
 
-class EnergyMeterError(RuntimeError):
+class EnergyMeterError(DeviceError):
     """A power reader that cannot be opened or read, or samples that cannot be integrated."""
 
 
@@ -233,15 +235,7 @@ def choose_energy_meter(sysfs_root: Path | str = "/sys",
     return "model"
 
 
-ENERGY_METERS: dict[str, Callable[..., EnergyMeter]] = {}
 READER_OPTIONS = {"input_rail", "ina219_address", "ina219_shunt_ohms"}  # what open_energy_meter passes on
-
-
-def register_energy_meter(name: str) -> Callable[[Callable[..., EnergyMeter]], Callable[..., EnergyMeter]]:
-    def register(factory: Callable[..., EnergyMeter]) -> Callable[..., EnergyMeter]:
-        ENERGY_METERS[name] = factory
-        return factory
-    return register
 
 
 @register_energy_meter("model")
@@ -273,14 +267,14 @@ def open_energy_meter(
     """The reader registered as `name` (`auto` chooses, see `choose_energy_meter`)."""
     if name == "auto":
         name = choose_energy_meter(sysfs_root, ina219_probe or (lambda: ina219_present(options.get("ina219_address", 0x40))))
-    if name not in ENERGY_METERS:
-        raise EnergyMeterError(f"unknown energy reader {name!r}; known: auto, {', '.join(sorted(ENERGY_METERS))}")
+    if name not in ENERGY_METERS.names():
+        raise EnergyMeterError(f"unknown energy reader {name!r}; known: auto, {', '.join(ENERGY_METERS.names())}")
     if not period_s > 0:
         raise EnergyMeterError(f"period_s must be positive, got {period_s}")
     unknown = set(options) - READER_OPTIONS
     if unknown:
         raise EnergyMeterError(f"unknown energy reader options {sorted(unknown)}; known: {sorted(READER_OPTIONS)}")
-    return ENERGY_METERS[name](profile=profile, sysfs_root=sysfs_root, period_s=period_s, clock=clock, **options)
+    return ENERGY_METERS.get(name)(profile=profile, sysfs_root=sysfs_root, period_s=period_s, clock=clock, **options)
 
 
 # --- integration --------------------------------------------------------------------------------------

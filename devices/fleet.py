@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol
+from devices.errors import DeviceError
 
 logger = logging.getLogger("devices.fleet")
 
@@ -39,7 +40,7 @@ class ExternalDevice:
         await asyncio.Event().wait()  # nothing to run here; its bridge is another process
 
 
-class FleetError(Exception):
+class FleetError(DeviceError):
     """A device agent of the fleet failed, or did not come online in time."""
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from devices.serial_framing import MAX_SEQUENCE, Frame
+from devices.errors import DeviceError
 
 SEQUENCE_SPACE = MAX_SEQUENCE + 1
 HALF_SPACE = SEQUENCE_SPACE // 2
 DEFAULT_REORDER_FRAMES = 64
 
 
-class FrameGapTooLarge(Exception):
+class FrameGapTooLarge(DeviceError):
     """More frames went missing than the reorder buffer can wait for; the stream must restart."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from testbed.core.plugins import DEVICE_PROFILES, register_device_profile
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -28,46 +30,40 @@ class DeviceProfile:
                 raise ValueError(f"device profile {self.name!r}: {field_name} must be positive")
 
 
-DEVICE_PROFILES: dict[str, DeviceProfile] = {
-    profile.name: profile
-    for profile in (
-        DeviceProfile(
-            name="jetson-nano",
-            description="NVIDIA Jetson Nano 4GB dev kit, 5 W mode, Wi-Fi (Intel 8265 M.2)",
-            # CPU inference of a small MLP on the quad Cortex-A57 @ 1.43 GHz: about 4x a desktop x86 core
-            # (order of magnitude from public MLPerf-style CPU comparisons; an approximation, measure yours).
-            compute_slowdown=4.0,
-            # Idle ~1.25 W and ~5 W at the 5 W power mode cap: NVIDIA Jetson Nano Developer Kit user guide
-            # (power modes) and tegrastats readings widely reported on the NVIDIA developer forum.
-            idle_power_w=1.25,
-            compute_power_w=5.0,
-            # Intel Dual Band Wireless-AC 8265 datasheet: ~1.1 W receive, ~2.0 W transmit (module draw)
-            # added on top of the board's idle draw.
-            radio_rx_power_w=1.25 + 1.1,
-            radio_tx_power_w=1.25 + 2.0,
-        ),
-        DeviceProfile(
-            name="rpi4",
-            description="Raspberry Pi 4 Model B, on-board Wi-Fi (CYW43455)",
-            # Quad Cortex-A72 @ 1.5 GHz: roughly 3x slower than a desktop x86 core on small dense kernels
-            # (an approximation, measure yours).
-            compute_slowdown=3.0,
-            # Idle 2.7 W, full CPU load 6.4 W: Raspberry Pi 4 power measurements published by
-            # Tom's Hardware and the Pi Dramble project (5.1 V supply, 540 mA idle / 1.25 A load).
-            idle_power_w=2.7,
-            compute_power_w=6.4,
-            # Wi-Fi traffic adds ~0.4 W receiving, ~0.9 W transmitting over idle (Pi Dramble Wi-Fi
-            # throughput power figures).
-            radio_rx_power_w=2.7 + 0.4,
-            radio_tx_power_w=2.7 + 0.9,
-        ),
-    )
-}
+register_device_profile("jetson-nano", DeviceProfile(
+    name="jetson-nano",
+    description="NVIDIA Jetson Nano 4GB dev kit, 5 W mode, Wi-Fi (Intel 8265 M.2)",
+    # CPU inference of a small MLP on the quad Cortex-A57 @ 1.43 GHz: about 4x a desktop x86 core
+    # (order of magnitude from public MLPerf-style CPU comparisons; an approximation, measure yours).
+    compute_slowdown=4.0,
+    # Idle ~1.25 W and ~5 W at the 5 W power mode cap: NVIDIA Jetson Nano Developer Kit user guide
+    # (power modes) and tegrastats readings widely reported on the NVIDIA developer forum.
+    idle_power_w=1.25,
+    compute_power_w=5.0,
+    # Intel Dual Band Wireless-AC 8265 datasheet: ~1.1 W receive, ~2.0 W transmit (module draw)
+    # added on top of the board's idle draw.
+    radio_rx_power_w=1.25 + 1.1,
+    radio_tx_power_w=1.25 + 2.0,
+))
+
+register_device_profile("rpi4", DeviceProfile(
+    name="rpi4",
+    description="Raspberry Pi 4 Model B, on-board Wi-Fi (CYW43455)",
+    # Quad Cortex-A72 @ 1.5 GHz: roughly 3x slower than a desktop x86 core on small dense kernels
+    # (an approximation, measure yours).
+    compute_slowdown=3.0,
+    # Idle 2.7 W, full CPU load 6.4 W: Raspberry Pi 4 power measurements published by
+    # Tom's Hardware and the Pi Dramble project (5.1 V supply, 540 mA idle / 1.25 A load).
+    idle_power_w=2.7,
+    compute_power_w=6.4,
+    # Wi-Fi traffic adds ~0.4 W receiving, ~0.9 W transmitting over idle (Pi Dramble Wi-Fi
+    # throughput power figures).
+    radio_rx_power_w=2.7 + 0.4,
+    radio_tx_power_w=2.7 + 0.9,
+))
 
 
 def get_device_profile(name: str) -> DeviceProfile:
-    """The profile registered under `name`; KeyError with the known names otherwise."""
-    try:
-        return DEVICE_PROFILES[name]
-    except KeyError:
-        raise KeyError(f"unknown device profile {name!r}; known: {', '.join(sorted(DEVICE_PROFILES))}") from None
+    """The profile registered under `name`; PluginError with the known names otherwise."""
+    profile: DeviceProfile = DEVICE_PROFILES.get(name)
+    return profile

@@ -36,9 +36,10 @@ from devices.serial_link import (
     line_rate_bytes_per_s,
 )
 from devices.task_groups import run_together
-from testbed.manifest import ManifestError, UpdateManifest
-from testbed.mqtt import MqttEndpoint
-from testbed.topics import Topics
+from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.mqtt import MqttEndpoint
+from testbed.core.topics import Topics
+from devices.errors import DeviceError
 
 logger = logging.getLogger("devices.bridge")
 
@@ -51,7 +52,7 @@ SENT_FRAMES_KEPT = 512  # frames the board may still ask for again (at most 2 MB
 CHUNK_PIECE_HEADROOM = 16  # frame bytes kept free for the chunk header beyond the key
 
 
-class BridgeError(RuntimeError):
+class BridgeError(DeviceError):
     """The board cannot take part in the run (it failed to set up, or its configuration is unknown)."""
 
 

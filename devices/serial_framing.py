@@ -16,7 +16,7 @@ APPLY_RESULT     JSON (update key, version, ok, reason)
 REPORT           JSON (the device report: accuracy, energy, timings)
 LOG              one UTF-8 log line
 PING, PONG       opaque bytes, echoed by PONG
-MANIFEST         the update manifest's JSON, as published on MQTT (testbed.manifest)
+MANIFEST         the update manifest's JSON, as published on MQTT (testbed.core.manifest)
 CONFIG           zlib-compressed JSON: what the run asks of the board (run id, device, the scenario)
 READY            JSON ``{"device", "run", "version"}``: the board is configured and holds `version`
 ===============  ==========================================================================
@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any
+from devices.errors import DeviceError
 
 DEFAULT_MAX_FRAME_BYTES = 4096
 HEADER = struct.Struct("<BBH")
@@ -42,7 +43,7 @@ MAX_SEQUENCE = 0xFFFF
 COBS_BLOCK = 254  # longest run of non-zero bytes one COBS code byte can cover
 
 
-class SerialFrameError(ValueError):
+class SerialFrameError(DeviceError):
     """A frame or payload that cannot be encoded or parsed (misuse, or a malformed payload)."""
 
 
@@ -175,7 +176,7 @@ def encode_frame(
     if len(payload) > max_payload_bytes(max_frame_bytes):
         raise SerialFrameError(
             f"payload of {len(payload)} bytes exceeds the frame limit: at most {max_payload_bytes(max_frame_bytes)} "
-            f"bytes fit a {max_frame_bytes}-byte frame; split it (testbed.wire.split_chunks)"
+            f"bytes fit a {max_frame_bytes}-byte frame; split it (testbed.core.wire.split_chunks)"
         )
     body = HEADER.pack(message_type, flags, sequence) + payload
     body += CRC.pack(zlib.crc32(body))

@@ -25,6 +25,7 @@ from devices.serial_framing import (
     encode_frame,
     framing_overhead_bytes,
 )
+from devices.errors import DeviceError
 
 BITS_PER_BYTE_8N1 = 10  # start bit + 8 data bits + stop bit
 READ_BYTES = 65536
@@ -33,7 +34,7 @@ URL_READ_TIMEOUT_S = 0.1  # a URL port's reader thread returns this often, so cl
 PACING_SLACK_S = 0.02  # lateness of the sender still counted as a busy line (like a UART FIFO)
 
 
-class SerialLinkError(SerialFrameError):
+class SerialLinkError(DeviceError):
     """The port cannot be opened, or the link closed or failed."""
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from devices.assembly import UpdateAssembler
-from testbed.initial_weights import initial_weights, layout_of
-from testbed.manifest import UpdateManifest
-from testbed.wire import WireError, apply_update, decode_update
+from testbed.core.initial_weights import initial_weights, layout_of
+from testbed.core.manifest import UpdateManifest
+from testbed.core.wire import WireError, apply_update, decode_update
 
 WeightDict = dict[str, np.ndarray]
 
@@ -27,7 +27,7 @@ class UpdateReceiver:
     """Version and weights a device holds, and the transfers in flight towards newer versions.
 
     Transport-free: the MQTT device agent and the serial board agent feed it manifests and chunks.
-    `verify` computes the new weights on a copy and checks the post-apply hash (testbed.wire); only
+    `verify` computes the new weights on a copy and checks the post-apply hash (testbed.core.wire); only
     `commit` changes what the device holds, so a bad update is never half-applied.
     """
 

@@ -19,7 +19,7 @@ from server.datasets import OfficialSplits, dataset_directory, load_cifar10, loa
 from server.errors import ServerError
 
 if TYPE_CHECKING:
-    from testbed.scenario import DataSpec
+    from testbed.core.scenario import DataSpec
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from testbed.core.errors import TestbedError
 
-class ServerError(Exception):
+
+class ServerError(TestbedError):
     """Raised when the server cannot do what the scenario asks; the message says what and why."""

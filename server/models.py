@@ -1,6 +1,6 @@
 """The model zoo (MLP, small VGG, small CIFAR-style ResNet) and conversion between torch modules and weight dicts.
 
-Every model is built on the meta device and filled from `testbed.initial_weights.initial_weights`
+Every model is built on the meta device and filled from `testbed.core.initial_weights.initial_weights`
 (seed + tensor layout), so a device can regenerate w⁰ without the server and the global torch RNG
 is never touched. The weight dict holds every float tensor of `state_dict()`: parameters and float
 buffers (BatchNorm running statistics, which devices need for inference); integer buffers such as
@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from server.errors import ServerError
-from testbed.initial_weights import initial_weights
+from testbed.core.initial_weights import initial_weights
 
 if TYPE_CHECKING:
     from server.data import Split
-    from testbed.scenario import ModelSpec
+    from testbed.core.scenario import ModelSpec
 
 WeightDict = dict[str, np.ndarray]
 """Float32 arrays by tensor name: the float entries of `model.state_dict()`, in its order."""

@@ -23,10 +23,10 @@ from server.strategies import (
     should_reinitialise,
     should_send,
 )
-from testbed import wire
+from testbed.core import wire
 
 if TYPE_CHECKING:
-    from testbed.scenario import Scenario
+    from testbed.core.scenario import Scenario
 
 
 @dataclass
@@ -79,7 +79,7 @@ class UpdateServer:
         """Training-set size at the last round that started from w⁰ (round 0 or a re-init, sent or not)."""
 
     def build_device_model(self) -> nn.Module:
-        """A fresh model of the served architecture holding w⁰ (testbed.initial_weights from the seed)."""
+        """A fresh model of the served architecture holding w⁰ (testbed.core.initial_weights from the seed)."""
         return build_model(self.scenario.model, self.arrival.num_features, self.arrival.num_classes, self.seed,
                            input_shape=self.arrival.input_shape)
 

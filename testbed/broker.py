@@ -7,9 +7,10 @@ import socket
 from types import TracebackType
 
 from amqtt.broker import Broker
+from testbed.errors import OrchestrationError
 
 
-class BrokerError(Exception):
+class BrokerError(OrchestrationError):
     """The embedded broker could not start."""
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from channel.errors import ChannelError
 from channel.link import LinkCounters, LinkParameters
-from channel.profiles import PROFILES
+from testbed.core.plugins import LINK_PROFILES
 from channel.proxy import LinkProxy
-from testbed.units import UnitError, parse_duration_s, parse_fraction, parse_rate_bps
+from testbed.core.units import UnitError, parse_duration_s, parse_fraction, parse_rate_bps
 
 EXIT_OK = 0
 EXIT_BAD_ARGUMENTS = 2
@@ -96,7 +96,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                          help="where clients connect (port 0: any free port, printed on start)")
     channel.add_argument("--upstream", type=_upstream_address, required=True, metavar="HOST:PORT",
                          help="the real server, e.g. a broker at 127.0.0.1:1883")
-    channel.add_argument("--profile", choices=sorted(PROFILES), default=None,
+    channel.add_argument("--profile", choices=LINK_PROFILES.names(), default=None,
                          help="a named link profile (both directions)")
     channel.add_argument("--rate", type=_rate_or_unlimited, default=None,
                          help="downlink rate incl. 40 B/segment overhead, e.g. 50kbit, 2Mbit, unlimited")
@@ -149,7 +149,7 @@ def _links(args: argparse.Namespace) -> tuple[LinkParameters, LinkParameters]:
             flags = ", ".join(f"--{flag}" for flag in given)
             raise ChannelError(f"--profile {args.profile} sets the downlink; drop {flags} "
                                "(or leave out --profile and give --rate/--delay/--jitter/--loss)")
-        profile = PROFILES[args.profile]
+        profile = LINK_PROFILES.get(args.profile)
         downlink, uplink = profile.downlink, profile.uplink
     else:
         if args.rate is None:
@@ -210,7 +210,7 @@ async def _serve(args: argparse.Namespace, downlink: LinkParameters, uplink: Lin
     try:
         host, port = proxy.address
         shown_host = f"[{host}]" if ":" in host else host
-        profile = f" (profile {args.profile}: {PROFILES[args.profile].source})" if args.profile else ""
+        profile = f" (profile {args.profile}: {LINK_PROFILES.get(args.profile).source})" if args.profile else ""
         print(f"testbed channel: listening on {shown_host}:{port} → upstream {upstream_host}:{upstream_port}, "
               f"seed {args.seed}{profile}", flush=True)
         print(_link_line("downlink (upstream → client)", downlink), flush=True)

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from testbed import channel_command, hil_commands
-from testbed.scenario import Scenario, ScenarioError, load_scenario
+from testbed.core.scenario import Scenario, ScenarioError, load_scenario
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -262,14 +262,14 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _parse_compare_grid(args: argparse.Namespace, console: Console) -> tuple[list[str], list[float]] | None:
-    from server.strategies import STRATEGIES
     from testbed.compare import REFERENCE_STRATEGY
+    from testbed.core.plugins import STRATEGIES
 
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
-    unknown = [name for name in strategies if name not in STRATEGIES]
+    unknown = [name for name in strategies if name not in STRATEGIES.names()]
     if unknown:
         console.print(f"[red]error:[/] --strategies: unknown {', '.join(unknown)}; "
-                      f"choose from {', '.join(sorted(STRATEGIES))}", highlight=False)
+                      f"choose from {', '.join(STRATEGIES.names())}", highlight=False)
         return None
     if REFERENCE_STRATEGY not in strategies:
         strategies.insert(0, REFERENCE_STRATEGY)

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from server.update_server import RoundOutcome, UpdateServer
-from testbed.codecs import index_floor_bits
-from testbed.scenario import Scenario, ScenarioError, parse_scenario
-from testbed.wire import decode_update, update_sizes
+from testbed.core.codecs import index_floor_bits
+from testbed.core.scenario import Scenario, ScenarioError, parse_scenario
+from testbed.core.wire import decode_update, update_sizes
 
 REFERENCE_STRATEGY = "full"
 

@@ -16,13 +16,14 @@ import aiomqtt
 
 from devices.board_agent import BoardAgent, BoardConfig
 from devices.board_state import BoardStateStore
-from devices.energy_meters import DEFAULT_PERIOD_S, ENERGY_METERS, EnergyMeterError, open_energy_meter
-from devices.profiles import DEVICE_PROFILES, get_device_profile
+from devices.energy_meters import DEFAULT_PERIOD_S, EnergyMeterError, open_energy_meter
+from testbed.core.plugins import DEVICE_PROFILES, ENERGY_METERS
+from devices.profiles import get_device_profile
 from devices.serial_bridge import BridgeError, SerialBridge
 from devices.task_groups import run_together
-from testbed.mqtt import MqttEndpoint
-from testbed.scenario import ScenarioError, parse_scenario
-from testbed.topics import Topics
+from testbed.core.mqtt import MqttEndpoint
+from testbed.core.scenario import ScenarioError, parse_scenario
+from testbed.core.topics import Topics
 
 COMMANDS = ("board", "attach")
 EXIT_OK = 0
@@ -45,9 +46,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                                                      "/dev/ttyUSB0, or socket://HOST:PORT")
     board.add_argument("--baud", type=int, default=115200, help="line rate (default 115200)")
     board.add_argument("--name", default=socket.gethostname(), help="board name shown to the host (default: hostname)")
-    board.add_argument("--profile", choices=sorted(DEVICE_PROFILES), default="rpi4",
+    board.add_argument("--profile", choices=DEVICE_PROFILES.names(), default="rpi4",
                        help="device profile for the `model` energy reader (default rpi4)")
-    board.add_argument("--energy", choices=["auto", *sorted(ENERGY_METERS)], default="auto",
+    board.add_argument("--energy", choices=["auto", *ENERGY_METERS.names()], default="auto",
                        help="power reader: jetson (INA3221 sysfs), ina3221, ina219 (I2C), model, or auto (default)")
     board.add_argument("--sample-period", type=float, default=DEFAULT_PERIOD_S,
                        help=f"power sampling period in seconds (default {DEFAULT_PERIOD_S})")

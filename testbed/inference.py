@@ -9,7 +9,7 @@ import torch
 
 from server.data import Split, device_test_split, load_dataset_arrival
 from server.models import build_model, evaluate_accuracy, get_weights, set_weights
-from testbed.scenario import Scenario
+from testbed.core.scenario import Scenario
 
 
 class TorchInference:

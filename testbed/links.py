@@ -7,17 +7,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from channel.backend import EmulatedLink, LinkBackend, LinkRequest
 from channel.errors import ChannelError
 from channel.link import LinkParameters
 from channel.proxy import LinkProxy
 from channel.loss import GilbertElliottLoss
 from channel.outage import RandomOutages, ScheduledOutage
-from channel.profiles import PROFILES
+from testbed.core.plugins import LINK_BACKENDS, LINK_PROFILES, PluginError
 from channel.shared import SharedLink
 from channel.trace import load_trace
 
 if TYPE_CHECKING:
-    from testbed.scenario import CellSpec, ChannelSpec, LinkSpec
+    from testbed.core.scenario import CellSpec, ChannelSpec, LinkSpec
 
 
 def link_parameters(spec: LinkSpec | None, profile: LinkParameters | None) -> LinkParameters:
@@ -53,7 +54,7 @@ def link_parameters(spec: LinkSpec | None, profile: LinkParameters | None) -> Li
 
 def resolve_links(channel: ChannelSpec) -> tuple[LinkParameters, LinkParameters]:
     """(downlink, uplink) of every device's link in this scenario."""
-    profile = PROFILES[channel.profile] if channel.profile else None
+    profile = LINK_PROFILES.get(channel.profile) if channel.profile else None
     return (
         link_parameters(channel.downlink, profile.downlink if profile else None),
         link_parameters(channel.uplink, profile.uplink if profile else None),
@@ -63,7 +64,7 @@ def resolve_links(channel: ChannelSpec) -> tuple[LinkParameters, LinkParameters]
 def resolve_cell_links(channel: ChannelSpec, cell: CellSpec) -> tuple[LinkParameters, LinkParameters]:
     """(downlink, uplink) of a cell's shared bottleneck: the cell's profile and directions, else the channel's."""
     profile_name = cell.profile or channel.profile
-    profile = PROFILES[profile_name] if profile_name else None
+    profile = LINK_PROFILES.get(profile_name) if profile_name else None
     downlink = cell.downlink if cell.downlink is not None else channel.downlink
     uplink = cell.uplink if cell.uplink is not None else channel.uplink
     return (
@@ -107,7 +108,7 @@ class DeviceLinks:
             downlink, uplink = self.default
             return open_link(self.channel.backend, upstream, downlink, uplink, seed=seed, name=device_id,
                              reset_after_s=self.channel.reset_after_s)
-        if self.channel.backend != "proxy":  # the scenario rejects this; a guard for direct use
+        if not LINK_BACKENDS.attributes(self.channel.backend).get("shared_cells"):  # the scenario rejects this too
             raise ChannelError(f"cell {cell[0]!r}: shared links need the 'proxy' backend, "
                                f"not {self.channel.backend!r}")
         host, port = upstream
@@ -115,27 +116,12 @@ class DeviceLinks:
                          downlink_model=cell[1].flow(device_id), uplink_model=cell[2].flow(device_id))
 
 
-LINK_BACKENDS = ("proxy", "tun", "netem")
-
-
 def open_link(backend: str, upstream: tuple[str, int], downlink: LinkParameters, uplink: LinkParameters,
-              seed: int, name: str, reset_after_s: float | None) -> Any:
-    """The emulated link of one device (an async context manager exposing `.address`) for a backend.
-
-    `proxy`: the user-space TCP proxy (any OS, unprivileged). `tun`: packets through TUN devices into a
-    network namespace (Linux, root), so the kernel's own TCP meets the drops; the device still
-    connects to a local address, relayed from inside its namespace.
-    """
+              seed: int, name: str, reset_after_s: float | None) -> EmulatedLink:
+    """The emulated link of one device (an async context manager exposing ``.address``) from the named backend."""
+    try:
+        open_backend: LinkBackend = LINK_BACKENDS.get(backend)
+    except PluginError as error:
+        raise ChannelError(str(error)) from None
     host, port = upstream
-    if backend == "proxy":
-        return LinkProxy(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name,
-                         outage_reset_after_s=reset_after_s)
-    if backend == "tun":
-        from channel.tun import TunLink
-
-        return TunLink(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name)
-    if backend == "netem":  # the kernel's tc (htb, netem, ifb) on a veth between two namespaces (Linux, root)
-        from channel.netem import NetemLink
-
-        return NetemLink(host, port, downlink=downlink, uplink=uplink, seed=seed, name=name)
-    raise ValueError(f"unknown channel backend {backend!r}; choose one of {', '.join(LINK_BACKENDS)}")
+    return open_backend(LinkRequest(host, port, downlink, uplink, seed=seed, name=name, reset_after_s=reset_after_s))

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from prometheus_client import push_to_gateway, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from testbed.errors import OrchestrationError
 
 DELIVERY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, float("inf"))
 ENERGY_PHASES = ("receive", "transmit", "compute", "idle")
@@ -182,7 +183,7 @@ class RunMetrics:
         self.device_rejected.labels(**self._device(device_id, profile)).inc()
 
 
-class PushError(Exception):
+class PushError(OrchestrationError):
     """The Pushgateway refused or could not be reached."""
 
 

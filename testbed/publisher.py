@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import aiomqtt
 import numpy as np
 
-from testbed.manifest import UpdateManifest, payload_digest
-from testbed.topics import Topics, mqtt_publish_wire_bytes, update_key
-from testbed.wire import encode_full_model, encode_update, split_chunks, update_sizes
+from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.topics import Topics, mqtt_publish_wire_bytes, update_key
+from testbed.core.wire import encode_full_model, encode_update, split_chunks, update_sizes
 
 PUBLISH_TIMEOUT_S = 60.0
 

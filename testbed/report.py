@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from matplotlib.figure import Figure  # noqa: E402
 
 from testbed.metrics import ENERGY_PHASES  # noqa: E402
+from testbed.errors import OrchestrationError
 
 PLOTS = {
     "accuracy.png": "Accuracy per round",
@@ -27,7 +28,7 @@ PLOTS = {
 PHASE_COLOURS = {"receive": "#1f77b4", "transmit": "#ff7f0e", "compute": "#2ca02c", "idle": "#bbbbbb"}
 
 
-class ReportError(Exception):
+class ReportError(OrchestrationError):
     """A results folder that cannot be reported on (missing or malformed files)."""
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from testbed.scenario import Scenario
+from testbed.core.scenario import Scenario
 
 
 class ResultsWriter:

@@ -26,14 +26,15 @@ from server.update_server import RoundOutcome, UpdateServer
 from testbed.broker import EmbeddedBroker
 from testbed.inference import TorchInference
 from testbed.metrics import MetricsExporter, PushError, RunMetrics, push_metrics
-from testbed.mqtt import BrokerConnectionError, MqttEndpoint
+from testbed.core.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.publisher import UpdatePublisher
 from testbed.results import ResultsWriter
 from testbed.links import DeviceLinks
-from testbed.scenario import Scenario
-from testbed.topics import Topics
-from testbed.wire import full_model_bytes as wire_full_model_bytes
-from testbed.wire import weights_hash
+from testbed.core.scenario import Scenario
+from testbed.core.topics import Topics
+from testbed.core.wire import full_model_bytes as wire_full_model_bytes
+from testbed.core.wire import weights_hash
+from testbed.errors import OrchestrationError
 
 logger = logging.getLogger("testbed.runner")
 
@@ -45,7 +46,7 @@ MAX_CATCH_UPS_PER_ROUND = 3
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
-class RunError(Exception):
+class RunError(OrchestrationError):
     """A run that could not complete (devices missing, a broker that went away, ...)."""
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from testbed.runner import ScenarioRun
-from testbed.scenario import load_scenario, parse_scenario
+from testbed.core.scenario import load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 

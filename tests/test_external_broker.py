@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from testbed.mqtt import BrokerConnectionError, MqttEndpoint
+from testbed.core.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.runner import RunError, ScenarioRun
-from testbed.scenario import Scenario, parse_scenario
+from testbed.core.scenario import Scenario, parse_scenario
 
 from .conftest import TlsFiles, free_port
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from testbed.runner import ScenarioRun
-from testbed.scenario import load_scenario
+from testbed.core.scenario import load_scenario
 from devices.pty_cable import PtyCable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ async def test_testbed_attach_joins_a_running_scenario_from_its_own_process(
 async def test_attach_without_a_run_on_the_broker_fails_with_a_clear_message(mosquitto: tuple[str, int]) -> None:
     from devices.serial_bridge import BridgeError
     from testbed.hil_commands import find_run_config
-    from testbed.mqtt import MqttEndpoint
+    from testbed.core.mqtt import MqttEndpoint
 
     with pytest.raises(BridgeError, match="no config of any run listing device 'nobody'.*start `testbed run` first"):
         await find_run_config(MqttEndpoint(*mosquitto), "nobody", None, wait_s=1.0)

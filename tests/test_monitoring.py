@@ -22,7 +22,7 @@ from channel.link import LinkCounters
 from testbed.cli import main
 from testbed.metrics import RunMetrics
 from testbed.runner import ScenarioRun
-from testbed.scenario import load_scenario
+from testbed.core.scenario import load_scenario
 from tests.conftest import debian_tool, free_port
 
 REPO = Path(__file__).resolve().parents[1]

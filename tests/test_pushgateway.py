@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from testbed.runner import ScenarioRun
-from testbed.scenario import ScenarioError, parse_scenario
+from testbed.core.scenario import ScenarioError, parse_scenario
 from tests.conftest import debian_tool, free_port, wait_for_port
 
 

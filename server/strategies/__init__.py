@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from server.errors import ServerError
+from testbed.core.plugins import STRATEGIES, PluginError
 from server.strategies.base import RoundContext, SnapshotKind, Strategy, StrategyResult
 from server.strategies.baselines import MagnitudeUpdating, PruningUpdating, RandomPartialUpdating
 from server.strategies.dpu import (
@@ -32,32 +33,18 @@ from server.strategies.selection import (
 )
 
 if TYPE_CHECKING:
-    from testbed.scenario import UpdateSpec
-
-STRATEGIES: dict[str, type[Strategy]] = {
-    strategy.name: strategy
-    for strategy in (
-        FullUpdating,
-        DeepPartialUpdating,
-        GlobalContributionPartialUpdating,
-        LocalContributionPartialUpdating,
-        RandomPartialUpdating,
-        PruningUpdating,
-        MagnitudeUpdating,
-    )
-}
-
+    from testbed.core.scenario import UpdateSpec
 
 def make_strategy(spec: UpdateSpec) -> Strategy:
     """The strategy registered under `spec.strategy`, configured with `spec`."""
-    strategy = STRATEGIES.get(spec.strategy)
-    if strategy is None:
-        raise ServerError(f"unknown strategy {spec.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    try:
+        strategy = STRATEGIES.get(spec.strategy)
+    except PluginError as error:
+        raise ServerError(str(error)) from None
     return strategy(spec)
 
 
 __all__ = [
-    "STRATEGIES",
     "DeepPartialUpdating",
     "FullUpdating",
     "GlobalContributionPartialUpdating",

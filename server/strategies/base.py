@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from server.data import Split
-    from testbed.scenario import UpdateSpec
+    from testbed.core.scenario import UpdateSpec
 
 SnapshotKind = Literal["full", "sparse"]
 """How a snapshot result replaces the device model: every weight, or only the non-zero partial entries."""
@@ -71,6 +71,7 @@ class Strategy(ABC):
     """One way to turn the deployed weights and the grown training set into the next version."""
 
     name: ClassVar[str]
+    """The scenario name; set by ``@register_strategy(name)``."""
     reinitialises: ClassVar[bool] = False
     """Whether the server may start a round from w⁰ when the data doubled (honoured when `spec.reinit`)."""
     skips_when_worse: ClassVar[bool] = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from testbed.core.plugins import register_strategy
 from server.models import set_weights
 from server.seeds import derive_seed
 from server.strategies.base import RANDOM_MASK_STREAM, RoundContext, Strategy, StrategyResult
@@ -20,10 +21,10 @@ from server.strategies.selection import (
 )
 
 
+@register_strategy("rpu")
 class RandomPartialUpdating(Strategy):
     """RPU: ⌊ratio·I_l⌋ random weights per layer (seeded), fine-tuned from the deployed ones for 2·E epochs."""
 
-    name = "rpu"
 
     def update(self, context: RoundContext) -> StrategyResult:
         rng = np.random.default_rng(derive_seed(context.seed, RANDOM_MASK_STREAM))
@@ -31,13 +32,13 @@ class RandomPartialUpdating(Strategy):
         return self.sparse_fine_tune(context, context.start_weights, masks, epochs=2 * self.spec.epochs)
 
 
+@register_strategy("pruning")
 class PruningUpdating(Strategy):
     """Pruning: from w⁰ train E epochs, keep the top-⌊k·I⌋ by |w| (others zero), sparse fine-tune E epochs.
 
     The result is a sparse snapshot: the device replaces its model, unsent partial entries are zero.
     """
 
-    name = "pruning"
 
     def update(self, context: RoundContext) -> StrategyResult:
         trained, _ = self.train_fully(context, self.spec.epochs, start=context.required_initial_weights())
@@ -48,10 +49,10 @@ class PruningUpdating(Strategy):
         return result
 
 
+@register_strategy("magnitude")
 class MagnitudeUpdating(Strategy):
     """Naive baseline: full training 2·E epochs, send the top-k by |w^f − w^s| at their w^f values, no fine-tune."""
 
-    name = "magnitude"
 
     def update(self, context: RoundContext) -> StrategyResult:
         trained, _ = self.train_fully(context, 2 * self.spec.epochs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from testbed.core.plugins import register_strategy
 from server.models import WeightDict
 from server.strategies.base import RoundContext, Strategy, StrategyResult
 from server.strategies.selection import (
@@ -16,13 +17,13 @@ from server.strategies.selection import (
 )
 
 
+@register_strategy("full")
 class FullUpdating(Strategy):
     """FU: retrain every weight for 2·E epochs (DPU's total) and send all of them as a full snapshot.
 
     `spec.full_variant`: "last_round" starts from the deployed weights, "same_init" from w⁰ every round.
     """
 
-    name = "full"
 
     def update(self, context: RoundContext) -> StrategyResult:
         start = context.required_initial_weights() if self.spec.full_variant == "same_init" else None
@@ -30,10 +31,10 @@ class FullUpdating(Strategy):
         return self.result_from_model(context, selected=None, snapshot="full")
 
 
+@register_strategy("dpu")
 class DeepPartialUpdating(Strategy):
     """DPU: full training with local contribution, top-⌊k·I⌋ by λ·Ĝ + (1−λ)·L̂, rewind, sparse tuning."""
 
-    name = "dpu"
     reinitialises = True
     skips_when_worse = True
 
@@ -61,20 +62,20 @@ class DeepPartialUpdating(Strategy):
         return self.sparse_fine_tune(context, rewind(context.start_weights, trained, masks), masks)
 
 
+@register_strategy("gcpu")
 class GlobalContributionPartialUpdating(DeepPartialUpdating):
     """GCPU: DPU ranked by the global contribution (w^f − w^s)² only (λ = 1)."""
 
-    name = "gcpu"
 
     @property
     def lambda_(self) -> float:
         return 1.0
 
 
+@register_strategy("lcpu")
 class LocalContributionPartialUpdating(DeepPartialUpdating):
     """LCPU: DPU ranked by the local contribution Σ −g·Δw only (λ = 0)."""
 
-    name = "lcpu"
 
     @property
     def lambda_(self) -> float:

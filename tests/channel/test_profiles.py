@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from channel.profiles import PROFILES
+from testbed.core.plugins import LINK_PROFILES
+
+PROFILES = LINK_PROFILES.load_all()
 
 
 def test_known_profiles_exist_with_sources() -> None:

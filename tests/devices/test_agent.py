@@ -16,12 +16,12 @@ from devices.agent import DeviceAgent, DeviceConfig
 from devices.profiles import get_device_profile
 from server.update_server import UpdateServer
 from testbed.inference import TorchInference
-from testbed.manifest import UpdateManifest, payload_digest
-from testbed.mqtt import MqttEndpoint
+from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.mqtt import MqttEndpoint
 from testbed.publisher import UpdatePublisher
-from testbed.scenario import parse_scenario
-from testbed.topics import Topics
-from testbed.wire import HEADER_BYTES, encode_full_model, encode_update, split_chunks, weights_hash
+from testbed.core.scenario import parse_scenario
+from testbed.core.topics import Topics
+from testbed.core.wire import HEADER_BYTES, encode_full_model, encode_update, split_chunks, weights_hash
 
 SCENARIO = parse_scenario({
     "name": "agent-test", "seed": 3, "rounds": 3,

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.assembly import MAX_PENDING_KEYS, UpdateAssembler
-from testbed.manifest import UpdateManifest, payload_digest
-from testbed.wire import WireError, split_chunks
+from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.wire import WireError, split_chunks
 
 
 def manifest_for(payload: bytes, chunk_size: int, key: str = "3") -> UpdateManifest:

@@ -33,9 +33,9 @@ from devices.serial_framing import (
 from devices.serial_link import SerialLink
 from server.update_server import UpdateServer
 from testbed.inference import TorchInference
-from testbed.manifest import UpdateManifest, payload_digest
-from testbed.scenario import parse_scenario
-from testbed.wire import encode_full_model, encode_update, split_chunks, weights_hash
+from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.scenario import parse_scenario
+from testbed.core.wire import encode_full_model, encode_update, split_chunks, weights_hash
 
 SCENARIO = parse_scenario({
     "name": "board-test", "seed": 5, "rounds": 3,

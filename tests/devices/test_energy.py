@@ -9,12 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from devices.energy import ENERGY_PHASES, PhaseTimes, energy_by_phase, phase_times, radio_seconds
-from devices.profiles import DEVICE_PROFILES, get_device_profile
+from devices.profiles import get_device_profile
+from testbed.core.plugins import DEVICE_PROFILES, PluginError
 
 
-@pytest.mark.parametrize("name", sorted(DEVICE_PROFILES))
+@pytest.mark.parametrize("name", DEVICE_PROFILES.names())
 def test_energy_by_phase_by_hand(name):
-    profile = DEVICE_PROFILES[name]
+    profile = DEVICE_PROFILES.get(name)
     times = PhaseTimes(receive_s=2.0, transmit_s=0.5, compute_s=3.0, idle_s=10.0)
     energy = energy_by_phase(profile, times)
     assert set(energy) == set(ENERGY_PHASES)
@@ -35,7 +36,7 @@ def test_energy_figures_for_the_shipped_profiles():
 
 
 def test_unknown_profile():
-    with pytest.raises(KeyError, match="toaster"):
+    with pytest.raises(PluginError, match="unknown device profile 'toaster'; choose one of jetson-nano, rpi4"):
         get_device_profile("toaster")
 
 
@@ -54,9 +55,9 @@ def test_phase_times_never_negative_idle(round_seconds, receive_s, transmit_s, c
         assert times.idle_s == 0
 
 
-@given(st.sampled_from(sorted(DEVICE_PROFILES)), seconds, seconds, seconds, seconds)
+@given(st.sampled_from(DEVICE_PROFILES.names()), seconds, seconds, seconds, seconds)
 def test_total_energy_is_between_idle_and_peak_power(name, round_seconds, receive_s, transmit_s, compute_s):
-    profile = DEVICE_PROFILES[name]
+    profile = DEVICE_PROFILES.get(name)
     times = phase_times(round_seconds, receive_s, transmit_s, compute_s)
     total = sum(energy_by_phase(profile, times).values())
     accounted = times.receive_s + times.transmit_s + times.compute_s + times.idle_s

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testbed.core.plugins import ENERGY_METERS
 from devices.energy_meters import (
-    ENERGY_METERS,
+
     EnergyIntegrator,
     EnergyMeter,
     EnergyMeterError,
@@ -262,7 +263,7 @@ def test_model_meter_follows_the_state():
 
 
 def test_auto_choice(tmp_path):
-    assert set(ENERGY_METERS) == {"model", "ina219", "ina3221", "jetson"}
+    assert set(ENERGY_METERS.names()) == {"model", "ina219", "ina3221", "jetson"}
     profile = get_device_profile("jetson-nano")
     assert choose_energy_meter(tmp_path, ina219_probe=lambda: False) == "model"
     assert choose_energy_meter(tmp_path, ina219_probe=lambda: True) == "ina219"

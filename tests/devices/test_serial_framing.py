@@ -32,7 +32,7 @@ from devices.serial_framing import (
     parse_json_payload,
     parse_log_payload,
 )
-from testbed.wire import split_chunks
+from testbed.core.wire import split_chunks
 
 frames_strategy = st.builds(
     Frame,

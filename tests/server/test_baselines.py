@@ -30,7 +30,7 @@ from server.strategies import (
     zero_unselected,
 )
 from server.training import train_epochs
-from testbed.scenario import DataSpec, ModelSpec, UpdateSpec
+from testbed.core.scenario import DataSpec, ModelSpec, UpdateSpec
 
 
 def flat(masks: dict[str, np.ndarray]) -> list[bool]:

@@ -7,7 +7,7 @@ import pytest
 
 from server.data import Split, device_test_split, load_dataset_arrival
 from server.errors import ServerError
-from testbed.scenario import DataSpec
+from testbed.core.scenario import DataSpec
 
 
 def test_arrival_sizes_cover_the_data_set_once() -> None:

@@ -30,7 +30,7 @@ from server.datasets import (
     read_idx,
 )
 from server.errors import ServerError
-from testbed.scenario import DataSpec
+from testbed.core.scenario import DataSpec
 
 REAL_FETCH = datasets.fetch_url  # captured before the autouse fixture replaces it
 SIZES = {"initial_samples": 20, "new_samples_per_round": 15, "validation_samples": 10, "test_samples": 10}

@@ -10,7 +10,7 @@ from server.data import load_dataset_arrival
 from server.models import build_model, get_weights, set_weights
 from server.strategies import dpu_metric, global_contribution, select_top_k
 from server.training import train_epochs
-from testbed.scenario import DataSpec, ModelSpec
+from testbed.core.scenario import DataSpec, ModelSpec
 
 
 def test_dpu_metric_matches_its_definition_on_a_real_training_run() -> None:

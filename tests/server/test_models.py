@@ -9,8 +9,8 @@ import torch
 from server.data import Split
 from server.errors import ServerError
 from server.models import build_model, evaluate_accuracy, get_weights, set_weights
-from testbed.initial_weights import initial_weights, layout_of
-from testbed.scenario import ModelSpec
+from testbed.core.initial_weights import initial_weights, layout_of
+from testbed.core.scenario import ModelSpec
 
 
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone() -> None:

@@ -12,10 +12,10 @@ from hypothesis.extra import numpy as hnp
 
 from server.data import load_dataset_arrival
 from server.errors import ServerError
+from testbed.core.plugins import STRATEGIES
 from server.models import build_model, get_weights
 from server.seeds import derive_seed
 from server.strategies import (
-    STRATEGIES,
     DeepPartialUpdating,
     FullUpdating,
     RoundContext,
@@ -28,7 +28,7 @@ from server.strategies import (
     select_top_k,
 )
 from server.training import train_epochs
-from testbed.scenario import DataSpec, ModelSpec, UpdateSpec
+from testbed.core.scenario import DataSpec, ModelSpec, UpdateSpec
 
 
 def test_global_contribution_is_squared_change_of_matrices_only() -> None:
@@ -143,9 +143,9 @@ def test_rewind_keeps_selected_and_one_dimensional_trained_values() -> None:
 
 
 def test_registry_and_factory() -> None:
-    assert set(STRATEGIES) == {"full", "dpu", "gcpu", "lcpu", "rpu", "pruning", "magnitude"}
-    assert STRATEGIES["full"] is FullUpdating and STRATEGIES["dpu"] is DeepPartialUpdating
-    for name, strategy in STRATEGIES.items():
+    assert set(STRATEGIES.names()) == {"full", "dpu", "gcpu", "lcpu", "rpu", "pruning", "magnitude"}
+    assert STRATEGIES.get("full") is FullUpdating and STRATEGIES.get("dpu") is DeepPartialUpdating
+    for name, strategy in STRATEGIES.load_all().items():
         made = make_strategy(UpdateSpec(strategy=name))
         assert type(made) is strategy and made.name == name
     assert isinstance(make_strategy(UpdateSpec(strategy="gcpu")), DeepPartialUpdating)

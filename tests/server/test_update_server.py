@@ -12,9 +12,9 @@ from server.errors import ServerError
 from server.models import get_weights
 from server.strategies import RoundContext, Strategy, StrategyResult, changed_partial_weights
 from server.update_server import RoundOutcome, UpdateServer
-from testbed.initial_weights import initial_weights, layout_of
-from testbed.scenario import Scenario, parse_scenario
-from testbed.wire import apply_update, decode_update
+from testbed.core.initial_weights import initial_weights, layout_of
+from testbed.core.scenario import Scenario, parse_scenario
+from testbed.core.wire import apply_update, decode_update
 
 
 def scenario(**sections: Any) -> Scenario:

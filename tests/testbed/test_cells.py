@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
-from channel.profiles import PROFILES
+from testbed.core.plugins import LINK_PROFILES
 from channel.proxy import LinkProxy
 from channel.shared import SharedFlow
+from testbed.preflight import check_scenario
 from testbed.links import DeviceLinks, resolve_cell_links
 from testbed.runner import ScenarioRun
-from testbed.scenario import ScenarioError, parse_scenario
+from testbed.core.scenario import ScenarioError, parse_scenario
 
 DEVICES = [{"profile": "rpi4", "count": 3}]  # rpi4-0, rpi4-1, rpi4-2
 
@@ -25,7 +26,7 @@ def scenario(channel: dict[str, Any], devices: list[dict[str, Any]] | None = Non
 
 def error_of(data: dict[str, Any]) -> str:
     with pytest.raises(ScenarioError) as caught:
-        parse_scenario(data, "x.yaml")
+        check_scenario(parse_scenario(data, "x.yaml"), "x.yaml")
     return str(caught.value)
 
 
@@ -72,10 +73,10 @@ def test_a_cell_inherits_what_it_does_not_set() -> None:
     }))
     downlink, uplink = resolve_cell_links(parsed.channel, parsed.channel.cells[0])
     assert downlink.rate_bps == 1e6 and uplink.rate_bps == 20e3
-    assert uplink.delay_s == PROFILES["lte-m"].uplink.delay_s  # the cell's uplink replaces the channel's
+    assert uplink.delay_s == LINK_PROFILES.get("lte-m").uplink.delay_s  # the cell's uplink replaces the channel's
     downlink, uplink = resolve_cell_links(parsed.channel, parsed.channel.cells[1])
     assert downlink.rate_bps == 1e6 and uplink.delay_s == 0.07
-    assert downlink.delay_s == PROFILES["nb-iot"].downlink.delay_s
+    assert downlink.delay_s == LINK_PROFILES.get("nb-iot").downlink.delay_s
 
 
 def test_device_links_share_one_bottleneck_per_cell() -> None:
@@ -140,6 +141,6 @@ def test_links_is_another_name_for_cells() -> None:
 def test_a_bottleneck_queue_reaches_the_link_of_a_packet_level_backend(backend: str) -> None:
     parsed = parse_scenario(scenario({"backend": backend, "downlink": {"rate": "100kbit", "queue": "6KB"}}))
     assert DeviceLinks(parsed.channel, 1).parameters("rpi4-0")[0].queue_bytes == 6000
-    assert "downlink.queue (a bounded bottleneck queue) works at the packet level, with backend 'tun' or 'netem', " \
+    assert "downlink.queue (a bounded bottleneck queue) works at the packet level, with backend 'netem' or 'tun', " \
            "not 'proxy'" in error_of(scenario({"downlink": {"rate": "100kbit", "queue": "6KB"}}))
     assert "needs a rate" in error_of(scenario({"backend": "netem", "downlink": {"delay": "10ms", "queue": "6KB"}}))

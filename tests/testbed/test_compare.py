@@ -10,7 +10,7 @@ import pytest
 
 from testbed.cli import EXIT_BAD_SCENARIO, EXIT_OK, main
 from testbed.compare import CompareRow, markdown_table, run_comparison, summarise, write_report
-from testbed.scenario import parse_scenario
+from testbed.core.scenario import parse_scenario
 
 SMALL = {
     "name": "cmp", "seed": 5, "rounds": 3,

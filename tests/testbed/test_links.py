@@ -10,15 +10,16 @@ import yaml
 
 from channel.loss import BernoulliLoss, GilbertElliottLoss
 from channel.outage import RandomOutages, ScheduledOutage
-from channel.profiles import PROFILES
+from testbed.core.plugins import LINK_PROFILES
 from channel.trace import MahimahiTrace
 from testbed.links import resolve_links
-from testbed.scenario import ScenarioError, parse_scenario
+from testbed.preflight import check_scenario
+from testbed.core.scenario import ScenarioError, parse_scenario
 
 
 def scenario_with(channel: dict[str, Any]) -> Any:
-    return parse_scenario({"name": "links", "rounds": 1, "devices": [{"profile": "rpi4", "count": 1}],
-                           "channel": channel})
+    return check_scenario(parse_scenario({"name": "links", "rounds": 1, "devices": [{"profile": "rpi4", "count": 1}],
+                                          "channel": channel}))
 
 
 def test_no_channel_is_an_unlimited_link() -> None:
@@ -28,7 +29,7 @@ def test_no_channel_is_an_unlimited_link() -> None:
 
 def test_override_keeps_the_profiles_other_fields() -> None:
     downlink, uplink = resolve_links(scenario_with({"profile": "lora-sf7", "downlink": {"delay": "2s"}}).channel)
-    profile = PROFILES["lora-sf7"]
+    profile = LINK_PROFILES.get("lora-sf7")
     assert downlink.delay_s == 2.0
     assert downlink.rate_bps == profile.downlink.rate_bps
     assert (downlink.mss_bytes, downlink.overhead_bytes) == (profile.downlink.mss_bytes, profile.downlink.overhead_bytes)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.manifest import ManifestError, UpdateManifest, payload_digest
+from testbed.core.manifest import ManifestError, UpdateManifest, payload_digest
 
 FIELDS = sorted(UpdateManifest.__dataclass_fields__)
 

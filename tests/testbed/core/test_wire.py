@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed import wire
-from testbed.wire import (
+from testbed.core import wire
+from testbed.core.wire import (
     HEADER,
     HEADER_BYTES,
     INDEX_CODECS,
@@ -525,7 +525,7 @@ def test_any_single_byte_mutation_is_caught(case: tuple[Weights, Weights], data:
     The payload hash covers the body; header fields are cross-checked at decode and the fingerprint,
     base version, n, scale count and post-apply hash at apply. Not covered: target_version (the
     device checks it against the manifest); a codec id byte when the other codec reads the same
-    section as the same thing (index codec when n = 0; value codec when k = 0, no values at all).
+    section as the same thing (index codec when n = 0 or k = 0: no positions; value codec when k = 0).
     In those cases the applied weights must still be exactly what the original update gives.
     """
     base, target = case
@@ -541,7 +541,7 @@ def test_any_single_byte_mutation_is_caught(case: tuple[Weights, Weights], data:
     except WireError:
         return
     header = decode_update(encoded).header
-    assert (offset in TARGET_VERSION_FIELD or (offset == INDEX_CODEC_BYTE and header.n == 0)
+    assert (offset in TARGET_VERSION_FIELD or (offset == INDEX_CODEC_BYTE and 0 in (header.n, header.k))
             or (offset == VALUE_CODEC_BYTE and header.k == 0))
     assert identical(result, held_weights_after(base, encoded))
 
@@ -611,7 +611,7 @@ def test_chunk_errors() -> None:
 
 @given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4), st.integers(0, 20))
 def test_full_model_bytes_is_the_encoded_length(shapes: list[tuple[int, int]], biases: int) -> None:
-    from testbed.wire import full_model_bytes
+    from testbed.core.wire import full_model_bytes
 
     weights = {f"layer{i}.weight": np.ones(shape, dtype=np.float32) for i, shape in enumerate(shapes)}
     weights["out.bias"] = np.zeros(biases, dtype=np.float32)

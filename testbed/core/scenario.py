@@ -19,16 +19,25 @@ from pydantic import (
     model_validator,
 )
 
-from testbed.units import (
+from testbed.core.units import (
     UnitError,
     parse_duration_s,
     parse_fraction,
     parse_rate_bps,
     parse_size_bytes,
 )
+from testbed.core.errors import TestbedError
+from testbed.core.plugins import (
+    DEVICE_PROFILES,
+    INDEX_CODECS,
+    LINK_BACKENDS,
+    LINK_PROFILES,
+    STRATEGIES,
+    VALUE_CODECS,
+)
 
 
-class ScenarioError(Exception):
+class ScenarioError(TestbedError):
     """A scenario file (or an override) that cannot be run; the message names the field and value."""
 
 
@@ -94,18 +103,27 @@ class UpdateSpec(_Model):
     full_variant: Literal["last_round", "same_init"] = "last_round"
     reinit: bool = True
     skip_if_worse: bool = True
-    index_codec: Literal["auto", "raw", "bitmap", "golomb-rice"] = "auto"
-    value_codec: Literal["fp32", "fp16", "int8"] = "fp32"
+    index_codec: str = "auto"
+    value_codec: str = "fp32"
     chunk_size: SizeBytes = Field(1024, alias="chunk_size")
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        from server.strategies import STRATEGIES
+        return STRATEGIES.check(name)
 
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    @field_validator("index_codec")
+    @classmethod
+    def _known_index_codec(cls, name: str) -> str:
+        selectable = [codec for codec in INDEX_CODECS.names() if INDEX_CODECS.attributes(codec).get("selectable", True)]
+        if name != "auto" and name not in selectable:
+            raise ValueError(f"unknown index codec {name!r}; choose one of auto, {', '.join(selectable)}")
         return name
+
+    @field_validator("value_codec")
+    @classmethod
+    def _known_value_codec(cls, name: str) -> str:
+        return VALUE_CODECS.check(name)
 
 
 class GilbertElliottSpec(_Model):
@@ -198,19 +216,13 @@ class CellSpec(_Model):
 
 
 def _known_channel_profile(name: str | None) -> str | None:
-    if name is None:
-        return None
-    from channel.profiles import PROFILES
-
-    if name not in PROFILES:
-        raise ValueError(f"unknown channel profile {name!r}; choose one of {', '.join(sorted(PROFILES))}")
-    return name
+    return None if name is None else LINK_PROFILES.check(name)
 
 
 class ChannelSpec(_Model):
     """The emulated link between the broker and each device (or each cell of devices, see CellSpec)."""
 
-    backend: Literal["proxy", "tun", "netem"] = "proxy"
+    backend: str = "proxy"
     profile: str | None = None
     downlink: LinkSpec | None = None
     uplink: LinkSpec | None = None
@@ -230,35 +242,30 @@ class ChannelSpec(_Model):
     def _known_profile(cls, name: str | None) -> str | None:
         return _known_channel_profile(name)
 
-    @model_validator(mode="after")
-    def _links_buildable(self) -> ChannelSpec:
-        from channel.errors import ChannelError
-        from testbed.links import resolve_cell_links, resolve_links
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        return LINK_BACKENDS.check(name)
 
-        try:
-            resolve_links(self)
-        except ChannelError as error:
-            raise ValueError(str(error)) from None
-        for index, cell in enumerate(self.cells):
-            try:
-                resolve_cell_links(self, cell)
-            except ChannelError as error:
-                raise ValueError(f"cells.{index} ({cell.name!r}): {error}") from None
+    @model_validator(mode="after")
+    def _links_consistent(self) -> ChannelSpec:
+        """What can be checked without the link plugins (profiles, traces): see testbed.plan for the rest."""
         names = [cell.name for cell in self.cells]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"cell name {repeated[0]!r} appears twice; give each cell its own name")
         queued = [name for name, link in (("downlink", self.downlink), ("uplink", self.uplink))
                   if link is not None and link.queue_bytes is not None]
-        for name, resolved in zip(("downlink", "uplink"), resolve_links(self)):
-            if name in queued and resolved.rate_bps is None and resolved.trace is None:
-                raise ValueError(f"{name}.queue needs a rate (or trace) to queue at: without a bottleneck it never fills")
-        if queued and self.backend == "proxy":
+        backends = {name: LINK_BACKENDS.attributes(name) for name in LINK_BACKENDS.names()}
+        if queued and not backends[self.backend].get("packet_level"):
+            packet_level = [name for name, attributes in backends.items() if attributes.get("packet_level")]
             raise ValueError(f"{queued[0]}.queue (a bounded bottleneck queue) works at the packet level, with "
-                             "backend 'tun' or 'netem', not 'proxy'; choose one of them or remove the queue")
-        if self.cells and self.backend != "proxy":
-            raise ValueError(f"cells (shared links) need backend 'proxy', not {self.backend!r}; "
-                             "use backend: proxy or remove channel.cells")
+                             f"backend {' or '.join(map(repr, packet_level))}, not {self.backend!r}; choose one of "
+                             "them or remove the queue")
+        if self.cells and not backends[self.backend].get("shared_cells"):
+            sharing = [name for name, attributes in backends.items() if attributes.get("shared_cells")]
+            raise ValueError(f"cells (shared links) need backend {' or '.join(map(repr, sharing))}, not "
+                             f"{self.backend!r}; use one of them or remove channel.cells")
         return self
 
 
@@ -280,11 +287,7 @@ class DeviceGroup(_Model):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, name: str) -> str:
-        from devices.profiles import DEVICE_PROFILES
-
-        if name not in DEVICE_PROFILES:
-            raise ValueError(f"unknown device profile {name!r}; choose one of {', '.join(sorted(DEVICE_PROFILES))}")
-        return name
+        return DEVICE_PROFILES.check(name)
 
     @model_validator(mode="after")
     def _count_or_name(self) -> DeviceGroup:

@@ -9,15 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testbed.codecs import (
-    INDEX_CODEC_REGISTRY,
-    VALUE_CODEC_REGISTRY,
-    GolombRiceIndex,
+from testbed.core.codecs import (
+    index_codecs,
+    value_codecs,
+
     StoredValues,
     WireError,
     index_floor_bits,
 )
-from testbed.wire import INDEX_CODECS, VALUE_CODECS
+from testbed.core.codecs.index import GolombRiceIndex
+from testbed.core.wire import INDEX_CODECS, VALUE_CODECS
 
 GOLOMB = GolombRiceIndex()
 
@@ -51,7 +52,7 @@ def test_every_index_codec_round_trips_and_keeps_its_size_claims(case: tuple[np.
     positions, n = case
     k = int(positions.size)
     for name in INDEX_CODECS:
-        codec = INDEX_CODEC_REGISTRY[name]
+        codec = index_codecs()[name]
         claimed = codec.section_bytes(positions, n)
         bounds = codec.section_bounds(n, k)
         assert (claimed is None) == (bounds is None)
@@ -174,7 +175,7 @@ def _through_the_wire(
     name: str, target: np.ndarray, base: np.ndarray, tensor_of: np.ndarray, tensor_count: int
 ) -> tuple[StoredValues, np.ndarray]:
     """Stored values as the device unpacks them, and what it holds; checks the encoder agrees."""
-    codec = VALUE_CODEC_REGISTRY[name]
+    codec = value_codecs()[name]
     stored = codec.quantise(target, base, tensor_of, tensor_count)
     section = codec.pack(stored)
     k = target.size

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from testbed.codecs import WireError
+from testbed.core.codecs import WireError
 
 FINGERPRINT_BYTES = 16
 

@@ -1,6 +1,6 @@
 """Wire format of sparse weight updates: encode, decode, verify, apply, and chunk them (pure, no I/O).
 
-Index and value codecs live in `testbed.codecs`; this module owns the header, the section layout
+Index and value codecs live in `testbed.core.codecs`; this module owns the header, the section layout
 (header, index section, value section, dense section) and what a device holds after applying.
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from testbed.codecs import INDEX_CODEC_REGISTRY, VALUE_CODEC_REGISTRY, StoredValues, ValueCodec
-from testbed.codecs import WireError as WireError  # re-exported: the one error of the wire format
-from testbed.codecs import choose_index_codec, tensor_of, value_codec_named
-from testbed.codecs import index_floor_bits as index_floor_bits  # re-exported for benchmarks
-from testbed.weight_layout import (  # re-exported: the layout is part of the wire contract
+from testbed.core.codecs import StoredValues, ValueCodec, index_codecs, value_codecs
+from testbed.core.codecs import WireError as WireError  # re-exported: the one error of the wire format
+from testbed.core.codecs import choose_index_codec, tensor_of, value_codec_named
+from testbed.core.codecs import index_floor_bits as index_floor_bits  # re-exported for benchmarks
+from testbed.core.weight_layout import (  # re-exported: the layout is part of the wire contract
     FINGERPRINT_BYTES as FINGERPRINT_BYTES,
     _checked,
     _dense_tensor_names,
@@ -33,8 +33,8 @@ from testbed.weight_layout import (  # re-exported: the layout is part of the wi
 
 FORMAT_VERSION = 1
 MAGIC = b"EDTB"
-INDEX_CODECS = tuple(INDEX_CODEC_REGISTRY)  # wire id = position: dense, raw, bitmap, golomb-rice
-VALUE_CODECS = tuple(VALUE_CODEC_REGISTRY)  # wire id = position: fp32, fp16, int8
+INDEX_CODECS = tuple(index_codecs())  # by wire id: dense, raw, bitmap, golomb-rice
+VALUE_CODECS = tuple(value_codecs())  # by wire id: fp32, fp16, int8
 FULL_SNAPSHOT_BASE = 0xFFFFFFFF  # base_version of a snapshot: applies to any base
 FLAG_FULL_SNAPSHOT = 0x01  # every partial weight, dense index, values relative to zeros
 FLAG_SPARSE_SNAPSHOT = 0x02  # listed positions relative to an all-zeros partial base; the rest become 0
@@ -158,7 +158,7 @@ def _encode(
     )
     dense = _flatten_dense(template)
     held = _held_weights(template, base_partial, positions, values, stored, dense)
-    index = INDEX_CODEC_REGISTRY[index_name].encode(positions, n)
+    index = index_codecs()[index_name].encode(positions, n)
     value_section = values.pack(stored)
     body = index + value_section + _le_bytes(dense)
     header = HEADER.pack(
@@ -266,13 +266,13 @@ def _parse_header(data: bytes) -> UpdateHeader:
         raise WireError("target_version uses the reserved value 0xFFFFFFFF")
     if k > n:
         raise WireError(f"k={k} exceeds n={n}")
-    bounds = INDEX_CODEC_REGISTRY[index_codec].section_bounds(n, k)
+    bounds = index_codecs()[index_codec].section_bounds(n, k)
     if bounds is None:
         raise WireError(f"index codec {index_codec} cannot represent k={k} of n={n} positions")
     if not bounds[0] <= index_bytes <= bounds[1]:
         expected = bounds[0] if bounds[0] == bounds[1] else f"{bounds[0]}..{bounds[1]}"
         raise WireError(f"index section is {index_bytes} bytes; {index_codec} needs {expected} (k={k}, n={n})")
-    values = VALUE_CODEC_REGISTRY[VALUE_CODECS[value_id]]
+    values = value_codecs()[VALUE_CODECS[value_id]]
     if values.tensor_entries(k, value_bytes) is None:
         layout = f"{values.value_bytes}*k" + (f" + {values.tensor_bytes}*tensors" if values.tensor_bytes else "")
         raise WireError(f"value section is {value_bytes} bytes; {values.name} needs {layout} for k={k}")
@@ -301,8 +301,8 @@ def decode_update(data: bytes) -> DecodedUpdate:
         raise WireError("payload hash mismatch: the update body is corrupted")
     index_end = header.index_bytes
     value_end = index_end + header.value_bytes
-    positions = INDEX_CODEC_REGISTRY[header.index_codec].decode(body[:index_end], header.n, header.k)
-    values = VALUE_CODEC_REGISTRY[header.value_codec]
+    positions = index_codecs()[header.index_codec].decode(body[:index_end], header.n, header.k)
+    values = value_codecs()[header.value_codec]
     entries = values.tensor_entries(header.k, header.value_bytes) or 0
     stored = values.unpack(body[index_end:value_end], header.k, entries)
     dense = np.frombuffer(body[value_end:], dtype="<f4").astype(np.float32)

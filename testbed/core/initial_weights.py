@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from testbed.wire import model_fingerprint
+from testbed.core.wire import model_fingerprint
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.topics import DEVICE_MESSAGE_KINDS, Topics, mqtt_publish_wire_bytes, update_key
+from testbed.core.topics import DEVICE_MESSAGE_KINDS, Topics, mqtt_publish_wire_bytes, update_key
 
 TOPICS = Topics("r1")
 

@@ -6,9 +6,10 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from testbed.core.errors import TestbedError
 
 
-class ManifestError(ValueError):
+class ManifestError(TestbedError):
     """A manifest payload that is not valid JSON of the expected shape."""
 
 

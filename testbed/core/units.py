@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from testbed.core.errors import TestbedError
 
 _NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z%/\u00b5\u03bc]*)\s*$")
 
@@ -20,7 +21,7 @@ _SIZE_FACTORS_BYTES = {
 }
 
 
-class UnitError(ValueError):
+class UnitError(TestbedError):
     """A value that does not parse as the unit its field expects."""
 
 

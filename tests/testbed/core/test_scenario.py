@@ -10,9 +10,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testbed.scenario import Scenario, ScenarioError, apply_override, load_scenario, parse_scenario
+from testbed.core.scenario import Scenario, ScenarioError, apply_override, load_scenario, parse_scenario
 
-LOWBAND = Path(__file__).resolve().parents[2] / "scenarios" / "lowband.yaml"
+LOWBAND = Path(__file__).resolve().parents[3] / "scenarios" / "lowband.yaml"
 RAW = yaml.safe_load(LOWBAND.read_text())
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.units import (
+from testbed.core.units import (
     UnitError,
     format_rate,
     parse_duration_s,
@@ -99,8 +99,10 @@ def test_bad_values_raise_unit_error_naming_the_value(parse, value):
     assert repr(value)[:40] in str(caught.value)
 
 
-def test_unit_error_is_a_value_error():
-    assert issubclass(UnitError, ValueError)
+def test_unit_error_is_in_the_testbed_error_family():
+    from testbed.core.errors import TestbedError
+
+    assert issubclass(UnitError, TestbedError) and not issubclass(UnitError, ValueError)
 
 
 def test_unknown_unit_message_names_the_unit():

@@ -9,14 +9,15 @@ from dataclasses import dataclass, replace
 
 import aiomqtt
 
-from testbed.scenario import BrokerSpec
+from testbed.core.scenario import BrokerSpec
+from testbed.core.errors import TestbedError
 
 MQTT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 CLEANUP_TIMEOUT_S = 1.0
 
 
-class BrokerConnectionError(Exception):
+class BrokerConnectionError(TestbedError):
     """The broker could not be reached, refused the credentials, or failed the TLS handshake."""
 
     def __init__(self, address: str, reason: str) -> None:
