@@ -14,15 +14,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from testbed import channel_command, hil_commands
+import importlib
 from testbed.core.scenario import Scenario, ScenarioError, load_scenario
 
+# Commands defined in modules of their own, imported only when one of them (or the full help) is asked for, so
+# that `testbed validate` loads nothing beyond testbed.core.
+COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.channel_command",
+                   "board": "testbed.hil_commands", "attach": "testbed.hil_commands"}
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_SCENARIO = 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> str | None:
+    """The command the arguments name, or None when they name none (help, or a typo: then every command is built)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testbed",
         description="Hardware-in-the-loop testbed for deep partial updating of neural networks over MQTT.",
@@ -45,8 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a scenario file and print it resolved")
     validate.add_argument("scenario", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
-    channel_command.add_commands(commands)
-    hil_commands.add_commands(commands)
+    validate.add_argument("--resolve", action="store_true",
+                          help="also load the plugins the scenario names and let them check it (link profiles and "
+                               "trace files, strategy settings); without it only testbed.core is imported")
+    wanted = _command_word(sys.argv[1:] if argv is None else argv)
+    built_here = {"run", "compare", "validate", "report", "monitoring"}
+    for module in dict.fromkeys(COMMAND_MODULES.values()):
+        if wanted is None or (wanted not in built_here and COMMAND_MODULES.get(wanted, module) == module):
+            importlib.import_module(module).add_commands(commands)
     _add_report_commands(commands)
     return parser
 
@@ -207,16 +225,22 @@ def _device_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def _load(path: Path, overrides: list[str], console: Console) -> Scenario | None:
+def _load(path: Path, overrides: list[str], console: Console, resolve: bool = True) -> Scenario | None:
+    """The scenario at ``path``; with ``resolve``, also checked by the plugins it names (testbed.preflight)."""
     try:
-        return load_scenario(path, overrides)
+        scenario = load_scenario(path, overrides)
+        if resolve:
+            from testbed.preflight import check_scenario
+
+            check_scenario(scenario, str(path))
+        return scenario
     except ScenarioError as error:
         console.print(f"[red]error:[/] {error}", highlight=False)
         return None
 
 
 def _command_validate(args: argparse.Namespace, console: Console) -> int:
-    scenario = _load(args.scenario, args.overrides, console)
+    scenario = _load(args.scenario, args.overrides, console, resolve=args.resolve)
     if scenario is None:
         return EXIT_BAD_SCENARIO
     console.print(f"{args.scenario}: valid, {len(scenario.device_ids())} devices", highlight=False)
@@ -321,13 +345,11 @@ def _command_compare(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `testbed` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in channel_command.COMMANDS:
-        return channel_command.run(args)
-    if args.command in hil_commands.COMMANDS:
-        return hil_commands.run(args)
+    if args.command in COMMAND_MODULES:
+        return int(importlib.import_module(COMMAND_MODULES[args.command]).run(args))
     console = Console()
     if args.command == "validate":
         return _command_validate(args, console)

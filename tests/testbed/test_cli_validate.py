@@ -85,3 +85,25 @@ def test_console_script_exit_code(bad_scenario):
                                timeout=60, check=False)
     assert completed.returncode == EXIT_BAD_SCENARIO
     assert "update.ratoi" in " ".join((completed.stdout + completed.stderr).split())
+
+
+def test_validate_checks_plugins_only_with_resolve(tmp_path, capsys):
+    """A trace file that does not exist is the link plugins' finding: `validate` (core only) passes it,
+    `validate --resolve` and `run` refuse it, naming the field, before anything starts."""
+    missing = ["--set", f"channel.downlink.trace={tmp_path / 'missing.csv'}", "--set", "channel.downlink.rate=null"]
+    assert main(["validate", str(LOWBAND), *missing]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["validate", str(LOWBAND), *missing, "--resolve"]) == EXIT_BAD_SCENARIO
+    output = _output(capsys)
+    assert "channel: " in output and "missing.csv" in output
+    assert main(["run", str(LOWBAND), *missing, "--out", str(tmp_path / "out")]) == EXIT_BAD_SCENARIO
+    output = _output(capsys)
+    assert "invalid scenario" in output and "missing.csv" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_plugin_name_lists_the_registered_ones(tmp_path, capsys):
+    assert main(["validate", str(LOWBAND), "--set", "channel.backend=carrier-pigeon"]) == EXIT_BAD_SCENARIO
+    assert "channel.backend: unknown channel backend 'carrier-pigeon'; choose one of netem, proxy, tun" in _output(capsys)
+    assert main(["validate", str(LOWBAND), "--set", "update.value_codec=fp8"]) == EXIT_BAD_SCENARIO
+    assert "update.value_codec: unknown value codec 'fp8'; choose one of fp16, fp32, int8" in _output(capsys)
