@@ -14,7 +14,6 @@ _GOLOMB_MAX_N = 2**62  # keeps every gap, remainder and running sum inside int64
 class DenseIndex(IndexCodec):
     """Every position, no section at all (k == n)."""
 
-
     def section_bytes(self, positions: np.ndarray, n: int) -> int | None:
         return 0 if positions.size == n else None
 
@@ -31,7 +30,6 @@ class DenseIndex(IndexCodec):
 @register_index_codec("raw", wire_id=1)
 class RawIndex(IndexCodec):
     """Each position as a little-endian u32 (n <= 2**32)."""
-
 
     def section_bytes(self, positions: np.ndarray, n: int) -> int | None:
         bounds = self.section_bounds(n, int(positions.size))
@@ -55,7 +53,6 @@ class RawIndex(IndexCodec):
 @register_index_codec("bitmap", wire_id=2)
 class BitmapIndex(IndexCodec):
     """One bit per position, LSB-first within each byte; padding bits after n must be zero."""
-
 
     def section_bytes(self, positions: np.ndarray, n: int) -> int | None:
         return (n + 7) // 8
