@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -22,6 +23,39 @@ UNLIMITED_RATE_WINDOW_BYTES = 4 * 1024 * 1024
 # The event loop's epoll waits in whole milliseconds, rounded up, so a timer fires 0-1 ms late;
 # releasing what is due within half a millisecond centres the error on the modelled time.
 TIMER_SLACK_S = 0.0005
+
+T = TypeVar("T")
+
+
+async def wait_within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """``await awaitable``, raising ``asyncio.TimeoutError`` after ``timeout_s``; a cancellation always propagates.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns the result when its caller is cancelled
+    just as the awaited work completes, swallowing the cancellation. A pump loop cancelled that way
+    at a drain ran on and then waited, with no timer pending, for data its cancelled reader would
+    never queue: the proxy's ``aclose`` hung.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_retrieve_outcome)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve_outcome)
+        raise asyncio.TimeoutError(f"not done within {timeout_s} s")
+    return task.result()
+
+
+def _retrieve_outcome(task: asyncio.Future[object]) -> None:
+    """Mark an abandoned task's outcome as seen; a stream it opened after all is closed."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    result = task.result()
+    if isinstance(result, tuple) and result and isinstance(result[-1], asyncio.StreamWriter):
+        result[-1].close()  # an open_connection that completed after its caller gave up
 
 
 class LinkDirectionModel(Protocol):
@@ -131,7 +165,7 @@ class _Direction:
                 self.proxy.dropped_bytes += len(data)
                 return
             self.destination.write(data)
-            await asyncio.wait_for(self.destination.drain(), self.proxy.write_timeout_s)
+            await wait_within(self.destination.drain(), self.proxy.write_timeout_s)
         except ConnectionError as error:
             self.proxy.dropped_bytes += len(data)
             self._mark_gone(f"{type(error).__name__}: {error}")
@@ -171,7 +205,7 @@ async def _close_writer(writer: asyncio.StreamWriter, proxy: LinkProxy) -> None:
     """Close a stream, waiting a bounded time; a failure to close cleanly is logged and counted."""
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), proxy.write_timeout_s)
+        await wait_within(writer.wait_closed(), proxy.write_timeout_s)
     except (OSError, asyncio.TimeoutError) as error:
         proxy.close_errors += 1
         logger.info("%s: closing a stream failed: %r", proxy.name, error)
@@ -319,7 +353,7 @@ class LinkProxy:
                                    ChannelError(f"{len(pending)} still running"))
         if server is not None:
             try:
-                await asyncio.wait_for(server.wait_closed(), self.write_timeout_s)
+                await wait_within(server.wait_closed(), self.write_timeout_s)
             except asyncio.TimeoutError as error:
                 self._record_error("server did not close in time", error)
         self.port = None
@@ -392,7 +426,7 @@ class LinkProxy:
             self.uplink_model.new_stream(now)
         try:
             try:
-                upstream_reader, upstream_writer = await asyncio.wait_for(
+                upstream_reader, upstream_writer = await wait_within(
                     asyncio.open_connection(self.upstream_host, self.upstream_port),
                     self.connect_timeout_s,
                 )

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from channel.errors import ChannelError
 from channel.netns import NetworkNamespace, open_connection_in, socket_in
+from channel.proxy import wait_within
 
 logger = logging.getLogger("channel.relay")
 
@@ -122,7 +123,7 @@ class TcpRelay:
         try:
             while data := await source.read(RELAY_CHUNK_BYTES):
                 destination.write(data)
-                await asyncio.wait_for(destination.drain(), self._write_timeout_s)
+                await wait_within(destination.drain(), self._write_timeout_s)  # never swallows a cancel
             if destination.can_write_eof():
                 destination.write_eof()
         except (ConnectionError, asyncio.TimeoutError) as error:
@@ -175,8 +176,8 @@ class NamespaceRelays:
                                         self.connect_timeout_s if timeout_s is None else timeout_s)
 
     async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(asyncio.open_connection(self.upstream_host, self.upstream_port),
-                                      self.connect_timeout_s)
+        return await wait_within(asyncio.open_connection(self.upstream_host, self.upstream_port),
+                                 self.connect_timeout_s)
 
     async def start(self) -> None:
         """Listen with both hops (close() undoes a half-done start)."""

@@ -14,10 +14,25 @@ import pytest
 
 from channel.errors import ChannelError
 from channel.link import LinkModel, LinkParameters
-from channel.proxy import LinkProxy
+from channel.proxy import TIMER_SLACK_S, LinkProxy, _Direction
 from channel.shared import SharedLink
 
 UNLIMITED = LinkParameters(rate_bps=None)
+# How late the proxy's user-space hops may deliver beyond the model's schedule, on a busy machine:
+# beside two CPU hogs on 2 cores (`python3 -c 'while True: pass' &` twice) a 0.1 s one-way link
+# measured round trips up to 0.1245 s once and a median within 0.104 s; a loaded event loop is late
+# in bursts, so single samples are not judged against it, only the best and the median.
+LATENESS_MARGIN_S = 0.05
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` every 10 ms; fail saying ``what`` was awaited if it stays false ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"waited {timeout_s} s for {what}")
+        await asyncio.sleep(0.01)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -106,14 +121,20 @@ async def test_goodput_matches_the_configured_rate() -> None:
         reader, writer = await asyncio.open_connection(*proxy.address)
         start = loop.time()
         writer.write(b"g")
-        await reader.readexactly(size)
+        await asyncio.wait_for(reader.readexactly(size), 20)
         elapsed = loop.time() - start
         writer.close()
         await writer.wait_closed()
-    goodput_bps = size * 8 / elapsed
-    expected_bps = downlink.goodput_bps
-    assert expected_bps is not None
-    assert goodput_bps == pytest.approx(expected_bps, rel=0.05)
+    model = proxy.downlink_model
+    assert model.epoch_s is not None
+    # The model's own schedule carries the wire bytes at the rate (the first packet leaves on the full
+    # bucket; a read that a busy machine makes late only lets the bucket refill, shortening it)...
+    scheduled_s = model.last_delivery_s - model.epoch_s
+    wire_bytes = proxy.downlink_counters.wire_bytes
+    assert scheduled_s == pytest.approx((wire_bytes - downlink.bucket_depth_bytes) * 8 / 200_000, rel=0.02)
+    # ...and the proxy never hands bytes over ahead of it (a busy machine may only make them later).
+    assert elapsed >= scheduled_s - TIMER_SLACK_S
+    assert elapsed < scheduled_s + LATENESS_MARGIN_S * 4, (elapsed, scheduled_s)
     assert proxy.downlink_counters.wire_bytes == size + 40 * proxy.downlink_counters.segments
 
 
@@ -131,7 +152,11 @@ async def test_one_way_delay_shows_in_the_round_trip() -> None:
             round_trips.append(loop.time() - start)
         writer.close()
         await writer.wait_closed()
-    assert all(0.1 <= rtt < 0.12 for rtt in round_trips), round_trips
+    # Never early (the proxy releases a segment at most TIMER_SLACK_S before its modelled time);
+    # late only by the machine's load (LATENESS_MARGIN_S, measured beside two CPU hogs).
+    assert all(rtt >= 0.1 - TIMER_SLACK_S for rtt in round_trips), round_trips
+    assert min(round_trips) < 0.1 + LATENESS_MARGIN_S, round_trips
+    assert sorted(round_trips)[2] < 0.1 + LATENESS_MARGIN_S, round_trips
 
 
 async def test_client_close_closes_upstream_and_leaves_no_tasks() -> None:
@@ -154,11 +179,7 @@ async def test_client_close_closes_upstream_and_leaves_no_tasks() -> None:
             await writer.wait_closed()
             await asyncio.wait_for(upstream_closed.wait(), 5)
             assert bytes(received) == payload  # queued bytes were delivered before closing
-            for _ in range(100):
-                if proxy.active_connections == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert proxy.active_connections == 0
+            await wait_until(lambda: proxy.active_connections == 0, 10, "the proxy to end the connection")
         assert proxy.connections_accepted == 1
         assert proxy.errors == 0
         assert proxy_tasks() == []
@@ -170,7 +191,8 @@ async def test_exit_cancels_busy_connections() -> None:
         async with LinkProxy("127.0.0.1", port, slow, slow, seed=4) as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
             writer.write(os.urandom(100_000))  # far more than the link can carry before exit
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: proxy.uplink_counters.payload_bytes > 0, 10,
+                             "the proxy to take the client's first bytes")
             assert proxy.active_connections == 1
         assert proxy_tasks() == []
         assert await asyncio.wait_for(reader.read(), 2) == b""  # the proxy closed the client
@@ -242,20 +264,76 @@ async def test_fast_sender_is_held_back_to_the_link_rate() -> None:
         while await reader.read(65536):
             pass
 
+    window_bytes = 32 * 1024
     async with tcp_server(sink) as port, LinkProxy(
-        "127.0.0.1", port, UNLIMITED, uplink, seed=9, max_in_flight_bytes=32 * 1024
+        "127.0.0.1", port, UNLIMITED, uplink, seed=9, max_in_flight_bytes=window_bytes
     ) as proxy:
         loop = asyncio.get_running_loop()
         _, writer = await asyncio.open_connection(*proxy.address)
         start = loop.time()
-        writer.write(os.urandom(1_000_000))  # far more than 0.5 s of link time
-        await asyncio.sleep(0.5)
-        elapsed = loop.time() - start
-        taken = proxy.uplink_counters.payload_bytes  # bytes the proxy has read and scheduled
-        carried = 125_000 * elapsed
-        assert carried * 0.8 < taken <= carried + 32 * 1024 + 65536 + 1500
+        writer.write(os.urandom(1_000_000))  # 8 s of link time
+        goodput_bytes_per_s = uplink.goodput_bps / 8  # type: ignore[operator]
+        samples = 0
+
+        def held_back() -> bool:
+            # What the proxy has read and scheduled never runs ahead of what the link can have
+            # carried since the start by more than its window, one read and one packet's burst,
+            # however late this check runs: the bound grows with the wall clock.
+            nonlocal samples
+            taken = proxy.uplink_counters.payload_bytes
+            carried = goodput_bytes_per_s * (loop.time() - start)
+            assert taken <= carried + window_bytes + 65536 + uplink.packet_bytes, (taken, carried)
+            samples += 1
+            return taken >= 250_000
+
+        await wait_until(held_back, 20, "the proxy to carry 250 kB (2 s of link time)")
+        assert samples > 10
+        # The schedule the proxy follows is the link's: bytes leave at the rate, not as fast as read.
+        model = proxy.uplink_model
+        assert model.epoch_s is not None
+        scheduled_s = model.last_delivery_s - model.epoch_s
+        assert proxy.uplink_counters.wire_bytes * 8 / scheduled_s == pytest.approx(1_000_000, rel=0.02)
         writer.close()
-        await writer.wait_closed()
+        await asyncio.wait_for(writer.wait_closed(), 20)
+
+
+class _CancelledAtDrain:
+    """A destination whose ``drain`` completes at the very moment the pump's owner cancels its writer."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.writer_task: asyncio.Task[None] | None = None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.received.extend(data)
+
+    async def drain(self) -> None:
+        assert self.writer_task is not None
+        self.writer_task.cancel()
+
+
+async def test_a_writer_cancelled_as_its_drain_completes_stops() -> None:
+    # asyncio.wait_for (Python < 3.12) swallowed such a cancellation: the writer ran on, waited for
+    # data from its already cancelled reader with no timer pending, and the proxy's exit hung.
+    proxy = LinkProxy("127.0.0.1", 1, UNLIMITED, UNLIMITED, seed=10)
+    source = asyncio.StreamReader()
+    destination = _CancelledAtDrain()
+    direction = _Direction("uplink", source, destination, proxy.uplink_model, proxy,  # type: ignore[arg-type]
+                           asyncio.Event())
+    source.feed_data(b"x" * 100)
+    reader = asyncio.create_task(direction.read_loop())
+    await wait_until(lambda: len(direction.queue) > 0, 5, "the reader to queue the bytes")
+    writer = destination.writer_task = asyncio.create_task(direction.write_loop())
+    done, _ = await asyncio.wait([writer], timeout=5)
+    reader.cancel()
+    writer.cancel()
+    await asyncio.gather(reader, writer, return_exceptions=True)
+    assert done, "the writer ignored its cancellation"
+    assert writer.cancelled()
+    assert bytes(destination.received) == b"x" * 100
 
 
 async def test_a_given_model_carries_the_connection() -> None:
