@@ -3,9 +3,10 @@
 Every message is a frozen pydantic model in strict mode: ``encode()`` gives the JSON bytes sent over MQTT (or
 serial), ``decode(payload)`` is the only way back and raises `MessageError` with the field path and the offending
 value for anything that is not exactly the message (wrong type, unknown field, too large, wrong schema version).
-The JSON field names are the ones the testbed has always used on the wire; each message carries
-``schema_version``. A payload without it is read as the current version, so senders that predate the field
-(board agents in the field) still decode.
+The JSON field names and order are the ones the testbed has always used on the wire. Each message has a
+``schema_version``; version 1 is that wire format as it was before the field existed, so a version-1 message
+leaves it out (the payload, and the uplink bytes and airtime a device is charged for, stay as they were) and a
+payload without it reads as version 1. A later version states itself, and a reader of another version refuses it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class Message(BaseModel):
     schema_version: int = MESSAGE_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of this message; optional fields left unset (None) are omitted."""
-        return {name: value for name, value in self.model_dump(mode="python", by_alias=True).items() if value is not None}
+        """The JSON object of this message; optional fields left unset (None) and the implicit version 1 are omitted."""
+        return {name: value for name, value in self.model_dump(mode="python", by_alias=True).items()
+                if value is not None and not (name == "schema_version" and value == 1)}
 
     def encode(self) -> bytes:
         """UTF-8 JSON, as published."""
@@ -129,6 +131,7 @@ class DeviceReport(Message):
 
     device: Name
     profile: Name
+    round: int | None = Field(default=None, ge=0)
     version: Count
     weights_hash: str = Field(min_length=1, max_length=128)
     accuracy: float
@@ -145,7 +148,6 @@ class DeviceReport(Message):
     phase_seconds: dict[str, float]
     total_energy_joules: float
     rejected_updates: Count
-    round: int | None = Field(default=None, ge=0)
     kind_of_device: str | None = Field(default=None, alias="kind", max_length=64)
     published_at: float | None = None
     report_delay_seconds: float | None = None

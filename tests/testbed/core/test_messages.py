@@ -61,7 +61,7 @@ board_configs = st.builds(BoardConfig, run=names, device=names, device_index=cou
 def test_every_message_round_trips(message: Message) -> None:
     payload = message.encode()
     assert type(message).decode(payload) == message
-    assert json.loads(payload)["schema_version"] == 1
+    assert type(message).decode(payload).schema_version == 1
 
 
 @given(st.one_of(hellos, statuses, reports, nacks))
@@ -89,15 +89,18 @@ def test_arbitrary_bytes_decode_or_raise_message_error(payload: bytes) -> None:
 
 def test_wire_field_names_are_the_ones_used_before_typed_messages() -> None:
     hello = DeviceHello(device="dev-a", profile="rpi4", version=3, kind="emulated")
-    assert json.loads(hello.encode()) == {"schema_version": 1, "device": "dev-a", "profile": "rpi4", "version": 3,
-                                          "kind": "emulated"}
-    assert json.loads(DeviceStatus(online=False).encode()) == {"schema_version": 1, "online": False}
-    assert json.loads(DeviceNack(device="d", version=2, reason="bad hash").encode()) == {
-        "schema_version": 1, "device": "d", "version": 2, "reason": "bad hash"}
+    assert hello.encode() == b'{"device": "dev-a", "profile": "rpi4", "version": 3, "kind": "emulated"}'
+    assert DeviceStatus(online=False).encode() == b'{"online": false}'
+    assert DeviceNack(device="d", version=2, reason="bad hash").encode() == \
+        b'{"device": "d", "version": 2, "reason": "bad hash"}'
+    assert RunFinished().encode() == b'{"finished": true}'
+    report = _report_dict()
+    assert DeviceReport.decode(json.dumps(report).encode()).encode() == json.dumps(report).encode()  # same bytes
 
 
-def test_a_message_without_schema_version_is_read_as_the_current_version() -> None:
+def test_version_1_is_implicit_on_the_wire_and_may_be_stated() -> None:
     assert DeviceStatus.decode(b'{"online": true}') == DeviceStatus(online=True)
+    assert DeviceStatus.decode(b'{"schema_version": 1, "online": true}') == DeviceStatus(online=True)
     nack = DeviceNack.decode(b'{"device": "d", "version": 1, "reason": "r"}')
     assert nack.schema_version == 1
 
@@ -107,7 +110,7 @@ def test_a_serial_board_report_decodes() -> None:
                           measured_energy={"meter": "model", "sample_count": 3})
     decoded = DeviceReport.decode(json.dumps(report).encode())
     assert decoded.kind_of_device == "serial" and decoded.measured_energy == {"meter": "model", "sample_count": 3}
-    assert decoded.to_dict() == {"schema_version": 1, **report}
+    assert decoded.to_dict() == report
 
 
 def test_delivery_seconds_defaults_to_zero_for_a_board_that_leaves_it_to_the_bridge() -> None:
@@ -187,12 +190,12 @@ def test_unknown_device_topic_kind() -> None:
 
 def _report_dict(**extra: Any) -> dict[str, Any]:
     return {
-        "device": "dev-a", "profile": "rpi4", "version": 2, "weights_hash": "ab" * 32, "accuracy": 0.8,
+        "device": "dev-a", "profile": "rpi4", "round": 1, "version": 2, "weights_hash": "ab" * 32, "accuracy": 0.8,
         "update_bytes": 100, "received_bytes": 120, "transmitted_bytes": 30, "total_received_bytes": 500,
         "delivery_seconds": 1.25, "apply_seconds": 0.01, "evaluate_seconds": 0.02, "energy_joules": 3.5,
         "energy_joules_by_phase": {"receive": 1.0, "transmit": 0.5, "compute": 1.0, "idle": 1.0},
         "phase_seconds": {"receive": 1.0, "transmit": 0.5, "compute": 1.0, "idle": 1.0},
-        "total_energy_joules": 7.0, "rejected_updates": 0, "round": 1, **extra,
+        "total_energy_joules": 7.0, "rejected_updates": 0, **extra,
     }
 
 
