@@ -17,7 +17,7 @@ import pytest
 from channel.errors import ChannelError
 from channel.link import LinkModel, LinkParameters
 from channel.netns import host_ip, list_namespaces, require_netns_support, run_command, socket_in
-from channel.tun import TunLink
+from channel.tun import TIMER_SLACK_S, TunLink
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -183,12 +183,20 @@ async def test_one_way_delay_shows_in_the_tcp_connect_round_trip(make_link, sink
         round_trips = []
         for _ in range(5):
             start = time.monotonic()
-            _, writer = await link.open_device_connection()
+            _, writer = await asyncio.wait_for(link.open_device_connection(), 5)
             round_trips.append(time.monotonic() - start)
             writer.close()
+        counters = link.counters
     median = statistics.median(round_trips)
-    print(f"\n2 x 50 ms: connect round trips {[f'{t * 1e3:.2f}' for t in round_trips]} ms")
-    assert 0.100 <= median < 0.103, round_trips
+    lateness_s = counters.downlink.max_lateness_s + counters.uplink.max_lateness_s
+    print(f"\n2 x 50 ms: connect round trips {[f'{t * 1e3:.2f}' for t in round_trips]} ms, "
+          f"emulator at most {lateness_s * 1e3:.2f} ms late")
+    # Never early: the emulator releases a packet at most TIMER_SLACK_S before its modelled time.
+    assert min(round_trips) >= 0.100 - 2 * TIMER_SLACK_S, round_trips
+    # Late only by what the emulator itself recorded plus the kernel's and this loop's own wake-ups:
+    # 3 ms idle; beside two CPU hogs (`python3 -c 'while True: pass' &` twice) a median of 0.1079 s
+    # was seen, so the margin is 20 ms.
+    assert median < 0.100 + lateness_s + 0.020, (round_trips, lateness_s)
 
 
 async def _udp_fates(make_link, seed: int, sizes: list[int]) -> tuple[list[int], object]:
