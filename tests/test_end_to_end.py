@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,6 +19,29 @@ from testbed.runner import ScenarioRun
 from testbed.core.scenario import load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def own_namespaces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the network namespaces this test creates (other runs on the machine may hold their own)."""
+    from channel.netns import NetworkNamespace
+
+    created: list[str] = []
+    create = NetworkNamespace.create
+
+    def create_and_record(namespace: NetworkNamespace) -> None:
+        created.append(namespace.name)
+        create(namespace)
+
+    monkeypatch.setattr(NetworkNamespace, "create", create_and_record)
+    return created
+
+
+def left_behind(names: list[str]) -> list[str]:
+    """Those of ``names`` that still exist."""
+    from channel.netns import list_namespaces
+
+    return sorted(set(names) & set(list_namespaces("")))
 
 
 def scrape(url: str) -> str:
@@ -165,7 +189,7 @@ async def test_devices_recover_from_a_long_outage_through_catch_ups(tmp_path: Pa
 
 
 @pytest.mark.slow
-async def test_run_through_the_packet_level_tun_backend(tmp_path: Path) -> None:
+async def test_run_through_the_packet_level_tun_backend(tmp_path: Path, own_namespaces: list[str]) -> None:
     """channel.backend: tun — devices' MQTT traffic crosses TUN devices into network namespaces, and the
     kernel's TCP meets the link model's real packet drops."""
     if os.geteuid() != 0 or not Path("/dev/net/tun").exists():
@@ -185,8 +209,8 @@ async def test_run_through_the_packet_level_tun_backend(tmp_path: Path) -> None:
     result = await ScenarioRun(scenario, tmp_path / "out").execute()
     for state in result.summary["devices"].values():
         assert state["final_version"] == 3 and state["hash_matches_server"]
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "tb-" not in namespaces
+    assert own_namespaces, "the run created no namespace this test could see"
+    assert not left_behind(own_namespaces), "the tun links left namespaces behind"
 
 
 def _require_netem_backend() -> None:
@@ -202,19 +226,12 @@ def _require_netem_backend() -> None:
         pytest.skip(f"the netem backend needs root and network namespaces: {error}")
 
 
-def _run_link_namespaces() -> set[str]:
-    """The namespaces a netem run link (index 0) creates: tb-nh0-* and tb-nd0-*."""
-    from channel.netns import list_namespaces
-
-    return {name for name in list_namespaces() if name.startswith(("tb-nh0-", "tb-nd0-"))}
-
-
 @pytest.mark.slow
-async def test_run_through_the_netem_backend_with_a_rate_only_link(tmp_path: Path) -> None:
+async def test_run_through_the_netem_backend_with_a_rate_only_link(tmp_path: Path,
+                                                                    own_namespaces: list[str]) -> None:
     """channel.backend: netem — each device's MQTT connection crosses a veth shaped by htb (downlink on
     egress, uplink via ifb), relayed from inside its device namespace; every device ends on the server's weights."""
     _require_netem_backend()
-    before = _run_link_namespaces()
     scenario = parse_scenario({
         "name": "netem", "seed": 9, "rounds": 3,
         "data": {"initial_samples": 300, "new_samples_per_round": 300},
@@ -232,7 +249,7 @@ async def test_run_through_the_netem_backend_with_a_rate_only_link(tmp_path: Pat
             scrapes.append(scrape(run.metrics_url))
 
     run.progress = scrape_after_each_round
-    result = await run.execute()
+    result = await asyncio.wait_for(run.execute(), 240)  # a hang fails here, not at pytest's 300 s timeout
     assert result.summary["server"]["final_version"] == 3
     for state in result.summary["devices"].values():
         assert state["final_version"] == 3 and state["hash_matches_server"]
@@ -240,21 +257,19 @@ async def test_run_through_the_netem_backend_with_a_rate_only_link(tmp_path: Pat
     wire = metric_values(scrapes[-1], "testbed_link_wire_bytes_total")
     downlink_wire = [value for labels, value in wire.items() if 'direction="downlink"' in labels]
     assert len(downlink_wire) == 2 and all(value > 0 for value in downlink_wire)
-    assert _run_link_namespaces() <= before, "the netem links left namespaces behind"
+    assert own_namespaces, "the run created no namespace this test could see"
+    assert not left_behind(own_namespaces), "the netem links left namespaces behind"
 
 
 @pytest.mark.slow
-async def test_a_netem_run_needing_sch_netem_fails_fast_and_clearly(tmp_path: Path) -> None:
+async def test_a_netem_run_needing_sch_netem_fails_fast_and_clearly(tmp_path: Path, own_namespaces: list[str]) -> None:
     """A delay needs the netem qdisc; where the kernel lacks it the run stops at the first link, naming sch_netem."""
     _require_netem_backend()
-    import time
-
     from channel.netem import kernel_supports
     from testbed.runner import RunError
 
     if kernel_supports("netem"):
         pytest.skip("this kernel has sch_netem, so a delayed netem link works here")
-    before = _run_link_namespaces()
     scenario = parse_scenario({
         "name": "netem-delay", "seed": 9, "rounds": 2,
         "data": {"initial_samples": 300, "new_samples_per_round": 300},
@@ -262,8 +277,6 @@ async def test_a_netem_run_needing_sch_netem_fails_fast_and_clearly(tmp_path: Pa
         "devices": [{"profile": "rpi4", "count": 2}],
         "metrics": {"enabled": False},
     })
-    started = time.monotonic()
     with pytest.raises(RunError, match=r"channel backend 'netem' cannot open the link of .*sch_netem"):
-        await ScenarioRun(scenario, tmp_path / "out").execute()
-    assert time.monotonic() - started < 60.0
-    assert _run_link_namespaces() <= before, "the failed start left namespaces behind"
+        await asyncio.wait_for(ScenarioRun(scenario, tmp_path / "out").execute(), 60)  # fails fast
+    assert not left_behind(own_namespaces), "the failed start left namespaces behind"
