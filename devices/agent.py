@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiomqtt
 import numpy as np
@@ -17,6 +16,7 @@ from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver
 from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
 from testbed.core.wire import WireError, weights_hash
@@ -89,7 +89,7 @@ class DeviceState:
 
 def device_client(endpoint: MqttEndpoint, topics: Topics, device_id: str) -> aiomqtt.Client:
     """The MQTT client a device (agent or serial bridge) connects with; its will marks the device offline."""
-    will = aiomqtt.Will(topics.device(device_id, "status"), json.dumps({"online": False}), qos=1, retain=True)
+    will = aiomqtt.Will(topics.device(device_id, "status"), DeviceStatus(online=False).encode(), qos=1, retain=True)
     return endpoint.client(f"{topics.run_id}-{device_id}", will=will, timeout_s=MQTT_OPERATION_TIMEOUT_S)
 
 
@@ -135,7 +135,8 @@ class DeviceAgent:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:
             for topic in self.topics.device_subscriptions(self.device_id):
                 await client.subscribe(topic, qos=1)
-            await self._publish(client, self.topics.device(self.device_id, "status"), {"online": True}, retain=True)
+            await self._publish(client, self.topics.device(self.device_id, "status"), DeviceStatus(online=True),
+                                retain=True)
             await self._publish(client, self.topics.device(self.device_id, "hello"), self._hello())
             if self.reconnects > 0:
                 # Chunks in flight when the connection dropped are gone (clean session): ask for a
@@ -147,16 +148,12 @@ class DeviceAgent:
             async for message in client.messages:
                 await self._handle(client, str(message.topic), bytes(message.payload), message.qos)
 
-    def _hello(self) -> dict[str, Any]:
-        return {
-            "device": self.device_id,
-            "profile": self.config.profile.name,
-            "version": self.state.version,
-            "kind": "emulated",
-        }
+    def _hello(self) -> DeviceHello:
+        return DeviceHello(device=self.device_id, profile=self.config.profile.name, version=self.state.version,
+                           kind="emulated")
 
-    async def _publish(self, client: aiomqtt.Client, topic: str, message: dict[str, Any], retain: bool = False) -> None:
-        payload = json.dumps(message).encode("utf-8")
+    async def _publish(self, client: aiomqtt.Client, topic: str, message: Message, retain: bool = False) -> None:
+        payload = message.encode()
         self.accounting.transmitted_bytes += mqtt_publish_wire_bytes(topic, len(payload), qos=1)
         await client.publish(topic, payload, qos=1, retain=retain, timeout=60.0)
 
@@ -186,8 +183,8 @@ class DeviceAgent:
             return None
         return self.receiver.add_manifest(UpdateManifest.from_json(payload))
 
-    def _nack(self, reason: str) -> dict[str, Any]:
-        return {"device": self.device_id, "version": self.state.version, "reason": reason}
+    def _nack(self, reason: str) -> DeviceNack:
+        return DeviceNack(device=self.device_id, version=self.state.version, reason=reason)
 
     async def _apply_and_report(self, client: aiomqtt.Client, completed: CompletedUpdate) -> None:
         manifest = completed.manifest
@@ -215,7 +212,7 @@ class DeviceAgent:
     def _report(
         self, manifest: UpdateManifest, accuracy: float, delivered_at: float, update_bytes: int,
         apply_host_s: float, evaluate_host_s: float,
-    ) -> dict[str, Any]:
+    ) -> DeviceReport:
         profile = self.config.profile
         now = time.monotonic()
         compute_s = (apply_host_s + evaluate_host_s) * profile.compute_slowdown
@@ -230,28 +227,28 @@ class DeviceAgent:
         self.state.total_energy_joules += round_energy
         for phase, joules in energy.items():
             self.state.energy_joules_by_phase[phase] += joules
-        report = {
-            "device": self.device_id,
-            "profile": profile.name,
-            "round": manifest.round_index,
-            "version": self.state.version,
-            "weights_hash": weights_hash(self.state.weights).hex(),
-            "accuracy": accuracy,
-            "update_bytes": update_bytes,
-            "received_bytes": self.accounting.received_bytes,
-            "transmitted_bytes": self.accounting.transmitted_bytes,
-            "total_received_bytes": self.state.total_received_bytes,
-            "delivery_seconds": max(0.0, delivered_at - manifest.published_at),
-            "apply_seconds": apply_host_s * profile.compute_slowdown,
-            "evaluate_seconds": evaluate_host_s * profile.compute_slowdown,
-            "energy_joules": round_energy,
-            "energy_joules_by_phase": energy,
-            "phase_seconds": {
+        report = DeviceReport(
+            device=self.device_id,
+            profile=profile.name,
+            round=manifest.round_index,
+            version=self.state.version,
+            weights_hash=weights_hash(self.state.weights).hex(),
+            accuracy=accuracy,
+            update_bytes=update_bytes,
+            received_bytes=self.accounting.received_bytes,
+            transmitted_bytes=self.accounting.transmitted_bytes,
+            total_received_bytes=self.state.total_received_bytes,
+            delivery_seconds=max(0.0, delivered_at - manifest.published_at),
+            apply_seconds=apply_host_s * profile.compute_slowdown,
+            evaluate_seconds=evaluate_host_s * profile.compute_slowdown,
+            energy_joules=round_energy,
+            energy_joules_by_phase=energy,
+            phase_seconds={
                 "receive": times.receive_s, "transmit": times.transmit_s,
                 "compute": times.compute_s, "idle": times.idle_s,
             },
-            "total_energy_joules": self.state.total_energy_joules,
-            "rejected_updates": self.state.rejected_updates,
-        }
+            total_energy_joules=self.state.total_energy_joules,
+            rejected_updates=self.state.rejected_updates,
+        )
         self.accounting = RoundAccounting(started_at=now)
         return report

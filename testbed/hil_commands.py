@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import socket
 import sys
@@ -21,6 +20,7 @@ from testbed.core.plugins import DEVICE_PROFILES, ENERGY_METERS
 from devices.profiles import get_device_profile
 from devices.serial_bridge import BridgeError, SerialBridge
 from devices.task_groups import run_together
+from testbed.core.messages import MessageError, RunConfig, RunFinished, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.topics import Topics
@@ -122,13 +122,13 @@ def _broker_address(text: str) -> tuple[str, int]:
 
 
 async def find_run_config(endpoint: MqttEndpoint, device_id: str, run_id: str | None,
-                          wait_s: float = CONFIG_WAIT_S) -> dict[str, Any]:
+                          wait_s: float = CONFIG_WAIT_S) -> RunConfig:
     """The retained config of run `run_id` (or of the newest run listing `device_id`) on the broker."""
     topic = f"testbed/{run_id}/config" if run_id else "testbed/+/config"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     settle_until: float | None = None  # retained configs of several runs arrive together: keep reading briefly
-    found: dict[str, Any] | None = None
+    found: RunConfig | None = None
     async with endpoint.client(f"attach-{device_id}-{time.monotonic_ns()}") as client:
         await client.subscribe(topic, qos=1)
         messages = client.messages
@@ -141,12 +141,13 @@ async def find_run_config(endpoint: MqttEndpoint, device_id: str, run_id: str | 
             except asyncio.TimeoutError:
                 break
             try:
-                config = json.loads(bytes(message.payload)) if message.payload else None
-            except ValueError:
+                config = decode_config_topic(bytes(message.payload))
+            except MessageError as error:
+                logger.warning("ignoring a malformed run config on %s: %s", message.topic, error)
                 continue
-            if not isinstance(config, dict) or device_id not in config.get("devices", {}):
+            if not isinstance(config, RunConfig) or device_id not in config.devices:
                 continue
-            if found is None or config.get("started_at", 0) > found.get("started_at", 0):
+            if found is None or config.started_at > found.started_at:
                 found = config
             if run_id is not None or not message.retain:
                 break
@@ -165,27 +166,27 @@ async def _attach(args: argparse.Namespace) -> int:
         return _fail("attach", str(error), EXIT_BAD_ARGUMENTS)
     try:
         config = await find_run_config(endpoint, args.name, args.run)
-        scenario = parse_scenario(config["scenario"], "the run's config")
-    except (BridgeError, ScenarioError, KeyError) as error:
+        scenario = parse_scenario(config.scenario, "the run's config")
+        board = config.board_config(args.name)
+    except (BridgeError, ScenarioError, MessageError) as error:
         return _fail("attach", str(error))
     except aiomqtt.MqttError as error:
         return _fail("attach", f"cannot reach the broker at {args.broker}: {error}")
     profile = scenario.device_profiles()[args.name]
-    board_config = BoardConfig(config["run"], args.name, config["devices"][args.name], config["init_seed"],
-                               config["scenario"])
+    board_config = BoardConfig(board.run, board.device, board.device_index, board.init_seed, board.scenario)
     log_path = args.out / "serial" / f"{args.name}.log"
-    bridge = SerialBridge(args.name, profile, args.port, Topics(config["run"]), endpoint, board_config,
+    bridge = SerialBridge(args.name, profile, args.port, Topics(config.run), endpoint, board_config,
                           baud=args.baud, log_path=log_path)
-    print(f"attach {args.name}: run {config['run']}, profile {profile}, port {args.port} at {args.baud} baud; "
+    print(f"attach {args.name}: run {config.run}, profile {profile}, port {args.port} at {args.baud} baud; "
           f"serial log {log_path}", flush=True)
     watcher = asyncio.create_task(_print_board_state(bridge))
     try:
-        await run_together(bridge.run(), _until_run_ends(endpoint, Topics(config["run"]), args.name))
+        await run_together(bridge.run(), _until_run_ends(endpoint, Topics(config.run), args.name))
     except BridgeError as error:
         return _fail("attach", str(error))
     finally:
         watcher.cancel()
-    print(f"attach {args.name}: run {config['run']} finished", flush=True)
+    print(f"attach {args.name}: run {config.run} finished", flush=True)
     return EXIT_OK
 
 
@@ -198,7 +199,12 @@ async def _until_run_ends(endpoint: MqttEndpoint, topics: Topics, device_id: str
                 await client.subscribe(topics.config, qos=1)
                 failures = 0
                 async for message in client.messages:
-                    if not message.payload or bytes(message.payload) == b'{"finished": true}':
+                    try:
+                        state = decode_config_topic(bytes(message.payload))
+                    except MessageError as error:
+                        logger.warning("ignoring a malformed message on %s: %s", topics.config, error)
+                        continue
+                    if state is None or isinstance(state, RunFinished):
                         return
         except aiomqtt.MqttError:
             failures += 1
