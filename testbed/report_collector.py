@@ -1,0 +1,126 @@
+"""Device messages in, per round: wait for every device's report of a version, serving catch-ups to those that nack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+
+from devices.fleet import EmulatedFleet
+from testbed.core.messages import DeviceNack, DeviceReport, DeviceStatus, MessageError, decode_device_message
+from testbed.core.topics import Topics
+from testbed.metrics import RunMetrics
+from testbed.publisher import UpdatePublisher
+from testbed.run_summary import RunError
+
+logger = logging.getLogger("testbed.runner")
+
+MAX_CATCH_UPS_PER_ROUND = 3
+DEVICE_MESSAGE_KINDS = ("status", "report", "nack")
+"""What the run reads from its devices (hello is for people watching the broker)."""
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+StatusCallback = Callable[[str, DeviceStatus], None]
+
+
+class DeviceMessages:
+    """Reports and nacks from devices, read off the control client into queues; statuses go to a callback.
+
+    The device named by the topic is the sender (it overrides what the message says); a message that does
+    not decode costs only itself: it is logged and dropped.
+    """
+
+    def __init__(self, topics: Topics, on_status: StatusCallback | None = None) -> None:
+        self.topics = topics
+        self.on_status = on_status
+        self.reports: asyncio.Queue[DeviceReport] = asyncio.Queue()
+        self.nacks: asyncio.Queue[DeviceNack] = asyncio.Queue()
+
+    async def subscribe(self, client: aiomqtt.Client) -> None:
+        for kind in DEVICE_MESSAGE_KINDS:
+            await client.subscribe(self.topics.devices(kind), qos=1)
+
+    async def pump(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            parsed = self.topics.parse_device_topic(str(message.topic))
+            if parsed is None or parsed[1] not in DEVICE_MESSAGE_KINDS:
+                continue
+            device_id, kind = parsed
+            try:
+                body = decode_device_message(kind, bytes(message.payload))
+            except MessageError as error:
+                logger.warning("ignoring a malformed %s message from %s: %s", kind, device_id, error)
+                continue
+            if isinstance(body, DeviceReport):
+                await self.reports.put(body.model_copy(update={"device": device_id}))
+            elif isinstance(body, DeviceNack):
+                await self.nacks.put(body.model_copy(update={"device": device_id}))
+            elif isinstance(body, DeviceStatus) and self.on_status is not None:
+                self.on_status(device_id, body)
+
+
+class ReportCollector:
+    """One round's wait for reports: accepts each device's report of the version sent, answers nacks with catch-ups."""
+
+    def __init__(self, messages: DeviceMessages, pump: asyncio.Task[None], fleet: EmulatedFleet,
+                 publisher: UpdatePublisher, metrics: RunMetrics, profiles: dict[str, str],
+                 held_version: Callable[[str], int], round_timeout_s: float,
+                 progress: ProgressCallback) -> None:
+        self.messages = messages
+        self.pump = pump
+        self.fleet = fleet
+        self.publisher = publisher
+        self.metrics = metrics
+        self.profiles = profiles
+        self.held_version = held_version
+        self.round_timeout_s = round_timeout_s
+        self.progress = progress
+
+    async def collect(self, round_index: int, version: int) -> dict[str, DeviceReport]:
+        """Wait until every device reports `version` (or the round times out); the reports by device."""
+        deadline = time.monotonic() + self.round_timeout_s
+        reports: dict[str, DeviceReport] = {}
+        catch_ups: dict[str, int] = {}
+        while len(reports) < len(self.profiles):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            report_wait = asyncio.create_task(self.messages.reports.get())
+            nack_wait = asyncio.create_task(self.messages.nacks.get())
+            done, _ = await asyncio.wait({report_wait, nack_wait, self.pump}, timeout=min(remaining, 1.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in (report_wait, nack_wait):
+                if task not in done:
+                    task.cancel()
+            if self.pump in done:
+                raise RunError(f"lost the connection to the broker: {self.pump.exception()!r}")
+            self.fleet.raise_if_failed()
+            if report_wait in done:
+                report = report_wait.result()
+                if report.device in self.profiles and report.version == version:
+                    reports[report.device] = report
+                    self.progress("device", {"round": round_index, "report": report.to_dict()})
+            if nack_wait in done:
+                nack = nack_wait.result()
+                if nack.device in self.profiles and nack.device not in reports:
+                    await self._answer_nack(round_index, version, nack, catch_ups)
+        return reports
+
+    async def _answer_nack(self, round_index: int, version: int, nack: DeviceNack, catch_ups: dict[str, int]) -> None:
+        """Serve `nack.device` a catch-up from the version it holds, at most MAX_CATCH_UPS_PER_ROUND times a round."""
+        device_id, held = nack.device, nack.version
+        if held >= version or held < self.held_version(device_id):
+            return  # stale: the device has moved on since it sent this nack
+        self.metrics.record_nack(device_id, self.profiles[device_id])
+        if catch_ups.get(device_id, 0) >= MAX_CATCH_UPS_PER_ROUND:
+            logger.warning("device %s keeps rejecting version %s: %s", device_id, version, nack.reason)
+            return
+        catch_ups[device_id] = catch_ups.get(device_id, 0) + 1
+        catch_up = await self.publisher.publish_catch_up(round_index, device_id, held)
+        self.metrics.record_published(catch_up.payload_bytes)
+        self.progress("catch-up", {"round": round_index, "device": device_id, "from": held,
+                                   "bytes": catch_up.payload_bytes, "reason": nack.reason})

@@ -1,0 +1,137 @@
+"""The wiring of one run: broker, metrics exporter, a link per device, the device of each kind, the control client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from channel.errors import ChannelError
+from devices.agent import DeviceAgent, DeviceConfig
+from devices.board_agent import BoardConfig
+from devices.fleet import ExternalDevice, FleetMember
+from devices.profiles import get_device_profile
+from devices.serial_bridge import SerialBridge
+from server.update_server import UpdateServer
+from testbed.broker import EmbeddedBroker
+from testbed.core.messages import RunConfig, RunFinished
+from testbed.core.mqtt import BrokerConnectionError, MqttEndpoint
+from testbed.core.scenario import DeviceGroup, Scenario
+from testbed.core.seeds import Stream, derived_seed
+from testbed.core.topics import Topics
+from testbed.inference import TorchInference
+from testbed.links import DeviceLinks
+from testbed.metrics import MetricsExporter, RunMetrics
+from testbed.run_summary import RunError
+
+logger = logging.getLogger("testbed.runner")
+
+EXTERNAL_GOODBYE_S = 3.0  # at the end, time for "finished" to reach `testbed attach` bridges through their links
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+class RunAssembly:
+    """Opens what a run runs on, each entered on the caller's AsyncExitStack so it closes when the run ends."""
+
+    def __init__(self, scenario: Scenario, run_id: str, out_dir: Path, metrics: RunMetrics,
+                 progress: ProgressCallback) -> None:
+        self.scenario = scenario
+        self.run_id = run_id
+        self.topics = Topics(run_id)
+        self.out_dir = out_dir
+        self.metrics = metrics
+        self.progress = progress
+        self.profiles = scenario.device_profiles()
+        self.external_devices: dict[str, ExternalDevice] = {}
+        self.metrics_url: str | None = None
+
+    async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
+        """The embedded broker (started here) or the scenario's external one (checked reachable)."""
+        spec = self.scenario.broker
+        if spec.embedded:
+            broker = await stack.enter_async_context(EmbeddedBroker())
+            return MqttEndpoint(broker.host, broker.port)
+        endpoint = MqttEndpoint.from_spec(spec, spec.host, spec.port)
+        try:
+            await endpoint.check_connection(f"{self.run_id}-check")
+        except BrokerConnectionError as error:
+            raise RunError(f"cannot connect to broker {spec.url}: {error.reason}") from error
+        return endpoint
+
+    async def exporter(self, stack: AsyncExitStack) -> None:
+        """The Prometheus exporter, if the scenario enables it; its URL lands in `metrics_url`."""
+        metrics = self.scenario.metrics
+        if metrics.enabled:
+            exporter = await stack.enter_async_context(MetricsExporter(self.metrics.registry, metrics.host, metrics.port))
+            self.metrics_url = exporter.url
+
+    async def fleet_members(self, stack: AsyncExitStack, endpoint: MqttEndpoint, links: DeviceLinks,
+                            server: UpdateServer) -> list[FleetMember]:
+        """Each device's link to the broker, and behind it the device its kind calls for, in scenario order."""
+        members: list[FleetMember] = []
+        entries = self.scenario.device_entries()
+        for index, (device_id, profile_name) in enumerate(self.profiles.items()):
+            seed = derived_seed(self.scenario.seed, Stream.DEVICE_LINK, index)
+            try:
+                link = await stack.enter_async_context(links.open(device_id, (endpoint.host, endpoint.port), seed=seed))
+            except ChannelError as error:  # e.g. a kernel without sch_netem: one clear line, not a traceback
+                raise RunError(f"channel backend {self.scenario.channel.backend!r} cannot open the link of "
+                               f"{device_id}: {error}") from error
+            self.metrics.add_device(device_id, profile_name, link)
+            via = endpoint.via(*link.address)
+            members.append(self._member(entries[device_id], device_id, profile_name, index, via, links, server))
+        return members
+
+    def _member(self, entry: DeviceGroup, device_id: str, profile_name: str, index: int, via: MqttEndpoint,
+                links: DeviceLinks, server: UpdateServer) -> FleetMember:
+        """What stands for the device: an emulated agent, a bridge to a serial board, or a board attached by hand."""
+        if entry.kind == "emulated":
+            inference = TorchInference(server.build_device_model(), server.device_test_split(index))
+            downlink, uplink = links.parameters(device_id)
+            config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
+                                  init_seed=server.seed)
+            return DeviceAgent(config, self.topics, via, inference)
+        if entry.kind == "serial":
+            assert entry.serial is not None
+            board = self.run_config(server.seed).board_config(device_id)
+            return SerialBridge(device_id, profile_name, entry.serial, self.topics, via,
+                                BoardConfig(board.run, board.device, board.device_index, board.init_seed, board.scenario),
+                                baud=entry.baud, log_path=self.out_dir / "serial" / f"{device_id}.log")
+        self.external_devices[device_id] = ExternalDevice(device_id)
+        self.progress("waiting-for-board", {"device": device_id, "broker": f"{via.host}:{via.port}",
+                                            "run_id": self.run_id})
+        return self.external_devices[device_id]
+
+    def run_config(self, init_seed: int) -> RunConfig:
+        """The retained config message: how `testbed attach` learns the run's scenario and device numbers."""
+        return RunConfig(run=self.run_id, started_at=time.time(), init_seed=init_seed,
+                         scenario=self.scenario.model_dump(mode="json", by_alias=True, exclude_none=True),
+                         devices={device_id: index for index, device_id in enumerate(self.profiles)})
+
+    async def control_client(self, stack: AsyncExitStack, endpoint: MqttEndpoint, init_seed: int) -> aiomqtt.Client:
+        """The run's own client; it publishes the retained run config now and ends it when the run closes."""
+        control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
+        await control.publish(self.topics.config, self.run_config(init_seed).encode(), qos=1, retain=True)
+        stack.push_async_callback(_end_run_config, control, self.topics.config,
+                                  EXTERNAL_GOODBYE_S if self.external_devices else 0.0)
+        return control
+
+
+async def _end_run_config(client: aiomqtt.Client, topic: str, goodbye_s: float) -> None:
+    """Tell `testbed attach` bridges the run is over, then delete the retained config (an empty retained payload).
+
+    `goodbye_s` keeps the links up that long, so the message crosses the emulated links before they close.
+    """
+    try:
+        await client.publish(topic, RunFinished().encode(), qos=1, timeout=5.0)
+        await asyncio.sleep(goodbye_s)
+        await client.publish(topic, b"", qos=1, retain=True, timeout=5.0)
+    except aiomqtt.MqttError as error:
+        logger.warning("could not clear the retained %s: %s", topic, error)

@@ -1,0 +1,136 @@
+"""What a run keeps: one record per device per round (results.jsonl), the rounds and devices of summary.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.update_server import RoundOutcome
+from testbed.core.messages import DeviceReport
+from testbed.core.scenario import Scenario
+from testbed.errors import OrchestrationError
+
+REPORT_FIELDS_IN_RECORDS = (
+    "version", "accuracy", "energy_joules", "energy_joules_by_phase", "phase_seconds",
+    "delivery_seconds", "received_bytes", "transmitted_bytes", "update_bytes",
+    "apply_seconds", "evaluate_seconds", "weights_hash", "rejected_updates",
+)
+"""The fields of a device's report copied into its results.jsonl record, in this order."""
+
+
+class RunError(OrchestrationError):
+    """A run that could not complete (devices missing, a broker that went away, ...)."""
+
+
+@dataclass
+class RoundRecord:
+    """The server's side of one round, as kept in summary.json."""
+
+    round: int
+    version: int
+    sent: bool
+    base_version: int | None
+    reinitialised: bool
+    server_accuracy: float
+    validation_accuracy: float
+    update_bytes: int
+    full_model_bytes: int
+    index_bits: int
+    selected_weights: int | None
+    partial_weights: int
+    training_samples: int
+    training_seconds: float
+    round_seconds: float = 0.0
+    devices_updated: int = 0
+
+
+@dataclass
+class RunResult:
+    """Where the results went and what they say."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    metrics_url: str | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+
+@dataclass
+class DeviceTally:
+    """A device's standing at the end of the rounds so far (its entry in summary.json, in this field order)."""
+
+    profile: str
+    final_version: int = 0
+    final_accuracy: float | None = None
+    energy_joules: float = 0.0
+    bytes_received: int = 0
+    weights_hash: str | None = None
+    rounds_missed: int = 0
+
+
+@dataclass
+class PushTally:
+    """Pushes to the scenario's Pushgateway: how many went through and what the failed ones said."""
+
+    pushes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class RunRecords:
+    """The rounds and device standings of one run; builds the results.jsonl records and summary.json."""
+
+    def __init__(self, scenario: Scenario, run_id: str, profiles: dict[str, str]) -> None:
+        self.scenario = scenario
+        self.run_id = run_id
+        self.profiles = profiles
+        self.rounds: list[RoundRecord] = []
+        self.devices = {device_id: DeviceTally(profile) for device_id, profile in profiles.items()}
+        self.pushgateway = PushTally()
+
+    def held_version(self, device_id: str) -> int:
+        """The version `device_id` last reported holding (0 before any report)."""
+        return self.devices[device_id].final_version
+
+    def device_record(self, round_index: int, outcome: RoundOutcome, device_id: str,
+                      report: DeviceReport | None, expected_hash: str) -> dict[str, Any]:
+        """The results.jsonl record of `device_id` in this round; a report also updates its standing."""
+        tally = self.devices[device_id]
+        record: dict[str, Any] = {"run": self.run_id, "round": round_index, "device": device_id,
+                                  "profile": self.profiles[device_id], "server_version": outcome.version,
+                                  "update_sent": outcome.sent, "delivered": report is not None}
+        if report is None:
+            if outcome.sent:
+                tally.rounds_missed += 1
+            return record
+        tally.final_version, tally.final_accuracy = report.version, report.accuracy
+        tally.energy_joules, tally.bytes_received = report.total_energy_joules, report.total_received_bytes
+        tally.weights_hash = report.weights_hash
+        record.update({name: getattr(report, name) for name in REPORT_FIELDS_IN_RECORDS})
+        record["hash_matches_server"] = report.weights_hash == expected_hash
+        return record
+
+    def summary(self, final_version: int, final_hash: str, published_bytes: int) -> dict[str, Any]:
+        """summary.json: the scenario, every round, every device's standing, pushes and the server's final model."""
+        scenario = self.scenario
+        return {
+            "scenario": scenario.name,
+            "run_id": self.run_id,
+            "seed": scenario.seed,
+            "strategy": scenario.update.strategy,
+            "ratio": scenario.update.ratio,
+            "rounds": [vars(record) for record in self.rounds],
+            "devices": {
+                device_id: {**vars(tally), "hash_matches_server": tally.weights_hash == final_hash}
+                for device_id, tally in self.devices.items()
+            },
+            "pushgateway": None if scenario.metrics.pushgateway is None else {
+                "url": scenario.metrics.pushgateway, "pushes": self.pushgateway.pushes,
+                "errors": self.pushgateway.errors,
+            },
+            "server": {
+                "final_version": final_version,
+                "final_accuracy": self.rounds[-1].server_accuracy if self.rounds else None,
+                "weights_hash": final_hash,
+                "published_bytes": published_bytes,
+            },
+        }

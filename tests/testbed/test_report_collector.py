@@ -1,0 +1,154 @@
+"""Device messages off a real Mosquitto broker into typed queues; a round's collection of reports and catch-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from testbed.core.messages import DeviceNack, DeviceReport, DeviceStatus
+from testbed.core.mqtt import MqttEndpoint
+from testbed.core.topics import Topics
+from testbed.report_collector import MAX_CATCH_UPS_PER_ROUND, DeviceMessages, ReportCollector
+from testbed.run_summary import RunError
+
+PROFILES = {"dev-a": "rpi4", "dev-b": "jetson-nano"}
+
+
+def report(device: str, version: int) -> DeviceReport:
+    phases = {"receive": 0.1, "transmit": 0.1, "compute": 0.1, "idle": 0.1}
+    return DeviceReport(device=device, profile=PROFILES.get(device, "rpi4"), round=version - 1, version=version,
+                        weights_hash="00" * 32, accuracy=0.5, update_bytes=10, received_bytes=20,
+                        transmitted_bytes=5, total_received_bytes=20, delivery_seconds=0.2, apply_seconds=0.01,
+                        evaluate_seconds=0.01, energy_joules=0.4, energy_joules_by_phase=phases, phase_seconds=phases,
+                        total_energy_joules=0.4, rejected_updates=0)
+
+
+@dataclass
+class Wiring:
+    topics: Topics
+    device: aiomqtt.Client
+    messages: DeviceMessages
+    pump: asyncio.Task[None]
+    statuses: list[tuple[str, DeviceStatus]] = field(default_factory=list)
+
+    async def send(self, device_id: str, kind: str, payload: bytes) -> None:
+        await self.device.publish(self.topics.device(device_id, kind), payload, qos=1)
+
+
+@pytest.fixture
+async def wiring(mosquitto: tuple[str, int]) -> AsyncIterator[Wiring]:
+    endpoint = MqttEndpoint(*mosquitto)
+    topics = Topics(f"collector-{time.monotonic_ns()}")
+    statuses: list[tuple[str, DeviceStatus]] = []
+    async with endpoint.client(f"{topics.run_id}-server") as control, \
+            endpoint.client(f"{topics.run_id}-device") as device:
+        messages = DeviceMessages(topics, lambda device_id, status: statuses.append((device_id, status)))
+        await messages.subscribe(control)
+        pump = asyncio.create_task(messages.pump(control))
+        try:
+            yield Wiring(topics, device, messages, pump, statuses)
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+
+
+async def test_messages_are_typed_the_topic_names_the_sender_and_malformed_ones_are_dropped(wiring: Wiring) -> None:
+    await wiring.send("dev-a", "report", b"{not json")
+    await wiring.send("dev-a", "report", b'{"device": "dev-a", "version": 1}')  # fields missing
+    await wiring.send("dev-a", "nack", b'{"device": "dev-a", "version": true, "reason": "r"}')
+    await wiring.send("dev-a", "status", b'{"online": "yes"}')
+    await wiring.send("dev-a", "report", report("someone-else", 1).encode())
+    await wiring.send("dev-b", "nack", DeviceNack(device="dev-b", version=0, reason="bad hash").encode())
+    await wiring.send("dev-b", "status", DeviceStatus(online=True).encode())
+    received = await asyncio.wait_for(wiring.messages.reports.get(), 10)
+    assert received.device == "dev-a" and received.version == 1
+    nack = await asyncio.wait_for(wiring.messages.nacks.get(), 10)
+    assert nack == DeviceNack(device="dev-b", version=0, reason="bad hash")
+    for _ in range(100):
+        if wiring.statuses:
+            break
+        await asyncio.sleep(0.05)
+    assert wiring.statuses == [("dev-b", DeviceStatus(online=True))]
+    assert wiring.messages.reports.empty() and wiring.messages.nacks.empty()
+
+
+@dataclass
+class CatchUp:
+    payload_bytes: int
+
+
+@dataclass
+class FakePublisher:
+    """Records the catch-ups asked for (the real publisher is tested against a broker in tests/devices)."""
+
+    catch_ups: list[tuple[int, str, int]] = field(default_factory=list)
+
+    async def publish_catch_up(self, round_index: int, device_id: str, device_version: int) -> CatchUp:
+        self.catch_ups.append((round_index, device_id, device_version))
+        return CatchUp(100)
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.nacks: list[str] = []
+        self.published: list[int] = []
+
+    def record_nack(self, device_id: str, profile: str) -> None:
+        self.nacks.append(device_id)
+
+    def record_published(self, payload_bytes: int) -> None:
+        self.published.append(payload_bytes)
+
+
+class HealthyFleet:
+    def raise_if_failed(self) -> None:
+        pass
+
+
+def collector(wiring: Wiring, publisher: FakePublisher, events: list[tuple[str, dict[str, Any]]],
+              held: dict[str, int] | None = None, timeout_s: float = 10.0) -> ReportCollector:
+    held = held or {}
+    return ReportCollector(wiring.messages, wiring.pump, HealthyFleet(), publisher, FakeMetrics(),  # type: ignore[arg-type]
+                           PROFILES, lambda device_id: held.get(device_id, 0), timeout_s,
+                           lambda event, data: events.append((event, data)))
+
+
+async def test_collects_the_version_sent_from_every_device(wiring: Wiring) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    await wiring.send("dev-a", "report", report("dev-a", 1).encode())  # an older version: not this round's
+    await wiring.send("dev-a", "report", report("dev-a", 2).encode())
+    await wiring.send("dev-b", "report", report("dev-b", 2).encode())
+    await wiring.send("stranger", "report", report("stranger", 2).encode())
+    reports = await collector(wiring, FakePublisher(), events).collect(1, 2)
+    assert reports == {"dev-a": report("dev-a", 2), "dev-b": report("dev-b", 2)}
+    assert [data["report"]["device"] for event, data in events if event == "device"] == ["dev-a", "dev-b"]
+
+
+async def test_a_nack_gets_a_catch_up_from_the_version_held_and_stale_or_repeated_ones_are_bounded(
+        wiring: Wiring) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    publisher = FakePublisher()
+    await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=3, reason="already there").encode())
+    await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=0, reason="older than held").encode())
+    for _ in range(MAX_CATCH_UPS_PER_ROUND + 2):
+        await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="bad hash").encode())
+    reports = await collector(wiring, publisher, events, held={"dev-a": 1}, timeout_s=2.0).collect(2, 3)
+    assert reports == {}  # nobody reported: the round timed out
+    assert publisher.catch_ups == [(2, "dev-a", 1)] * MAX_CATCH_UPS_PER_ROUND
+    assert [data["reason"] for event, data in events if event == "catch-up"] == ["bad hash"] * MAX_CATCH_UPS_PER_ROUND
+
+
+async def test_a_lost_broker_connection_ends_the_round_with_run_error(wiring: Wiring) -> None:
+    async def lost() -> None:
+        raise aiomqtt.MqttError("connection lost")
+
+    wiring.pump.cancel()
+    wiring.pump = asyncio.create_task(lost())
+    with pytest.raises(RunError, match="lost the connection to the broker"):
+        await collector(wiring, FakePublisher(), []).collect(0, 1)
