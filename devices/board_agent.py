@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -15,12 +14,11 @@ from devices.agent import InferenceModel
 from devices.board_energy import BoardEnergy
 from devices.board_state import BoardStateStore
 from devices.energy_meters import EnergyMeter, PhaseEnergy
-from devices.frame_order import FrameGapTooLarge, FrameReorder
 from devices.profiles import DeviceProfile
+from devices.reliable_serial import LinkSettings, ReliableSerialLink
 from devices.serial_framing import (
     DEFAULT_MAX_FRAME_BYTES,
     FLAG_MORE,
-    Ack,
     Frame,
     Hello,
     MessageType,
@@ -34,16 +32,14 @@ from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate, UpdateReceiver
 from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.messages import DeviceNack, DeviceReport
 from testbed.core.wire import WireError, weights_hash
 
 logger = logging.getLogger("devices.board")
 
-HELLO_INTERVAL_S = 2.0  # an unconfigured board repeats its hello this often
 REOPEN_DELAY_S = 1.0
-RESEND_AFTER_S = 1.5  # a report or rejection the host has not acknowledged is sent again after this
-MAX_SENDS = 10
-MIN_WAIT_S = 0.005
-MAX_GAP_REQUESTS = 5  # NACK rounds for a missing frame before the transfer restarts from the run
+RECEIVE_POLL_S = 5.0  # the session loop wakes this often while nothing arrives (the link itself keeps time)
+RESULT_TYPES = (MessageType.REPORT, MessageType.APPLY_RESULT)  # carried over when the host never acknowledged them
 
 
 @dataclass(frozen=True)
@@ -94,16 +90,19 @@ class BoardAgent:
     """The device side of a serial-attached board; `await agent.run()` serves until cancelled.
 
     Takes the same verify-then-swap rule as the emulated agent (devices.update_receiver) and measures
-    energy with `meter`, integrated over the phases receive, apply, evaluate, transmit and idle. A lost
-    serial frame (a gap in the sequence numbers) drops every transfer in flight and asks the run for the
-    update again; a lost or reopened port is reopened every second; the model held is saved after every
-    apply (`state`), so a rebooted board resumes from its version.
+    energy with `meter`, integrated over the phases receive, apply, evaluate, transmit and idle. Frames
+    travel over a ReliableSerialLink (in order, once, sent again when lost); a host that stops answering
+    ends the link, which is reopened every second, and transfers in flight are dropped (the run sends a
+    catch-up). Reports and rejections the host never acknowledged are sent again once it configures the
+    board again. The model held is saved after every apply (`state`), so a rebooted board resumes from
+    its version.
     """
 
     def __init__(self, port: str, *, board_name: str, profile: DeviceProfile, meter: EnergyMeter, setup: BoardSetup,
                  baud: int = 115200, state: BoardStateStore | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 open_link: Callable[[], Awaitable[SerialLink]] | None = None) -> None:
+                 open_link: Callable[[], Awaitable[SerialLink]] | None = None,
+                 link_settings: LinkSettings | None = None) -> None:
         self.port = port
         self.board_name = board_name
         self.profile = profile
@@ -112,24 +111,26 @@ class BoardAgent:
         self.baud = baud
         self.state = state
         self.max_frame_bytes = max_frame_bytes
+        self.link_settings = link_settings
         self._open_link = open_link or (lambda: SerialLink.open(port, baud, max_frame_bytes=max_frame_bytes))
         self.deployment: _Deployment | None = None
         self.sessions = 0
-        self.frames_lost = 0
         self.rejected_updates = 0
         self.configured = asyncio.Event()
-        self._link: SerialLink | None = None
-        self._order = FrameReorder()
-        self._gap_requests = 0  # rounds of NACKs sent for the gap open now
-        self._gap_request_due = math.inf
+        self._link: ReliableSerialLink | None = None
         self._pieces: dict[tuple[str, int], bytearray] = {}
-        self._unacknowledged: dict[int, tuple[MessageType, bytes, int, float]] = {}  # seq -> (type, payload, sends, due)
-        self.resent_frames = 0
+        self._pending_results: list[Frame] = []  # reports/rejections of a link that ended unacknowledged
+        self._frames_resent_before = 0  # by the links of earlier sessions
         self.energy = BoardEnergy(meter)
         self._bytes_received_before = 0  # serial bytes of earlier sessions
         self._bytes_sent_before = 0
         self._round_received_from = 0
         self._round_sent_from = 0
+
+    @property
+    def frames_resent(self) -> int:
+        """Frames this board sent again because the line lost them (or their ACK), over all sessions."""
+        return self._frames_resent_before + (self._link.protocol.frames_resent if self._link else 0)
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -150,60 +151,37 @@ class BoardAgent:
                 continue
             reported_failure = False
             self.sessions += 1
-            async with link:
+            async with ReliableSerialLink(link, self.link_settings) as reliable:
                 try:
-                    await self._session(link)
+                    await self._session(reliable)
                 except SerialLinkError as error:
-                    logger.warning("board %s: serial link lost (%s)", self.board_name, error)
+                    if reliable.protocol.peer_session is None:
+                        logger.info("board %s: no host answering on %s (%s)", self.board_name, self.port, error)
+                    else:
+                        logger.warning("board %s: serial link lost (%s)", self.board_name, error)
                 finally:
                     self._bytes_received_before += link.bytes_received
                     self._bytes_sent_before += link.bytes_sent
+                    self._frames_resent_before += reliable.protocol.frames_resent
+                    self._keep_results(reliable)
                     self._link = None
             self._drop_transfers()
             await asyncio.sleep(REOPEN_DELAY_S)
 
-    async def _session(self, link: SerialLink) -> None:
+    async def _session(self, link: ReliableSerialLink) -> None:
         self._link = link
-        self._order.reset()
         logger.info("board %s: port %s open at %d baud", self.board_name, self.port, self.baud)
         await self._send(MessageType.HELLO, self._hello().to_payload())
-        hello_due = time.monotonic() + HELLO_INTERVAL_S
         while True:
-            now = time.monotonic()
-            due = min([hello_due, self._gap_request_due] + [entry[3] for entry in self._unacknowledged.values()])
             try:
-                # never 0: Python 3.11's wait_for(timeout=0) can leave a cancelled caller waiting forever
-                frame = await link.receive(max(MIN_WAIT_S, due - now))
+                frame = await link.receive(RECEIVE_POLL_S)
             except SerialLinkTimeout:
-                frame = None
-            if frame is not None:
-                await self._accept(frame)
-            now = time.monotonic()
-            if now >= self._gap_request_due:
-                await self._request_missing(now)
-            if now >= hello_due:
-                if self.deployment is None:
-                    await self._send(MessageType.HELLO, self._hello().to_payload())
-                hello_due = now + HELLO_INTERVAL_S
-            await self._resend_due(now)
-
-    async def _send_acknowledged(self, message_type: MessageType, payload: bytes) -> None:
-        """Send a frame the host must acknowledge (reports, rejections); it is sent again until it is."""
-        frame = await self._send(message_type, payload)
-        self._unacknowledged[frame.sequence] = (message_type, payload, 1, time.monotonic() + RESEND_AFTER_S)
-
-    async def _resend_due(self, now: float) -> None:
-        for sequence, (message_type, payload, sends, due) in list(self._unacknowledged.items()):
-            if due > now:
                 continue
-            del self._unacknowledged[sequence]
-            if sends >= MAX_SENDS:
-                logger.warning("board %s: host never acknowledged a %s frame; giving up", self.board_name,
-                               message_type.name)
-                continue
-            frame = await self._send(message_type, payload)
-            self.resent_frames += 1
-            self._unacknowledged[frame.sequence] = (message_type, payload, sends + 1, now + RESEND_AFTER_S)
+            await self._handle(frame)
+
+    def _keep_results(self, link: ReliableSerialLink) -> None:
+        """Reports and rejections the host did not acknowledge: sent again after the next config."""
+        self._pending_results += [frame for frame in link.take_abandoned() if frame.message_type in RESULT_TYPES]
 
     def _hello(self) -> Hello:
         deployment = self.deployment
@@ -213,46 +191,6 @@ class BoardAgent:
 
     # --- frames ---------------------------------------------------------------------------------------
 
-    async def _accept(self, frame: Frame) -> None:
-        """Frames are handled in sequence order; a gap is asked for again (NACK) while later frames wait."""
-        if frame.message_type in (MessageType.HELLO, MessageType.CONFIG):
-            # a host session starts (its numbering restarts): whatever was in flight before is gone
-            if self._order.missing:
-                await self._give_up_gap("the host started over")
-            self._order.reset()
-        had_gap = bool(self._order.missing)
-        try:
-            ready = self._order.accept(frame)
-        except FrameGapTooLarge as error:
-            await self._give_up_gap(str(error))
-            ready = self._order.accept(frame)
-        for frame_in_order in ready:
-            await self._handle(frame_in_order)
-        if not self._order.missing:
-            self._gap_requests, self._gap_request_due = 0, math.inf
-        elif not had_gap:
-            await self._request_missing(time.monotonic())
-
-    async def _request_missing(self, now: float) -> None:
-        missing = self._order.missing
-        if not missing:
-            self._gap_requests, self._gap_request_due = 0, math.inf
-            return
-        if self._gap_requests >= MAX_GAP_REQUESTS:
-            await self._give_up_gap(f"frames {missing[0]}..{missing[-1]} never arrived")
-            return
-        self._gap_requests += 1
-        self._gap_request_due = now + RESEND_AFTER_S
-        for sequence in missing:
-            await self._send(MessageType.NACK, Ack(sequence, "lost").to_payload())
-
-    async def _give_up_gap(self, reason: str) -> None:
-        """Frames cannot be recovered on the line: drop what waited for them and ask the run for the update again."""
-        self.frames_lost += max(1, len(self._order.missing))
-        self._order.reset()
-        self._gap_requests, self._gap_request_due = 0, math.inf
-        await self._restart_transfers(f"serial frames lost ({reason})")
-
     async def _handle(self, frame: Frame) -> None:
         if frame.message_type == MessageType.CONFIG:
             await self._configure(frame.payload)
@@ -261,11 +199,6 @@ class BoardAgent:
             await self._send(MessageType.PONG, frame.payload)
         elif frame.message_type == MessageType.HELLO:  # the host (re)opened the port and asks who is there
             await self._send(MessageType.HELLO, self._hello().to_payload())
-        elif frame.message_type == MessageType.ACK:
-            try:
-                self._unacknowledged.pop(Ack.from_payload(frame.payload).sequence, None)
-            except SerialFrameError as error:
-                await self._log(f"ignoring a malformed ACK: {error}")
         elif frame.message_type in (MessageType.MANIFEST, MessageType.UPDATE_CHUNK):
             if self.deployment is None:
                 await self._log(f"ignoring a {frame.message_type.name} frame: not configured yet")
@@ -283,7 +216,7 @@ class BoardAgent:
         current = self.deployment
         if current is None or (current.config.run_id, current.config.device_id) != (config.run_id, config.device_id):
             self.configured.clear()
-            self._unacknowledged.clear()  # reports of another run
+            self._pending_results.clear()  # reports of another run
             try:
                 inference = await asyncio.to_thread(self.setup, config)
                 receiver = UpdateReceiver(inference.initial_weights(), config.init_seed)
@@ -306,12 +239,12 @@ class BoardAgent:
             "device": deployment.config.device_id, "run": deployment.config.run_id,
             "version": deployment.receiver.version, "error": None,
         }))
-        # Reports the host did not acknowledge before the link went away: sent again, under new sequence numbers.
-        pending = list(self._unacknowledged.values())
-        self._unacknowledged.clear()
-        for message_type, payload, sends, _ in pending:
-            frame = await self._send(message_type, payload)
-            self._unacknowledged[frame.sequence] = (message_type, payload, sends + 1, time.monotonic() + RESEND_AFTER_S)
+        # Reports the host did not acknowledge before its session ended: sent again, under new sequence numbers.
+        if self._link is not None:
+            self._keep_results(self._link)
+        pending, self._pending_results = self._pending_results, []
+        for frame in pending:
+            await self._send(frame.message_type, frame.payload)
 
     async def _update_frame(self, deployment: _Deployment, frame: Frame) -> None:
         receiver = deployment.receiver
@@ -365,7 +298,7 @@ class BoardAgent:
         energy = self.energy.close_round()
         report = self._report(deployment, completed, accuracy, apply_s, evaluate_s, energy,
                               report_delay_s=time.monotonic() - completed_at)
-        await self._send_acknowledged(MessageType.REPORT, json_payload(report))
+        await self._send(MessageType.REPORT, report.encode())
         await self._log(f"applied {completed.manifest.key}: version {version}, accuracy {accuracy:.4f}, "
                         f"{energy.total_joules:.3f} J since the last report")
         self.energy.begin_phase("idle")
@@ -373,19 +306,9 @@ class BoardAgent:
     async def _reject(self, deployment: _Deployment, reason: str) -> None:
         logger.warning("board %s: %s", self.board_name, reason)
         self.energy.begin_phase("transmit")
-        await self._send_acknowledged(MessageType.APPLY_RESULT, json_payload({
-            "ok": False, "device": deployment.config.device_id, "version": deployment.receiver.version,
-            "reason": reason,
-        }))
+        nack = DeviceNack(device=deployment.config.device_id, version=deployment.receiver.version, reason=reason)
+        await self._send(MessageType.APPLY_RESULT, nack.encode())
         self.energy.begin_phase("idle")
-
-    async def _restart_transfers(self, reason: str) -> None:
-        """Frames went missing: drop whatever was in flight and ask for it again (never apply a partial update)."""
-        deployment = self.deployment
-        if deployment is None:
-            return
-        self._drop_transfers()
-        await self._reject(deployment, f"{reason}; update restarted")
 
     def _drop_transfers(self) -> None:
         self._pieces.clear()
@@ -398,7 +321,7 @@ class BoardAgent:
         link = self._link
         if link is None:
             raise SerialLinkError(f"{self.port}: not open")
-        return await link.send_message(message_type, payload)
+        return await link.send(message_type, payload)
 
     async def _log(self, line: str) -> None:
         """A log line to the host (it lands in the run's serial log) and to the local log."""
@@ -406,30 +329,30 @@ class BoardAgent:
         await self._send(MessageType.LOG, log_payload(line)[: self.max_frame_bytes - 64])
 
     def _report(self, deployment: _Deployment, completed: CompletedUpdate, accuracy: float, apply_s: float,
-                evaluate_s: float, energy: PhaseEnergy, report_delay_s: float) -> dict[str, Any]:
+                evaluate_s: float, energy: PhaseEnergy, report_delay_s: float) -> DeviceReport:
         link = self._link
         received_total = self._bytes_received_before + (link.bytes_received if link else 0)
         sent_total = self._bytes_sent_before + (link.bytes_sent if link else 0)
-        report = {
-            "device": deployment.config.device_id,
-            "profile": self.profile.name,
-            "kind": "serial",
-            "round": completed.manifest.round_index,
-            "version": deployment.receiver.version,
-            "weights_hash": weights_hash(deployment.receiver.weights).hex(),
-            "accuracy": accuracy,
-            "update_bytes": len(completed.payload),
-            "received_bytes": received_total - self._round_received_from,
-            "transmitted_bytes": sent_total - self._round_sent_from,
-            "total_received_bytes": received_total,
-            "published_at": completed.manifest.published_at,
-            "report_delay_seconds": report_delay_s,
-            "apply_seconds": apply_s,
-            "evaluate_seconds": evaluate_s,
+        report = DeviceReport(
+            device=deployment.config.device_id,
+            profile=self.profile.name,
+            kind_of_device="serial",
+            round=completed.manifest.round_index,
+            version=deployment.receiver.version,
+            weights_hash=weights_hash(deployment.receiver.weights).hex(),
+            accuracy=float(accuracy),
+            update_bytes=len(completed.payload),
+            received_bytes=received_total - self._round_received_from,
+            transmitted_bytes=sent_total - self._round_sent_from,
+            total_received_bytes=received_total,
+            published_at=completed.manifest.published_at,
+            report_delay_seconds=report_delay_s,
+            apply_seconds=apply_s,
+            evaluate_seconds=evaluate_s,
             **self.energy.report_fields(energy),
-            "rejected_updates": self.rejected_updates,
-            "serial_frames_lost": self.frames_lost,
-        }
+            rejected_updates=self.rejected_updates,
+            serial_frames_lost=self.frames_resent,  # lost on the line (or their ACK was) and sent again
+        )
         self._round_received_from, self._round_sent_from = received_total, sent_total
         return report
 

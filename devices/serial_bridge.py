@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +14,7 @@ import aiomqtt
 
 from devices.agent import device_client
 from devices.board_agent import BoardConfig
+from devices.reliable_serial import LinkSettings, ReliableSerialLink
 from devices.serial_framing import (
     DEFAULT_MAX_FRAME_BYTES,
     FLAG_MORE,
@@ -28,6 +27,7 @@ from devices.serial_framing import (
     encode_frame,
     parse_json_payload,
     parse_log_payload,
+    parse_session_payload,
 )
 from devices.serial_link import (
     SerialLink,
@@ -37,6 +37,7 @@ from devices.serial_link import (
 )
 from devices.task_groups import run_together
 from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.topics import Topics
 from devices.errors import DeviceError
@@ -48,7 +49,6 @@ SILENCE_TIMEOUT_S = 8.0  # no frame for this long (pings unanswered): the board 
 HANDSHAKE_TIMEOUT_S = 120.0  # hello -> ready: the board builds its model and test split meanwhile
 REOPEN_DELAY_S = 1.0
 MQTT_RECONNECT_DELAY_S = 1.0
-SENT_FRAMES_KEPT = 512  # frames the board may still ask for again (at most 2 MB with 4 KiB frames)
 CHUNK_PIECE_HEADROOM = 16  # frame bytes kept free for the chunk header beyond the key
 
 
@@ -65,6 +65,10 @@ class SerialLog:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 — closed by close()
+
+    def observe(self, outgoing: bool, frame: Frame, note: str) -> None:
+        """A ReliableSerialLink observer: every frame on the line, link control and resends included."""
+        self.write("host>board" if outgoing else "board>host", frame, f"{note} {_describe(frame)}".strip())
 
     def write(self, direction: str, frame: Frame | None, text: str = "") -> None:
         if self._file is None:
@@ -93,7 +97,7 @@ class SerialBridge:
                  config: BoardConfig, *, baud: int = 115200, log_path: Path | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  open_link: Callable[[], Awaitable[SerialLink]] | None = None,
-                 silence_timeout_s: float = SILENCE_TIMEOUT_S) -> None:
+                 silence_timeout_s: float = SILENCE_TIMEOUT_S, link_settings: LinkSettings | None = None) -> None:
         self.device_id = device_id
         self.profile_name = profile_name
         self.port = port
@@ -103,6 +107,7 @@ class SerialBridge:
         self.baud = baud
         self.max_frame_bytes = max_frame_bytes
         self.silence_timeout_s = silence_timeout_s
+        self.link_settings = link_settings
         self._open_link = open_link or (lambda: SerialLink.open(port, baud, max_frame_bytes=max_frame_bytes))
         self.serial_log = SerialLog(log_path)
         self.connected = asyncio.Event()  # MQTT subscribed and the board ready: what the run waits for
@@ -114,12 +119,10 @@ class SerialBridge:
         self.offline_periods = 0
         self.dropped_while_offline = 0
         self.frames_forwarded = 0
-        self._outbox: asyncio.Queue[tuple[str, dict[str, Any], bool]] = asyncio.Queue()
-        self._unsent: tuple[str, dict[str, Any], bool] | None = None
+        self._outbox: asyncio.Queue[tuple[str, Message, bool]] = asyncio.Queue()
+        self._unsent: tuple[str, Message, bool] | None = None
         self._to_board: asyncio.Queue[tuple[MessageType, bytes, int]] = asyncio.Queue()
-        self._last_board_result = b""
-        self._sent_frames: OrderedDict[int, Frame] = OrderedDict()
-        self.frames_sent_again = 0
+        self.frames_sent_again = 0  # by the links of earlier sessions and the current one
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -152,7 +155,7 @@ class SerialBridge:
             for topic in self.topics.device_subscriptions(self.device_id):
                 await client.subscribe(topic, qos=1)
             await client.publish(self.topics.device(self.device_id, "status"),
-                                 json.dumps({"online": self.board_ready.is_set()}), qos=1, retain=True)
+                                 DeviceStatus(online=self.board_ready.is_set()).encode(), qos=1, retain=True)
             reconnected = self.mqtt_ready.is_set() or self._unsent is not None
             self.mqtt_ready.set()
             self._update_connected()
@@ -165,7 +168,7 @@ class SerialBridge:
             message = self._unsent or await self._outbox.get()
             self._unsent = message
             topic, body, retain = message
-            await client.publish(topic, json.dumps(body), qos=1, retain=retain, timeout=60.0)
+            await client.publish(topic, body.encode(), qos=1, retain=retain, timeout=60.0)
             self._unsent = None
 
     async def _receive_mqtt(self, client: aiomqtt.Client) -> None:
@@ -177,11 +180,11 @@ class SerialBridge:
             elif topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
                 self._forward_manifest(payload)
 
-    def _publish(self, kind: str, body: dict[str, Any], retain: bool = False) -> None:
+    def _publish(self, kind: str, body: Message, retain: bool = False) -> None:
         self._outbox.put_nowait((self.topics.device(self.device_id, kind), body, retain))
 
     def _ask_catch_up(self, reason: str) -> None:
-        self._publish("nack", {"device": self.device_id, "version": self.board_version, "reason": reason})
+        self._publish("nack", DeviceNack(device=self.device_id, version=self.board_version, reason=reason))
 
     # --- MQTT -> board --------------------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class SerialBridge:
             manifest = UpdateManifest.from_json(payload)
         except ManifestError as error:  # the board would reject it too; say so on the run's nack topic
             logger.warning("bridge %s: malformed manifest: %s", self.device_id, error)
-            self._publish("nack", {"device": self.device_id, "version": self.board_version, "reason": str(error)})
+            self._ask_catch_up(str(error))
             return
         self.latest_target_version = max(self.latest_target_version, manifest.target_version)
         self._enqueue(MessageType.MANIFEST, payload)
@@ -235,37 +238,22 @@ class SerialBridge:
             await asyncio.sleep(REOPEN_DELAY_S)
 
     async def _serial_session(self, link: SerialLink) -> None:
-        self._sent_frames.clear()  # sequence numbers start over with the link
-        await run_together(self._read_board(link), self._ping(link), self._write_board(link))
+        async with ReliableSerialLink(link, self.link_settings, observer=self.serial_log.observe) as reliable:
+            try:
+                await run_together(self._read_board(reliable), self._ping(reliable), self._write_board(reliable))
+            finally:
+                self.frames_sent_again += reliable.protocol.frames_resent
 
-    async def _send(self, link: SerialLink, message_type: MessageType, payload: bytes, flags: int = 0) -> None:
-        frame = await link.send_message(message_type, payload, flags=flags)
-        self._sent_frames[frame.sequence] = frame
-        while len(self._sent_frames) > SENT_FRAMES_KEPT:
-            self._sent_frames.popitem(last=False)
-        self.serial_log.write("host>board", frame, _describe(frame))
+    async def _send(self, link: ReliableSerialLink, message_type: MessageType, payload: bytes, flags: int = 0) -> None:
+        await link.send(message_type, payload, flags=flags)
 
-    async def _send_again(self, link: SerialLink, nack: Frame) -> None:
-        """The board missed a frame (bad CRC, noise): send it again under its own sequence number."""
-        try:
-            sequence = Ack.from_payload(nack.payload).sequence
-        except SerialFrameError as error:
-            logger.warning("bridge %s: bad NACK from the board: %s", self.device_id, error)
-            return
-        frame = self._sent_frames.get(sequence)
-        if frame is None:
-            return  # too old to keep: the board gives up on it and asks the run for the update again
-        await link.send(frame)
-        self.frames_sent_again += 1
-        self.serial_log.write("host>board", frame, "(sent again) " + _describe(frame))
-
-    async def _write_board(self, link: SerialLink) -> None:
+    async def _write_board(self, link: ReliableSerialLink) -> None:
         while True:
             message_type, payload, flags = await self._to_board.get()
             await self._send(link, message_type, payload, flags)
             self.frames_forwarded += 1
 
-    async def _ping(self, link: SerialLink) -> None:
+    async def _ping(self, link: ReliableSerialLink) -> None:
         """Ask who is there until the board is ready (it answers with its hello), then ping it."""
         while True:
             if self.board_ready.is_set():
@@ -274,7 +262,7 @@ class SerialBridge:
                 await self._send(link, MessageType.HELLO, b"")
             await asyncio.sleep(PING_INTERVAL_S)
 
-    async def _read_board(self, link: SerialLink) -> None:
+    async def _read_board(self, link: ReliableSerialLink) -> None:
         handshake_deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while True:
             timeout = self.silence_timeout_s
@@ -284,25 +272,17 @@ class SerialBridge:
                 frame = await link.receive(timeout)
             except SerialLinkTimeout:
                 raise SerialLinkError(f"board silent for {timeout:.0f} s") from None
-            self.serial_log.write("board>host", frame, _describe(frame))
             if frame.message_type == MessageType.HELLO:
                 handshake_deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
                 await self._on_hello(link, frame)
             elif frame.message_type == MessageType.READY:
                 self._on_ready(frame)
-            elif frame.message_type == MessageType.NACK:
-                await self._send_again(link, frame)
-            elif frame.message_type in (MessageType.REPORT, MessageType.APPLY_RESULT):
-                await self._send(link, MessageType.ACK, Ack(frame.sequence).to_payload())
-                if frame.payload == self._last_board_result:
-                    continue  # sent again because our ACK was lost: already relayed
-                self._last_board_result = frame.payload
-                if frame.message_type == MessageType.REPORT:
-                    self._on_report(frame, link)
-                else:
-                    self._on_apply_result(frame)
+            elif frame.message_type == MessageType.REPORT:
+                self._on_report(frame, link)
+            elif frame.message_type == MessageType.APPLY_RESULT:
+                self._on_apply_result(frame)
 
-    async def _on_hello(self, link: SerialLink, frame: Frame) -> None:
+    async def _on_hello(self, link: ReliableSerialLink, frame: Frame) -> None:
         try:
             hello = Hello.from_payload(frame.payload)
         except SerialFrameError as error:
@@ -340,43 +320,46 @@ class SerialBridge:
         self.board_ready.set()
         self._update_connected()
         hello = self.board_hello
-        self._publish("status", {"online": True}, retain=True)
-        self._publish("hello", {"device": self.device_id, "profile": self.profile_name, "version": version,
-                                "kind": "serial", "port": self.port, "board": hello.board if hello else None,
-                                "capabilities": list(hello.capabilities) if hello else []})
+        self._publish("status", DeviceStatus(online=True), retain=True)
+        self._publish("hello", DeviceHello(device=self.device_id, profile=self.profile_name, version=version,
+                                           kind_of_device="serial", port=self.port,
+                                           board=hello.board if hello else None,
+                                           capabilities=list(hello.capabilities) if hello else []))
         if not first or version < self.latest_target_version:
             self._ask_catch_up(f"board ready at version {version} after (re)connecting")
 
-    def _on_report(self, frame: Frame, link: SerialLink) -> None:
-        report = self._board_message(frame)
-        if report is None:
+    def _on_report(self, frame: Frame, link: ReliableSerialLink) -> None:
+        try:
+            report = DeviceReport.decode(frame.payload)
+        except MessageError as error:
+            logger.warning("bridge %s: bad REPORT from the board: %s", self.device_id, error)
             return
-        self.board_version = _version_in(report, self.board_version)
+        self.board_version = report.version
         # Delivery on the host's clock (the board's may differ): when the report arrived, less its time on
         # the line and the time the board spent between completing the update and sending the report.
         line_s = len(encode_frame(frame.message_type, frame.sequence, frame.payload, flags=frame.flags,
                                   max_frame_bytes=link.max_frame_bytes)) / line_rate_bytes_per_s(link.baud)
-        published_at = report.get("published_at")
-        delay = report.get("report_delay_seconds")
-        if isinstance(published_at, (int, float)) and isinstance(delay, (int, float)):
-            report["delivery_seconds"] = max(0.0, time.time() - line_s - delay - published_at)
-        report.setdefault("delivery_seconds", 0.0)
-        report["device"] = self.device_id
-        self._publish("report", report)
+        delivery_s = 0.0
+        if report.published_at is not None and report.report_delay_seconds is not None:
+            delivery_s = max(0.0, time.time() - line_s - report.report_delay_seconds - report.published_at)
+        self._publish("report", report.model_copy(update={"device": self.device_id, "delivery_seconds": delivery_s}))
 
     def _on_apply_result(self, frame: Frame) -> None:
-        result = self._board_message(frame)
-        if result is not None and result.get("ok") is False:
-            self.board_version = _version_in(result, self.board_version)
-            self._publish("nack", {"device": self.device_id, "version": self.board_version,
-                                   "reason": str(result.get("reason", "rejected on the board"))})
+        """The board rejected an update (or lost one in transfer): the run's nack, from the version it holds."""
+        try:
+            nack = DeviceNack.decode(frame.payload)
+        except MessageError as error:
+            logger.warning("bridge %s: bad APPLY_RESULT from the board: %s", self.device_id, error)
+            return
+        self.board_version = nack.version
+        self._publish("nack", nack.model_copy(update={"device": self.device_id}))
 
     def _board_offline(self) -> None:
         if self.board_ready.is_set():
             self.board_ready.clear()
             self.offline_periods += 1
             self._update_connected()
-            self._publish("status", {"online": False}, retain=True)
+            self._publish("status", DeviceStatus(online=False), retain=True)
         while not self._to_board.empty():  # what was queued for the board is lost with it
             self._to_board.get_nowait()
             self.dropped_while_offline += 1
@@ -404,8 +387,13 @@ def _describe(frame: Frame) -> str:
             ack = Ack.from_payload(frame.payload)
         except SerialFrameError:
             return "(malformed)"
-        return f"of seq={ack.sequence} {ack.reason}".rstrip()
+        return f"of seq={ack.sequence} session={ack.session:08x} {ack.reason}".rstrip()
     if frame.message_type == MessageType.CONFIG:
         return "(run configuration)"
+    if frame.message_type == MessageType.SYNC:
+        try:
+            return f"session={parse_session_payload(frame.payload):08x}"
+        except SerialFrameError:
+            return "(malformed)"
     text = parse_log_payload(frame.payload)
     return text if len(text) <= 400 else text[:400] + "…"

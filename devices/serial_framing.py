@@ -11,7 +11,10 @@ frame after any noise decodes; two delimiters in a row are an empty frame and ig
 HELLO            JSON ``{"board", "profile", "capabilities": [...], "version", "run"}`` (`Hello`)
 UPDATE_CHUNK     binary ``u16 key length | key (UTF-8) | u32 chunk index | chunk bytes`` (`UpdateChunk`);
                  flag FLAG_MORE: more pieces of the same chunk follow (chunks above the frame size)
-ACK, NACK        binary ``u16 acknowledged sequence | reason (UTF-8, empty for ACK)``  (`Ack`)
+ACK, NACK        binary ``u16 sequence | u32 session | reason (UTF-8, empty for ACK)`` (`Ack`): link control,
+                 outside the numbered stream (devices.reliable_serial); ACK: every frame of `session` up to
+                 `sequence` arrived; NACK: `sequence` of `session` is missing (session 0: "I hold no
+                 session of yours", the sender starts a new one)
 APPLY_RESULT     JSON (update key, version, ok, reason)
 REPORT           JSON (the device report: accuracy, energy, timings)
 LOG              one UTF-8 log line
@@ -19,6 +22,7 @@ PING, PONG       opaque bytes, echoed by PONG
 MANIFEST         the update manifest's JSON, as published on MQTT (testbed.core.manifest)
 CONFIG           zlib-compressed JSON: what the run asks of the board (run id, device, the scenario)
 READY            JSON ``{"device", "run", "version"}``: the board is configured and holds `version`
+SYNC             binary ``u32 session``: the first frame of a sender's numbered stream (devices.reliable_serial)
 ===============  ==========================================================================
 """
 
@@ -62,6 +66,7 @@ class MessageType(IntEnum):
     MANIFEST = 10
     CONFIG = 11
     READY = 12
+    SYNC = 13
 
 
 FLAG_MORE = 0x01  # UPDATE_CHUNK: the chunk continues in the next frame
@@ -292,7 +297,8 @@ class FrameDecoder:
 
 UPDATE_CHUNK_KEY = struct.Struct("<H")
 UPDATE_CHUNK_INDEX = struct.Struct("<I")
-ACK_SEQUENCE = struct.Struct("<H")
+ACK_HEADER = struct.Struct("<HI")  # sequence, session
+SESSION = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -329,22 +335,42 @@ class UpdateChunk:
 
 @dataclass(frozen=True)
 class Ack:
-    """ACK or NACK of the frame with `sequence`; a NACK says why."""
+    """ACK or NACK of the frame with `sequence` in the sender's stream `session`; a NACK says why."""
 
     sequence: int
+    session: int = 0
     reason: str = ""
 
     def to_payload(self) -> bytes:
         if not 0 <= self.sequence <= MAX_SEQUENCE:
             raise SerialFrameError(f"acknowledged sequence must be in 0..{MAX_SEQUENCE}, got {self.sequence}")
-        return ACK_SEQUENCE.pack(self.sequence) + self.reason.encode("utf-8")
+        if not 0 <= self.session <= 0xFFFFFFFF:
+            raise SerialFrameError(f"session must be in 0..2**32-1, got {self.session}")
+        return ACK_HEADER.pack(self.sequence, self.session) + self.reason.encode("utf-8")
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Ack:
-        if len(payload) < ACK_SEQUENCE.size:
-            raise SerialFrameError(f"ack payload of {len(payload)} bytes has no sequence")
-        (sequence,) = ACK_SEQUENCE.unpack_from(payload)
-        return cls(sequence, payload[ACK_SEQUENCE.size:].decode("utf-8", errors="replace"))
+        if len(payload) < ACK_HEADER.size:
+            raise SerialFrameError(f"ack payload of {len(payload)} bytes has no sequence and session")
+        sequence, session = ACK_HEADER.unpack_from(payload)
+        return cls(sequence, session, payload[ACK_HEADER.size:].decode("utf-8", errors="replace"))
+
+
+def session_payload(session: int) -> bytes:
+    """A SYNC payload: the session a sender's numbered stream starts."""
+    if not 0 < session <= 0xFFFFFFFF:
+        raise SerialFrameError(f"session must be in 1..2**32-1, got {session}")
+    return SESSION.pack(session)
+
+
+def parse_session_payload(payload: bytes) -> int:
+    """The session of a SYNC payload; SerialFrameError if it is not exactly one non-zero u32."""
+    if len(payload) != SESSION.size:
+        raise SerialFrameError(f"SYNC payload must be {SESSION.size} bytes, got {len(payload)}")
+    (session,) = SESSION.unpack(payload)
+    if session == 0:
+        raise SerialFrameError("SYNC session must not be 0")
+    return session
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from devices.serial_framing import (
     max_payload_bytes,
     parse_json_payload,
     parse_log_payload,
+    parse_session_payload,
+    session_payload,
 )
 from testbed.core.wire import split_chunks
 
@@ -281,10 +283,18 @@ def test_update_chunk_rejects_malformed(bad):
 
 
 def test_ack_hello_json_and_log_payloads():
-    assert Ack.from_payload(Ack(513, "crc").to_payload()) == Ack(513, "crc")
+    assert Ack.from_payload(Ack(513, 0xDEADBEEF, "crc").to_payload()) == Ack(513, 0xDEADBEEF, "crc")
     assert Ack.from_payload(Ack(0).to_payload()) == Ack(0)
     with pytest.raises(SerialFrameError):
-        Ack.from_payload(b"\x01")
+        Ack.from_payload(b"\x01\x00\x02")
+    with pytest.raises(SerialFrameError):
+        Ack(1, 2**32).to_payload()
+    assert parse_session_payload(session_payload(7)) == 7
+    for bad in (b"", b"\x00\x00\x00\x00", b"\x01\x00\x00\x00\x00"):
+        with pytest.raises(SerialFrameError):
+            parse_session_payload(bad)
+    with pytest.raises(SerialFrameError):
+        session_payload(0)
     hello = Hello("bench-pi", "rpi4", ("energy:ina219", "serial:115200"))
     assert Hello.from_payload(hello.to_payload()) == hello
     with pytest.raises(SerialFrameError, match="fields"):
