@@ -36,6 +36,13 @@ def frames_on_the_line(serial_log: str) -> dict[str, int]:
     return dict(per_key)
 
 
+def link_effort(serial_log: str) -> tuple[int, int]:
+    """Frames the reliable link sent again (both ways) and link control frames (SYNC, ACK, NACK) on the line."""
+    again = sum(1 for line in serial_log.splitlines() if "(sent again)" in line)
+    control = sum(1 for line in serial_log.splitlines() if re.search(r" (SYNC|ACK|NACK) seq=", line))
+    return again, control
+
+
 def run_scenario(out: Path, rounds: int, baud: int) -> tuple[float, list[dict[str, Any]], str]:
     """`testbed run` (the real CLI) with the board agent in another process, joined by a pty cable."""
     cable = PtyCable()
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         emulated_energy = ", ".join(f"{record['energy_joules']:.2f}" for record in emulated)
         print(f"| {round_index} | {board['update_bytes']} | {line_bytes} | {board['delivery_seconds']:.2f} | {floor:.2f} "
               f"| {ratio:.3f} | {emulated_delivery} | {board['energy_joules']:.2f} | {emulated_energy} |")
+    again, control = link_effort(serial_log)
+    print(f"reliable link: {again} frames sent again, {control} link control frames (SYNC/ACK/NACK) on the line")
     all_final = len({record["weights_hash"] for record in by_round[max(by_round)]}) == 1
     print(f"all devices on the same final weights: {'yes' if all_final else 'NO'}")
     return 0 if all_final else 1
