@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,15 +22,22 @@ ROW_FIELDS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_quick_benchmark_writes_sane_rows(tmp_path: Path) -> None:
-    out = tmp_path / "channel.json"
+def run_quick_bench(out: Path) -> dict[str, Any]:
     completed = subprocess.run([sys.executable, "bench/channel.py", "--quick", "--json", str(out)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=90)
+                               cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert completed.returncode == 0, completed.stderr
     assert "targets:" in completed.stdout and "# rerun: python bench/channel.py --quick --backend all" in completed.stdout
-    result = json.loads(out.read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+DELAY_LOAD_MARGIN_MS = 20.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quick_benchmark_writes_sane_rows(tmp_path: Path) -> None:
+    result = run_quick_bench(tmp_path / "channel.json")
     rows = result["rows"]
     assert len(rows) >= 4
     for row in rows:
@@ -54,4 +62,20 @@ def test_quick_benchmark_writes_sane_rows(tmp_path: Path) -> None:
         overhead = result["overhead"][backend]
         assert overhead["messages"] >= 500
         assert overhead["throughput_mb_s"] > 0 and overhead["direct_throughput_mb_s"] > 0
-    assert [target["met"] in (True, False) for target in result["targets"]] == [True] * len(result["targets"])
+    # Every target is met. Some are wall-clock figures (throughput, added latency, goodput over 1.5 s)
+    # that a machine busy with other work can miss once; a regression misses them again, so a
+    # target missed in the first run must be met in a second one. The p50 delay target (2 ms) is
+    # judged on the rows with a load margin instead: beside two CPU hogs (`python3 -c 'while True:
+    # pass' &` twice) the scheduler alone put the grid's worst p50 at +10.75 ms (proxy) and +11.04 ms (tun).
+    delay_limit_ms = 2.0 + DELAY_LOAD_MARGIN_MS
+    assert all(abs(row["delay_p50_ms"]) <= delay_limit_ms for row in rows), [
+        (row["backend"], row["case"], row["delay_p50_ms"]) for row in rows]
+
+    def missed_in(run: dict[str, Any]) -> set[str]:
+        return {target["target"] for target in run["targets"]
+                if target["met"] is not True and not target["target"].startswith("p50 delay")}
+
+    missed = missed_in(result)
+    if missed:
+        missed &= missed_in(run_quick_bench(tmp_path / "channel-again.json"))
+    assert not missed, f"targets missed twice: {missed}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -199,11 +200,7 @@ async def test_prometheus_scrapes_a_live_lowband_run_and_answers_every_panel(
     scrape_counts: list[float] = []
     run = ScenarioRun(scenario, tmp_path / "out")
 
-    def at_round_end(event: str, data: dict[str, Any]) -> None:
-        # Blocking here holds the run open (the exporter serves from its own thread) while Prometheus
-        # scrapes the final round and every panel is queried live.
-        if event != "round" or data["record"].round != ROUNDS - 1:
-            return
+    def query_the_live_run() -> None:
         wait_for(base, "testbed_server_rounds_total",
                  lambda result: bool(result) and float(result[0]["value"][1]) == ROUNDS, timeout_s=20)
         time.sleep(2.5)  # two more scrapes, so every rate() has its latest samples
@@ -212,8 +209,20 @@ async def test_prometheus_scrapes_a_live_lowband_run_and_answers_every_panel(
         for name, expr in panel_queries(dashboard()):
             answers[name] = api(base, "/api/v1/query", query=expr)["result"]
 
-    run.progress = at_round_end
-    result = await run.execute()
+    # The run is held open after its final round while Prometheus scrapes it and every panel is queried
+    # live. The queries block, so they run in a thread the run awaits at the step that follows each
+    # round's report (its Pushgateway push); blocking the event loop itself in a progress callback
+    # would stall the broker, the links and the MQTT keepalives for those seconds.
+    assert hasattr(run, "_push_metrics"), "the runner no longer pushes after each round: move this hold"
+    push_after_round = run._push_metrics
+
+    async def hold_open_after_the_final_round() -> None:
+        if len(run.rounds) == ROUNDS:
+            await asyncio.wait_for(asyncio.to_thread(query_the_live_run), 120)
+        await push_after_round()
+
+    run._push_metrics = hold_open_after_the_final_round  # type: ignore[method-assign]
+    result = await asyncio.wait_for(run.execute(), 240)
     assert all(state["hash_matches_server"] for state in result.summary["devices"].values())
 
     print(f"prometheus: {scrape_counts[0] if scrape_counts else 0:.0f} scrapes of the live run, "
