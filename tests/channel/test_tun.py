@@ -157,7 +157,10 @@ async def test_goodput_matches_the_configured_rate(make_link, sink_server) -> No
     print(f"\n1 Mbit/s: goodput / (rate·1448/1500) {ratio:.4f}, payload fraction {payload_fraction:.4f}, "
           f"{link.downlink_counters.queue_drops} queue drops")
     assert 0.955 < payload_fraction <= KERNEL_SEGMENT_BYTES / 1500
-    assert abs(ratio - 1) < 0.03
+    # Within 3% of the rate, give or take what the emulator itself recorded as its worst lateness
+    # (a busy machine delivers the first or the last packet late) over the ~3.7 s transfer.
+    transfer_s = 310 * 1500 * 8 / 1_000_000
+    assert abs(ratio - 1) < 0.03 + counters.max_lateness_s / transfer_s, (ratio, counters.max_lateness_s)
 
 
 async def test_a_bounded_queue_tail_drops_the_burst_and_counts_it_apart_from_loss(make_link, sink_server) -> None:
