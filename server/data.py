@@ -17,6 +17,7 @@ import numpy as np
 
 from server.datasets import OfficialSplits, dataset_directory, load_cifar10, load_mnist
 from server.errors import ServerError
+from testbed.core.seeds import Stream, generator
 
 if TYPE_CHECKING:
     from testbed.core.scenario import DataSpec
@@ -180,7 +181,7 @@ def load_dataset_arrival(spec: DataSpec, seed: int) -> DataArrival:
     source = loader(spec)
     held_out = spec.test_samples + spec.validation_samples
     held_terms = f"test_samples ({spec.test_samples}) + validation_samples ({spec.validation_samples})"
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, Stream.DATA_ORDER)
     if source.official_test is None:
         total = len(source.pool_y)
         needed = held_out + spec.initial_samples
@@ -228,6 +229,6 @@ def device_test_split(test: Split, device_index: int, samples: int, seed: int) -
     if device_index < 0 or samples < 0:
         raise ServerError(f"device_index ({device_index}) and samples ({samples}) must not be negative")
     count = min(samples, len(test))
-    rng = np.random.default_rng([int(seed), 1, int(device_index)])
+    rng = generator(int(seed), Stream.DEVICE_TEST_SPLIT, int(device_index))
     indices = rng.choice(len(test), size=count, replace=False)
     return test.subset(indices)

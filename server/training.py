@@ -54,25 +54,35 @@ def _checked_masks(
     return masks
 
 
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How one call to `train_epochs` trains: epochs, Adam's learning rate, batch size and the batch-order seed."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    """Seeds the batch order (a torch Generator), e.g. ``round_seed(seed, round, RoundStep.FULL_TRAINING)``."""
+    make_optimizer: OptimizerFactory = adam
+
+
 def train_epochs(
     model: nn.Module,
     split: Split,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
+    config: TrainingConfig,
+    *,
     trainable_masks: dict[str, torch.Tensor] | None = None,
     track_local_contribution: bool = False,
     validation: Split | None = None,
     keep_best: bool = False,
-    make_optimizer: OptimizerFactory = adam,
 ) -> TrainingResult:
-    """Train `model` in place with Adam(lr) (or `make_optimizer`) and StepLR(epochs // 3, 0.1), seeded batches.
+    """Train `model` in place with Adam(lr) (or `config.make_optimizer`) and StepLR(epochs // 3, 0.1), seeded batches.
 
     With `trainable_masks`, only the True entries of those tensors change (gradient masked and the
     other entries restored after every step); parameters without a mask train freely. With
     `validation`, accuracy is measured after every epoch; `keep_best` loads the best epoch back.
     """
+    epochs, lr, batch_size = config.epochs, config.lr, config.batch_size
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ServerError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     if keep_best and validation is None:
@@ -87,8 +97,8 @@ def train_epochs(
     )
     x = torch.from_numpy(np.ascontiguousarray(split.x, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(split.y, dtype=np.int64))
-    generator = torch.Generator().manual_seed(int(seed))
-    optimizer = make_optimizer(list(model.parameters()), lr)
+    generator = torch.Generator().manual_seed(int(config.seed))
+    optimizer = config.make_optimizer(list(model.parameters()), lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
     best_accuracy: float | None = None
     best_epoch: int | None = None

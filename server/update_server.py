@@ -12,7 +12,6 @@ from torch import nn
 from server.data import DataArrival, Split, device_test_split, load_dataset_arrival
 from server.errors import ServerError
 from server.models import WeightDict, build_model, evaluate_accuracy, get_weights, set_weights
-from server.seeds import derive_seed
 from server.strategies import (
     FullUpdating,
     RoundContext,
@@ -20,8 +19,6 @@ from server.strategies import (
     StrategyResult,
     make_strategy,
     partial_tensor_count,
-    should_reinitialise,
-    should_send,
 )
 from testbed.core import wire
 
@@ -111,13 +108,11 @@ class UpdateServer:
         train = self.arrival.training_set(round_index)
         previous = self.deployed_weights
         # Round 0 is the initial deployment: always trained from w⁰ and sent in full.
-        strategy: Strategy = FullUpdating(spec) if previous is None else self.strategy
+        strategy: Strategy = FullUpdating(spec, FullUpdating.Settings()) if previous is None else self.strategy
         reinitialised = (
             previous is not None
-            and spec.reinit
-            and strategy.reinitialises
             and self.size_at_last_init is not None
-            and should_reinitialise(len(train), self.size_at_last_init)
+            and strategy.should_reinitialise(len(train), self.size_at_last_init)
         )
         start = self.initial_weights if previous is None or reinitialised else previous
         context = RoundContext(
@@ -127,7 +122,7 @@ class UpdateServer:
             train=train,
             validation=self.arrival.validation,
             spec=spec,
-            seed=derive_seed(self.seed, round_index),
+            seed=self.seed,
             initial_weights=self.initial_weights,
             reinitialised=reinitialised,
         )
@@ -141,12 +136,7 @@ class UpdateServer:
         held = wire.held_weights_after(start, payload)
         set_weights(self.model, held)
         validation_accuracy = evaluate_accuracy(self.model, self.arrival.validation)
-        sent = not (
-            previous is not None
-            and spec.skip_if_worse
-            and strategy.skips_when_worse
-            and not should_send(validation_accuracy, self.deployed_validation_accuracy)
-        )
+        sent = previous is None or strategy.should_send(validation_accuracy, self.deployed_validation_accuracy)
         if sent:
             self.deployed_weights = held
             self.deployed_validation_accuracy = validation_accuracy

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.core.codecs import index_floor_bits
+from testbed.core.plugins import STRATEGIES
 from testbed.core.scenario import Scenario, ScenarioError, parse_scenario
 from testbed.core.wire import decode_update, update_sizes
 
@@ -57,8 +58,16 @@ ProgressCallback = Callable[[str, float, int, RoundOutcome], None]
 
 
 def variant(scenario: Scenario, strategy: str, ratio: float, seed: int) -> Scenario:
-    """The scenario with one strategy, ratio and seed; validated like `--set`."""
+    """The scenario with one strategy, ratio and seed; validated like `--set`.
+
+    Strategy settings in the scenario (``lambda``, ``reinit``, …) go to each strategy that declares
+    them; the others run with their own defaults.
+    """
     raw = scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
+    takes = STRATEGIES.attributes(strategy).get("settings") or ()
+    for key in scenario.update.settings:
+        if key not in takes:
+            del raw["update"][key]
     return parse_scenario(raw, f"{scenario.name}[{strategy}@{ratio}]",
                           [f"update.strategy={strategy}", f"update.ratio={ratio}", f"seed={seed}"])
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from channel.backend import EmulatedLink, LinkBackend, LinkRequest
 from channel.errors import ChannelError
 from channel.link import LinkParameters
@@ -14,6 +12,7 @@ from channel.proxy import LinkProxy
 from channel.loss import GilbertElliottLoss
 from channel.outage import RandomOutages, ScheduledOutage
 from testbed.core.plugins import LINK_BACKENDS, LINK_PROFILES, PluginError
+from testbed.core.seeds import Stream, generator
 from channel.shared import SharedLink
 from channel.trace import load_trace
 
@@ -87,8 +86,8 @@ class DeviceLinks:
         self._cells: dict[str, tuple[str, SharedLink, SharedLink]] = {}
         for index, cell in enumerate(channel.cells):
             downlink, uplink = resolve_cell_links(channel, cell)
-            shared = (cell.name, SharedLink(downlink, np.random.default_rng([seed, 2, index, 0])),
-                      SharedLink(uplink, np.random.default_rng([seed, 2, index, 1])))
+            shared = (cell.name, SharedLink(downlink, generator(seed, Stream.CELL_LINK, index, 0)),
+                      SharedLink(uplink, generator(seed, Stream.CELL_LINK, index, 1)))
             self._cells.update(dict.fromkeys(cell.devices, shared))
 
     def cell_of(self, device_id: str) -> str | None:

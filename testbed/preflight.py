@@ -1,15 +1,23 @@
-"""Checks of a scenario that need its plugins (link profiles, trace files): run before a run or comparison starts.
+"""Checks of a scenario that need its plugins (link profiles, trace files, strategy settings): run before a run starts.
 
 ``testbed.core.scenario`` validates a file against the schema and the registered plugin names without
 importing any plugin; what only the plugins can tell (a profile's rate under a queue, a trace file that
-does not parse) is checked here, with the same one-error-per-field format, before any data is loaded.
+does not parse, a value the strategy's own Settings model rejects) is checked here, with the same
+one-error-per-field format, before any data is loaded.
 """
 
 from __future__ import annotations
 
 from channel.errors import ChannelError
+from server.strategies import settings_problems, strategy_class
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
+
+
+def _strategy_problems(scenario: Scenario) -> list[str]:
+    """``update.<key>: ...`` for every strategy setting the chosen strategy's Settings model rejects."""
+    update = scenario.update
+    return settings_problems(strategy_class(update.strategy).Settings, update.strategy, update.settings)
 
 
 def _channel_problems(scenario: Scenario) -> list[str]:
@@ -33,7 +41,7 @@ def _channel_problems(scenario: Scenario) -> list[str]:
 
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
-    problems = _channel_problems(scenario)
+    problems = _strategy_problems(scenario) + _channel_problems(scenario)
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
     return scenario

@@ -6,7 +6,14 @@ from typing import TYPE_CHECKING
 
 from server.errors import ServerError
 from testbed.core.plugins import STRATEGIES, PluginError
-from server.strategies.base import RoundContext, SnapshotKind, Strategy, StrategyResult
+from server.strategies.base import (
+    RoundContext,
+    SnapshotKind,
+    Strategy,
+    StrategyResult,
+    StrategySettings,
+    settings_problems,
+)
 from server.strategies.baselines import MagnitudeUpdating, PruningUpdating, RandomPartialUpdating
 from server.strategies.dpu import (
     DeepPartialUpdating,
@@ -35,13 +42,18 @@ from server.strategies.selection import (
 if TYPE_CHECKING:
     from testbed.core.scenario import UpdateSpec
 
-def make_strategy(spec: UpdateSpec) -> Strategy:
-    """The strategy registered under `spec.strategy`, configured with `spec`."""
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy class registered under `name` (imports only its module)."""
     try:
-        strategy = STRATEGIES.get(spec.strategy)
+        return STRATEGIES.get(name)
     except PluginError as error:
         raise ServerError(str(error)) from None
-    return strategy(spec)
+
+
+def make_strategy(spec: UpdateSpec) -> Strategy:
+    """The strategy registered under `spec.strategy`, configured with `spec` (its settings validated by it)."""
+    return strategy_class(spec.strategy)(spec)
 
 
 __all__ = [
@@ -57,6 +69,7 @@ __all__ = [
     "SnapshotKind",
     "Strategy",
     "StrategyResult",
+    "StrategySettings",
     "absolute_change",
     "absolute_value",
     "changed_partial_weights",
@@ -69,7 +82,9 @@ __all__ = [
     "rewind",
     "select_top_k",
     "selected_count",
+    "settings_problems",
     "should_reinitialise",
     "should_send",
+    "strategy_class",
     "zero_unselected",
 ]

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from testbed.core.plugins import register_strategy
-from server.models import set_weights
-from server.seeds import derive_seed
-from server.strategies.base import RANDOM_MASK_STREAM, RoundContext, Strategy, StrategyResult
+from server.strategies.base import RoundContext, Strategy, StrategyResult
 from server.strategies.selection import (
     absolute_change,
     absolute_value,
@@ -19,6 +14,8 @@ from server.strategies.selection import (
     selected_count,
     zero_unselected,
 )
+from testbed.core.plugins import register_strategy
+from testbed.core.seeds import RoundStep, Stream, generator
 
 
 @register_strategy("rpu")
@@ -27,7 +24,7 @@ class RandomPartialUpdating(Strategy):
 
 
     def update(self, context: RoundContext) -> StrategyResult:
-        rng = np.random.default_rng(derive_seed(context.seed, RANDOM_MASK_STREAM))
+        rng = generator(context.seed, Stream.ROUND, context.round_index, RoundStep.RANDOM_MASK)
         masks = random_layer_masks(context.start_weights, self.spec.ratio, rng)
         return self.sparse_fine_tune(context, context.start_weights, masks, epochs=2 * self.spec.epochs)
 
@@ -58,5 +55,7 @@ class MagnitudeUpdating(Strategy):
         trained, _ = self.train_fully(context, 2 * self.spec.epochs)
         k = partial_count_for_ratio(partial_tensor_count(trained), self.spec.ratio)
         masks = select_top_k(absolute_change(context.start_weights, trained), k)
+        from server.models import set_weights
+
         set_weights(context.model, rewind(context.start_weights, trained, masks))
         return self.result_from_model(context, selected_count(masks))

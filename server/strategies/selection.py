@@ -7,7 +7,9 @@ import math
 import numpy as np
 
 from server.errors import ServerError
-from server.models import WeightDict
+
+WeightDict = dict[str, np.ndarray]
+"""Tensor name → array (the same alias as server.models.WeightDict, without importing torch)."""
 
 Masks = dict[str, np.ndarray]
 """Boolean arrays by tensor name (only the partially updated, ndim > 1 tensors)."""

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from testbed.core.seeds import Stream, generator
 from testbed.core.wire import model_fingerprint
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]
@@ -31,15 +32,15 @@ def initial_weights(layout: Layout, seed: int) -> dict[str, np.ndarray]:
     ±1/sqrt(fan_in) of it (torch's Linear/Conv default), any other bias (e.g. a norm's shift) is
     zeros; other 1-d or
     0-d tensors (running statistics, counters) are zeros, except `*.running_var`, which is ones.
-    Every tensor draws from its own stream keyed by (seed, fingerprint, name), so adding a tensor
-    does not shift the others.
+    Every tensor draws from its own stream, Stream.INITIAL_WEIGHTS with indices (fingerprint word,
+    name word) under the seed, so adding a tensor does not shift the others.
     """
-    fingerprint = _fingerprint_of_layout(layout)
+    fingerprint_key = int.from_bytes(_fingerprint_of_layout(layout)[:8], "little")
     weights: dict[str, np.ndarray] = {}
     last_fan_in: int | None = None  # fan-in of the tensor just before, when that was a weight matrix/kernel
     for name, shape in layout:
         name_key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
-        rng = np.random.Generator(np.random.PCG64([int(seed), int.from_bytes(fingerprint[:8], "little"), name_key]))
+        rng = generator(int(seed), Stream.INITIAL_WEIGHTS, fingerprint_key, name_key)
         if len(shape) > 1:
             fan_in = int(np.prod(shape[1:]))
             bound = 1.0 / math.sqrt(fan_in)

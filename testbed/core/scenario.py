@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from testbed.core.units import (
     UnitError,
@@ -92,17 +93,22 @@ class ModelSpec(_Model):
 
 
 class UpdateSpec(_Model):
-    """How the server updates the deployed model each round."""
+    """How the server updates the deployed model each round.
+
+    The fields are what every strategy shares. Any other key is the chosen strategy's own setting
+    (DPU's ``lambda``, ``reinit``, ``skip_if_worse``; full updating's ``full_variant``): kept here as an
+    opaque mapping (``settings``), its name checked against the names the strategy declares in
+    ``@register_strategy(name, settings=(...))`` (read from source, no import), and its value validated
+    by the strategy's own ``Settings`` model (testbed.preflight, and the server when it builds the strategy).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     strategy: str = "dpu"
     ratio: float = Field(0.05, gt=0.0, le=1.0)
     epochs: int = Field(20, ge=1, le=10_000)
     lr: float = Field(0.005, gt=0.0)
     batch_size: int = Field(64, ge=1)
-    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda")
-    full_variant: Literal["last_round", "same_init"] = "last_round"
-    reinit: bool = True
-    skip_if_worse: bool = True
     index_codec: str = "auto"
     value_codec: str = "fp32"
     chunk_size: SizeBytes = Field(1024, alias="chunk_size")
@@ -124,6 +130,25 @@ class UpdateSpec(_Model):
     @classmethod
     def _known_value_codec(cls, name: str) -> str:
         return VALUE_CODECS.check(name)
+
+    @model_validator(mode="after")
+    def _settings_of_the_strategy(self) -> UpdateSpec:
+        declared = STRATEGIES.attributes(self.strategy).get("settings") or ()
+        unknown = [key for key in self.settings if key not in declared]
+        if unknown:
+            # Raised as a ValidationError located at the key, so the path reads update.<key>.
+            takes = ", ".join(declared) or "no settings of its own"
+            error = PydanticCustomError("unknown_setting", "unknown field for strategy {strategy} (it takes {takes})",
+                                        {"strategy": self.strategy, "takes": takes})
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=error, loc=(key,), input=self.settings[key]) for key in unknown
+            ])
+        return self
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The chosen strategy's own keys as written (e.g. ``{"lambda": 0.5}``); its Settings model reads them."""
+        return dict(self.model_extra or {})
 
 
 class GilbertElliottSpec(_Model):

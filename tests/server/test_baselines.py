@@ -10,7 +10,6 @@ import pytest
 from server.data import DataArrival, load_dataset_arrival
 from server.errors import ServerError
 from server.models import build_model, get_weights
-from server.seeds import derive_seed
 from server.strategies import (
     FullUpdating,
     GlobalContributionPartialUpdating,
@@ -29,7 +28,7 @@ from server.strategies import (
     should_send,
     zero_unselected,
 )
-from server.training import train_epochs
+from server.training import TrainingConfig, train_epochs
 from testbed.core.scenario import DataSpec, ModelSpec, UpdateSpec
 
 
@@ -130,7 +129,7 @@ def tiny() -> tuple[DataArrival, dict[str, np.ndarray], dict[str, np.ndarray]]:
     arrival = load_dataset_arrival(DataSpec(initial_samples=200, new_samples_per_round=100), seed=2)
     model = build_model(ModelSpec(hidden=[16]), arrival.num_features, arrival.num_classes, seed=2)
     initial = get_weights(model)
-    train_epochs(model, arrival.training_set(0), 10, 0.005, 32, seed=0)
+    train_epochs(model, arrival.training_set(0), TrainingConfig(10, 0.005, 32, seed=0))
     return arrival, initial, get_weights(model)
 
 
@@ -139,7 +138,7 @@ def context_for(tiny, spec: UpdateSpec, start=None, seed: int = 3) -> RoundConte
     model = build_model(ModelSpec(hidden=[16]), arrival.num_features, arrival.num_classes, seed=99)
     return RoundContext(
         1, model, deployed if start is None else start, arrival.training_set(1), arrival.validation, spec,
-        derive_seed(seed, 1), initial_weights=initial,
+        seed, initial_weights=initial,
     )
 
 

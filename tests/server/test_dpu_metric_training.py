@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from server.data import load_dataset_arrival
 from server.models import build_model, get_weights, set_weights
 from server.strategies import dpu_metric, global_contribution, select_top_k
-from server.training import train_epochs
+from server.training import TrainingConfig, train_epochs
 from testbed.core.scenario import DataSpec, ModelSpec
 
 
@@ -20,7 +20,7 @@ def test_dpu_metric_matches_its_definition_on_a_real_training_run() -> None:
     start = get_weights(model)
     epochs, lr, batch_size, seed, lam = 3, 0.01, 32, 11, 0.4
 
-    run = train_epochs(model, split, epochs, lr, batch_size, seed=seed, track_local_contribution=True)
+    run = train_epochs(model, split, TrainingConfig(epochs, lr, batch_size, seed), track_local_contribution=True)
     library_metric = dpu_metric(global_contribution(start, get_weights(model)), run.local_contribution, lam)
 
     # By hand: the same Adam + StepLR steps; l_i = Σ_t −g_{i,t}·Δw_{i,t} with Δw the optimizer's actual step.

@@ -14,7 +14,6 @@ from server.data import load_dataset_arrival
 from server.errors import ServerError
 from testbed.core.plugins import STRATEGIES
 from server.models import build_model, get_weights
-from server.seeds import derive_seed
 from server.strategies import (
     DeepPartialUpdating,
     FullUpdating,
@@ -27,7 +26,7 @@ from server.strategies import (
     rewind,
     select_top_k,
 )
-from server.training import train_epochs
+from server.training import TrainingConfig, train_epochs
 from testbed.core.scenario import DataSpec, ModelSpec, UpdateSpec
 
 
@@ -165,10 +164,10 @@ def test_dpu_round_changes_only_the_selected_weights() -> None:
     arrival = load_dataset_arrival(DataSpec(initial_samples=200, new_samples_per_round=100), seed=1)
     model = build_model(ModelSpec(hidden=[32]), arrival.num_features, arrival.num_classes, seed=1)
     spec = UpdateSpec(strategy="dpu", ratio=0.02, epochs=4)
-    train_epochs(model, arrival.training_set(0), 30, spec.lr, 32, seed=0)  # the deployed model
+    train_epochs(model, arrival.training_set(0), TrainingConfig(30, spec.lr, 32, seed=0))  # the deployed model
     start = get_weights(model)
     strategy = RecordingDPU(spec)
-    context = RoundContext(1, model, start, arrival.training_set(1), arrival.validation, spec, derive_seed(1, 1))
+    context = RoundContext(1, model, start, arrival.training_set(1), arrival.validation, spec, seed=1)
     result = strategy.update(context)
     total = 64 * 32 + 32 * 10
     k = math.floor(0.02 * total)

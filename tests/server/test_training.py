@@ -11,7 +11,7 @@ from torch import nn
 from server.data import Split
 from server.errors import ServerError
 from server.models import evaluate_accuracy, get_weights, set_weights
-from server.training import train_epochs
+from server.training import TrainingConfig, train_epochs
 
 
 def toy_problem(samples: int = 40, features: int = 3, classes: int = 3) -> tuple[nn.Module, Split]:
@@ -30,9 +30,8 @@ def test_local_contribution_matches_a_manual_sgd_loop() -> None:
     model, split = toy_problem()
     start = get_weights(model)
     epochs, lr, batch_size, seed = 6, 0.3, 8, 11
-    result = train_epochs(
-        model, split, epochs, lr, batch_size, seed, track_local_contribution=True, make_optimizer=plain_sgd
-    )
+    result = train_epochs(model, split, TrainingConfig(epochs, lr, batch_size, seed, make_optimizer=plain_sgd),
+                          track_local_contribution=True)
     assert result.local_contribution is not None
 
     # Independent loop: same batches, w ← w − lr_epoch·g, l += −g·Δw, in float64.
@@ -61,7 +60,7 @@ def test_local_contribution_matches_a_manual_sgd_loop() -> None:
 
 def test_local_contribution_with_adam_uses_the_actual_step() -> None:
     model, split = toy_problem()
-    result = train_epochs(model, split, 3, 0.05, 8, 2, track_local_contribution=True)
+    result = train_epochs(model, split, TrainingConfig(3, 0.05, 8, 2), track_local_contribution=True)
     assert result.local_contribution is not None
     assert sum(float(v.sum()) for v in result.local_contribution.values()) > 0
 
@@ -73,7 +72,7 @@ def test_masked_training_leaves_unmasked_entries_bit_identical() -> None:
     split = Split(x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0))
     start = get_weights(model)
     masks = {name: torch.from_numpy(rng.random(value.shape) < 0.2) for name, value in start.items() if value.ndim > 1}
-    result = train_epochs(model, split, 5, 0.05, 16, 3, trainable_masks=masks, track_local_contribution=True)
+    result = train_epochs(model, split, TrainingConfig(5, 0.05, 16, 3), trainable_masks=masks, track_local_contribution=True)
     after = get_weights(model)
     for name, value in start.items():
         if name in masks:
@@ -88,9 +87,9 @@ def test_masked_training_leaves_unmasked_entries_bit_identical() -> None:
 def test_bad_mask_shape_is_a_server_error() -> None:
     model, split = toy_problem()
     with pytest.raises(ServerError, match="shape"):
-        train_epochs(model, split, 1, 0.1, 8, 0, trainable_masks={"0.weight": torch.ones(2, 2, dtype=torch.bool)})
+        train_epochs(model, split, TrainingConfig(1, 0.1, 8, 0), trainable_masks={"0.weight": torch.ones(2, 2, dtype=torch.bool)})
     with pytest.raises(ServerError, match="validation"):
-        train_epochs(model, split, 1, 0.1, 8, 0, keep_best=True)
+        train_epochs(model, split, TrainingConfig(1, 0.1, 8, 0), keep_best=True)
 
 
 def test_keep_best_restores_the_best_epoch() -> None:
@@ -98,18 +97,18 @@ def test_keep_best_restores_the_best_epoch() -> None:
     # Validation labels disagree with training labels, so validation accuracy falls as training proceeds.
     validation = Split(split.x, (split.y + 1) % 3)
     start = get_weights(model)
-    result = train_epochs(model, split, 9, 0.1, 16, 5, validation=validation, keep_best=True)
+    result = train_epochs(model, split, TrainingConfig(9, 0.1, 16, 5), validation=validation, keep_best=True)
     assert result.best_epoch == 1
     assert evaluate_accuracy(model, validation) == result.best_validation_accuracy
     # The first epoch of a 9-epoch run equals a 1-epoch run (same batches, same learning rate).
     reference, _ = toy_problem(samples=120)
     set_weights(reference, start)
-    train_epochs(reference, split, 1, 0.1, 16, 5)
+    train_epochs(reference, split, TrainingConfig(1, 0.1, 16, 5))
     for name, value in get_weights(reference).items():
         np.testing.assert_array_equal(get_weights(model)[name], value)
     # Without keep_best the last epoch stays, and it validates worse.
     set_weights(reference, start)
-    plain = train_epochs(reference, split, 9, 0.1, 16, 5, validation=validation)
+    plain = train_epochs(reference, split, TrainingConfig(9, 0.1, 16, 5), validation=validation)
     assert plain.best_validation_accuracy == result.best_validation_accuracy
     assert evaluate_accuracy(reference, validation) < result.best_validation_accuracy
 
@@ -118,7 +117,7 @@ def test_same_seed_same_weights() -> None:
     runs = []
     for _ in range(2):
         model, split = toy_problem()
-        train_epochs(model, split, 3, 0.05, 8, 9)
+        train_epochs(model, split, TrainingConfig(3, 0.05, 8, 9))
         runs.append(get_weights(model))
     for name in runs[0]:
         np.testing.assert_array_equal(runs[0][name], runs[1][name])

@@ -10,7 +10,14 @@ import pytest
 
 from server.errors import ServerError
 from server.models import get_weights
-from server.strategies import RoundContext, Strategy, StrategyResult, changed_partial_weights
+from server.strategies import (
+    RoundContext,
+    Strategy,
+    StrategyResult,
+    StrategySettings,
+    changed_partial_weights,
+    should_send,
+)
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.core.initial_weights import initial_weights, layout_of
 from testbed.core.scenario import Scenario, parse_scenario
@@ -176,7 +183,12 @@ class SabotagingStrategy(Strategy):
     """Always-sent biases pushed so the last layer predicts class 0 for everything: validates worse."""
 
     name = "sabotage"
-    skips_when_worse = True
+
+    class Settings(StrategySettings):
+        skip_if_worse: bool = True
+
+    def should_send(self, candidate_accuracy: float, deployed_accuracy: float | None) -> bool:
+        return not self.settings.skip_if_worse or should_send(candidate_accuracy, deployed_accuracy)
 
     def update(self, context: RoundContext) -> StrategyResult:
         weights = {name: value.copy() for name, value in context.start_weights.items()}
@@ -194,7 +206,8 @@ def test_a_round_that_validates_worse_sends_nothing_and_keeps_the_version() -> N
     assert second.weights is first.weights and server.deployed_weights is first.weights
     assert second.server_accuracy == first.server_accuracy
     assert second.validation_accuracy < 0.2
-    server.scenario = scenario(rounds=3, update={"epochs": 2, "skip_if_worse": False})
+    # The strategy owns the rule: the same sabotage with skip_if_worse off is sent.
+    server.strategy = SabotagingStrategy(scenario(rounds=3, update={"epochs": 2, "skip_if_worse": False}).update)
     third = server.run_round(2)
     assert third.sent and third.version == 2 and third.base_version == 1
 

@@ -52,7 +52,7 @@ def test_lowband_loads():
     assert downlink.jitter_s == pytest.approx(0.01)
     assert downlink.loss == pytest.approx(0.01)
     assert scenario.update.chunk_size == 1024
-    assert scenario.update.lambda_ == 0.5
+    assert scenario.update.settings == {"lambda": 0.5}
     assert scenario.round_timeout_s == 120.0
     assert scenario.broker.embedded
 
