@@ -44,6 +44,24 @@ def left_behind(names: list[str]) -> list[str]:
     return sorted(set(names) & set(list_namespaces("")))
 
 
+async def within(awaitable: Any, timeout_s: float, what: str) -> Any:
+    """``await awaitable`` for at most ``timeout_s``; a hang fails saying what was awaited and where every task waits."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait([task], timeout=timeout_s)
+    if done:
+        return task.result()
+    stacks = []
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            frames = other.get_stack(limit=4)
+            stacks.append(f"{other.get_name()}: " + " <- ".join(
+                f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+                for frame in frames))
+    task.cancel()
+    await asyncio.wait([task], timeout=10)
+    pytest.fail(f"{what} did not finish within {timeout_s} s; tasks were waiting at:\n" + "\n".join(stacks))
+
+
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
@@ -249,7 +267,7 @@ async def test_run_through_the_netem_backend_with_a_rate_only_link(tmp_path: Pat
             scrapes.append(scrape(run.metrics_url))
 
     run.progress = scrape_after_each_round
-    result = await asyncio.wait_for(run.execute(), 240)  # a hang fails here, not at pytest's 300 s timeout
+    result = await within(run.execute(), 240, "the netem run")  # a hang fails here, showing where it waits
     assert result.summary["server"]["final_version"] == 3
     for state in result.summary["devices"].values():
         assert state["final_version"] == 3 and state["hash_matches_server"]
@@ -278,5 +296,5 @@ async def test_a_netem_run_needing_sch_netem_fails_fast_and_clearly(tmp_path: Pa
         "metrics": {"enabled": False},
     })
     with pytest.raises(RunError, match=r"channel backend 'netem' cannot open the link of .*sch_netem"):
-        await asyncio.wait_for(ScenarioRun(scenario, tmp_path / "out").execute(), 60)  # fails fast
+        await within(ScenarioRun(scenario, tmp_path / "out").execute(), 60, "the failing netem run")
     assert not left_behind(own_namespaces), "the failed start left namespaces behind"
