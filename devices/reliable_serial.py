@@ -4,7 +4,8 @@ Both the host bridge and the board agent talk through `ReliableSerialLink`, whic
 (COBS + CRC32 frames, paced at the line rate). The protocol is pure (`LinkProtocol`, driven by a clock the
 caller passes in) and the asyncio class only moves its frames:
 
-* Each end numbers what it sends in a *session*: a random non-zero u32 chosen when it starts. The first
+* Each end numbers what it sends in a *session*: a random non-zero u32 chosen when it starts, carried in
+  every frame's header, so a receiver drops a frame of an ended session instead of taking it. The first
   frame of a session is SYNC (sequence 0, payload the session); nothing else is sent until it is
   acknowledged, so a receiver never mistakes a new session's frames for an old one's.
 * The receiver delivers frames in sequence order through a bounded reorder buffer (devices.frame_order),
@@ -15,9 +16,11 @@ caller passes in) and the asyncio class only moves its frames:
   sends one again when the peer asks (NACK) or when its ACK is `ack_timeout_s` late. A frame sent
   `max_sends` times without an ACK, or a gap asked for `max_sends` times in vain, ends the link with
   `PeerUnresponsive` (a SerialLinkError): the peer stopped answering.
-* A peer that restarts (a new SYNC session), or says it holds no session of ours (NACK of session 0),
-  ends the current session: ours starts again with a new SYNC and the frames it had in flight are
-  handed back (`take_abandoned`) for the caller to send again or drop.
+* A new peer session whose SYNC does not know our session and is not the one that acknowledged it (the
+  peer restarted), or a NACK of session 0 ("I hold no session of yours"), ends our session: ours
+  starts again with a new SYNC and the frames it had in flight are handed back (`take_abandoned`) for
+  the caller to send again or drop. A SYNC says which session of ours its sender knows and an ACK's
+  header names the acknowledging session, so two ends never restart each other in turn.
 """
 
 from __future__ import annotations
@@ -101,9 +104,13 @@ def _after(sequence: int, offset: int) -> int:
     return (sequence + offset) % SEQUENCE_SPACE
 
 
-def control_frame(message_type: MessageType, sequence: int, session: int, reason: str = "") -> Frame:
-    """An ACK or NACK (outside the numbered stream: its own sequence field is 0)."""
-    return Frame(message_type, 0, Ack(sequence, session, reason).to_payload())
+def control_frame(message_type: MessageType, sequence: int, session: int, reason: str = "", *,
+                  sender_session: int = 0) -> Frame:
+    """An ACK or NACK of `sequence` in `session` (outside the numbered stream: its sequence field is 0).
+
+    Its header carries the sender's own session, so the peer knows which of our sessions holds its own.
+    """
+    return Frame(message_type, 0, Ack(sequence, session, reason).to_payload(), session=sender_session)
 
 
 class LinkProtocol:
@@ -118,6 +125,7 @@ class LinkProtocol:
         self._new_session = new_session
         self.session = 0
         self.synced = False  # our SYNC was acknowledged: data may flow
+        self.acknowledged_by = 0  # the peer's session whose end acknowledged our SYNC (its receiver holds ours)
         self.peer_session: int | None = None
         self._next_sequence = 0
         self._in_flight: OrderedDict[int, _InFlight] = OrderedDict()
@@ -140,9 +148,10 @@ class LinkProtocol:
         self._in_flight.clear()
         self.session = self._new_session()
         self.synced = False
+        self.acknowledged_by = 0
         self._next_sequence = 0
         self.sessions_started += 1
-        return [self._number(MessageType.SYNC, session_payload(self.session), 0, now)]
+        return [self._number(MessageType.SYNC, session_payload(self.session, self.peer_session or 0), 0, now)]
 
     @property
     def window_open(self) -> bool:
@@ -177,7 +186,7 @@ class LinkProtocol:
         return abandoned
 
     def _number(self, message_type: MessageType, payload: bytes, flags: int, now: float) -> Frame:
-        frame = Frame(message_type, self._next_sequence, payload, flags)
+        frame = Frame(message_type, self._next_sequence, payload, flags, self.session)
         self._next_sequence = _after(self._next_sequence, 1)
         self._in_flight[frame.sequence] = _InFlight(frame, 1, now + self.settings.ack_timeout_s)
         return frame
@@ -190,16 +199,19 @@ class LinkProtocol:
         entry.sends += 1
         entry.due = now + self.settings.ack_timeout_s
         self.frames_resent += 1
+        if entry.frame.message_type == MessageType.SYNC:  # says which of the peer's sessions we know by now
+            entry.frame = Frame(MessageType.SYNC, entry.frame.sequence,
+                                session_payload(self.session, self.peer_session or 0), session=self.session)
         return entry.frame
 
-    def _on_ack(self, ack: Ack) -> None:
+    def _on_ack(self, ack: Ack, sender_session: int) -> None:
         if ack.session != self.session:
             return  # an older session's ACK
         for sequence in list(self._in_flight):
             if (ack.sequence - sequence) % SEQUENCE_SPACE >= HALF_SPACE:
                 break  # in flight in order: everything after this is not acknowledged either
             if self._in_flight.pop(sequence).frame.message_type == MessageType.SYNC:
-                self.synced = True
+                self.synced, self.acknowledged_by = True, sender_session
 
     def _on_nack(self, nack: Ack, now: float) -> list[Frame]:
         if nack.session == 0:  # "I hold no session of yours": the peer restarted after our SYNC
@@ -220,25 +232,29 @@ class LinkProtocol:
                 self.stale_frames += 1
                 return Step()
             if frame.message_type == MessageType.ACK:
-                self._on_ack(control)
+                self._on_ack(control, frame.session)
                 return Step()
             return Step(transmit=self._on_nack(control, now))
         step = Step()
         if frame.message_type == MessageType.SYNC:
             try:
-                session = parse_session_payload(frame.payload)
+                session, known = parse_session_payload(frame.payload)
             except SerialFrameError:
                 self.stale_frames += 1
                 return step
             if session != self.peer_session:
-                if self.peer_session is not None:  # the peer restarted: it knows nothing of our session either
-                    self.peer_restarts += 1
-                    step.transmit += self.start(now)
+                self.peer_restarts += self.peer_session is not None
                 self.peer_session = session
+                if self.synced and known != self.session and session != self.acknowledged_by:
+                    step.transmit += self.start(now)  # our session lived in a receiver that is gone: start over
                 self._order.reset(frame.sequence)
                 self._nack_rounds, self._nack_due = 0, math.inf
         elif self.peer_session is None:
-            step.transmit.append(control_frame(MessageType.NACK, frame.sequence, 0, "no session"))
+            step.transmit.append(control_frame(MessageType.NACK, frame.sequence, 0, "no session",
+                                               sender_session=self.session))
+            return step
+        elif frame.session != self.peer_session:
+            self.stale_frames += 1  # a leftover of an ended session (its SYNC came before ours was acknowledged)
             return step
         had_gap = bool(self._order.missing)
         try:
@@ -248,7 +264,8 @@ class LinkProtocol:
             return step
         step.deliver = [item for item in ready if item.message_type != MessageType.SYNC]
         assert self._order.expected is not None
-        step.transmit.append(control_frame(MessageType.ACK, _after(self._order.expected, -1), self.peer_session))
+        step.transmit.append(control_frame(MessageType.ACK, _after(self._order.expected, -1), self.peer_session,
+                                           sender_session=self.session))
         if not self._order.missing:
             self._nack_rounds, self._nack_due = 0, math.inf
         elif not had_gap:
@@ -267,7 +284,8 @@ class LinkProtocol:
         self._nack_rounds += 1
         self._nack_due = now + self.settings.ack_timeout_s
         assert self.peer_session is not None
-        return [control_frame(MessageType.NACK, sequence, self.peer_session, "lost") for sequence in missing]
+        return [control_frame(MessageType.NACK, sequence, self.peer_session, "lost", sender_session=self.session)
+                for sequence in missing]
 
     # --- time -----------------------------------------------------------------------------------------
 

@@ -338,7 +338,7 @@ class SerialBridge:
         # Delivery on the host's clock (the board's may differ): when the report arrived, less its time on
         # the line and the time the board spent between completing the update and sending the report.
         line_s = len(encode_frame(frame.message_type, frame.sequence, frame.payload, flags=frame.flags,
-                                  max_frame_bytes=link.max_frame_bytes)) / line_rate_bytes_per_s(link.baud)
+                                  session=frame.session, max_frame_bytes=link.max_frame_bytes)) / line_rate_bytes_per_s(link.baud)
         delivery_s = 0.0
         if report.published_at is not None and report.report_delay_seconds is not None:
             delivery_s = max(0.0, time.time() - line_s - report.report_delay_seconds - report.published_at)
@@ -392,7 +392,8 @@ def _describe(frame: Frame) -> str:
         return "(run configuration)"
     if frame.message_type == MessageType.SYNC:
         try:
-            return f"session={parse_session_payload(frame.payload):08x}"
+            session, known = parse_session_payload(frame.payload)
+            return f"session={session:08x} knows={known:08x}"
         except SerialFrameError:
             return "(malformed)"
     text = parse_log_payload(frame.payload)

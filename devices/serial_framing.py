@@ -2,7 +2,10 @@
 
 On the wire every frame is ``0x00 COBS(body) 0x00``. ``body`` is (little-endian)::
 
-    u8 message type | u8 flags | u16 sequence | payload | u32 CRC32 (zlib.crc32 of type..payload)
+    u8 message type | u8 flags | u16 sequence | u32 session | payload | u32 CRC32 (zlib.crc32 of type..payload)
+
+``session`` names the sender's numbered stream the sequence belongs to (devices.reliable_serial; 0 for
+frames outside one), so a frame left over from an ended session is never taken for one of the next.
 
 The leading delimiter ends whatever garbage preceded the frame (a board's boot chatter, line noise), so a
 frame after any noise decodes; two delimiters in a row are an empty frame and ignored. Payloads by type:
@@ -22,7 +25,8 @@ PING, PONG       opaque bytes, echoed by PONG
 MANIFEST         the update manifest's JSON, as published on MQTT (testbed.core.manifest)
 CONFIG           zlib-compressed JSON: what the run asks of the board (run id, device, the scenario)
 READY            JSON ``{"device", "run", "version"}``: the board is configured and holds `version`
-SYNC             binary ``u32 session``: the first frame of a sender's numbered stream (devices.reliable_serial)
+SYNC             binary ``u32 session | u32 known``: the first frame of a sender's numbered stream; `known` is
+                 the receiver's own session as the sender last heard it (0: none) (devices.reliable_serial)
 ===============  ==========================================================================
 """
 
@@ -38,7 +42,7 @@ from typing import Any
 from devices.errors import DeviceError
 
 DEFAULT_MAX_FRAME_BYTES = 4096
-HEADER = struct.Struct("<BBH")
+HEADER = struct.Struct("<BBHI")  # type, flags, sequence, session
 CRC = struct.Struct("<I")
 DELIMITER = b"\x00"
 DELIMITER_BYTES = 2  # one before and one after every frame
@@ -90,6 +94,7 @@ class Frame:
     sequence: int
     payload: bytes
     flags: int = 0
+    session: int = 0
 
 
 # --- COBS ---------------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def max_payload_bytes(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> int:
 
 def encode_frame(
     message_type: MessageType | int, sequence: int, payload: bytes, *,
-    flags: int = 0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    flags: int = 0, session: int = 0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> bytes:
     """The wire bytes of one frame (delimiters included); SerialFrameError on a value it cannot carry."""
     try:
@@ -177,13 +182,15 @@ def encode_frame(
         raise SerialFrameError(f"sequence must be an int in 0..{MAX_SEQUENCE}, got {sequence!r}")
     if isinstance(flags, bool) or not isinstance(flags, int) or not 0 <= flags <= 0xFF:
         raise SerialFrameError(f"flags must be an int in 0..255, got {flags!r}")
+    if isinstance(session, bool) or not isinstance(session, int) or not 0 <= session <= 0xFFFFFFFF:
+        raise SerialFrameError(f"session must be an int in 0..2**32-1, got {session!r}")
     payload = bytes(payload)
     if len(payload) > max_payload_bytes(max_frame_bytes):
         raise SerialFrameError(
             f"payload of {len(payload)} bytes exceeds the frame limit: at most {max_payload_bytes(max_frame_bytes)} "
             f"bytes fit a {max_frame_bytes}-byte frame; split it (testbed.core.wire.split_chunks)"
         )
-    body = HEADER.pack(message_type, flags, sequence) + payload
+    body = HEADER.pack(message_type, flags, sequence, session) + payload
     body += CRC.pack(zlib.crc32(body))
     return DELIMITER + cobs_encode(body) + DELIMITER
 
@@ -195,12 +202,12 @@ def parse_frame_body(body: bytes) -> Frame | DecodeError:
     (crc,) = CRC.unpack_from(body, len(body) - CRC.size)
     if zlib.crc32(body[:-CRC.size]) != crc:
         return DecodeError.BAD_CRC
-    type_byte, flags, sequence = HEADER.unpack_from(body)
+    type_byte, flags, sequence, session = HEADER.unpack_from(body)
     try:
         message_type = MessageType(type_byte)
     except ValueError:
         return DecodeError.UNKNOWN_TYPE
-    return Frame(message_type, sequence, bytes(body[HEADER.size:-CRC.size]), flags)
+    return Frame(message_type, sequence, bytes(body[HEADER.size:-CRC.size]), flags, session)
 
 
 class FrameDecoder:
@@ -298,7 +305,7 @@ class FrameDecoder:
 UPDATE_CHUNK_KEY = struct.Struct("<H")
 UPDATE_CHUNK_INDEX = struct.Struct("<I")
 ACK_HEADER = struct.Struct("<HI")  # sequence, session
-SESSION = struct.Struct("<I")
+SESSION = struct.Struct("<II")  # session, the peer's session known
 
 
 @dataclass(frozen=True)
@@ -356,21 +363,21 @@ class Ack:
         return cls(sequence, session, payload[ACK_HEADER.size:].decode("utf-8", errors="replace"))
 
 
-def session_payload(session: int) -> bytes:
-    """A SYNC payload: the session a sender's numbered stream starts."""
-    if not 0 < session <= 0xFFFFFFFF:
-        raise SerialFrameError(f"session must be in 1..2**32-1, got {session}")
-    return SESSION.pack(session)
+def session_payload(session: int, known: int = 0) -> bytes:
+    """A SYNC payload: the session a sender's numbered stream starts, and the receiver's session it knows (0: none)."""
+    if not 0 < session <= 0xFFFFFFFF or not 0 <= known <= 0xFFFFFFFF:
+        raise SerialFrameError(f"session must be in 1..2**32-1 and known in 0..2**32-1, got {session}, {known}")
+    return SESSION.pack(session, known)
 
 
-def parse_session_payload(payload: bytes) -> int:
-    """The session of a SYNC payload; SerialFrameError if it is not exactly one non-zero u32."""
+def parse_session_payload(payload: bytes) -> tuple[int, int]:
+    """(session, known) of a SYNC payload; SerialFrameError unless it is two u32 and the session is not 0."""
     if len(payload) != SESSION.size:
         raise SerialFrameError(f"SYNC payload must be {SESSION.size} bytes, got {len(payload)}")
-    (session,) = SESSION.unpack(payload)
+    session, known = SESSION.unpack(payload)
     if session == 0:
         raise SerialFrameError("SYNC session must not be 0")
-    return session
+    return session, known
 
 
 @dataclass(frozen=True)

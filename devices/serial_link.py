@@ -250,7 +250,7 @@ class SerialLink:
         real line at `baud` would have delivered it, never earlier.
         """
         data = encode_frame(frame.message_type, frame.sequence, frame.payload, flags=frame.flags,
-                            max_frame_bytes=self.max_frame_bytes)
+                            session=frame.session, max_frame_bytes=self.max_frame_bytes)
         if self._closed:
             raise SerialLinkError(f"{self.name}: link is closed")
         loop = asyncio.get_running_loop()

@@ -120,10 +120,10 @@ def test_frame_round_trip(frame):
 @given(st.binary(min_size=0, max_size=3000).map(lambda data: data.replace(b"\x00", b"\x07")),
        st.integers(1, 255), st.integers(0x0101, 0xFFFF))
 def test_overhead_is_exact_for_bodies_without_zero(payload, flags, sequence):
-    assume(b"\x00" not in HEADER.pack(MessageType.UPDATE_CHUNK, flags, sequence))
-    body = HEADER.pack(MessageType.UPDATE_CHUNK, flags, sequence) + payload
+    assume(b"\x00" not in HEADER.pack(MessageType.UPDATE_CHUNK, flags, sequence, 0x01010101))
+    body = HEADER.pack(MessageType.UPDATE_CHUNK, flags, sequence, 0x01010101) + payload
     assume(b"\x00" not in CRC.pack(zlib.crc32(body)))
-    encoded = encode_frame(MessageType.UPDATE_CHUNK, sequence, payload, flags=flags)
+    encoded = encode_frame(MessageType.UPDATE_CHUNK, sequence, payload, flags=flags, session=0x01010101)
     assert len(encoded) - len(payload) == framing_overhead_bytes(len(payload))
 
 
@@ -131,16 +131,16 @@ def test_overhead_exact_at_every_payload_length():
     for length in range(max_payload_bytes() + 1):
         payload = bytes(1 + index % 255 for index in range(length))
         for sequence in range(0x0101, 0x0201):  # find a header and CRC with no 0x00 byte
-            body = HEADER.pack(MessageType.UPDATE_CHUNK, 1, sequence) + payload
-            if 0 not in HEADER.pack(MessageType.UPDATE_CHUNK, 1, sequence) and 0 not in CRC.pack(zlib.crc32(body)):
+            body = HEADER.pack(MessageType.UPDATE_CHUNK, 1, sequence, 0x01010101) + payload
+            if 0 not in HEADER.pack(MessageType.UPDATE_CHUNK, 1, sequence, 0x01010101) and 0 not in CRC.pack(zlib.crc32(body)):
                 break
-        encoded = encode_frame(MessageType.UPDATE_CHUNK, sequence, payload, flags=1)
+        encoded = encode_frame(MessageType.UPDATE_CHUNK, sequence, payload, flags=1, session=0x01010101)
         assert len(encoded) == length + framing_overhead_bytes(length), length
-    # by hand: 4 header + 4 CRC + 2 delimiters + one COBS code per started 254 bytes of body
-    assert framing_overhead_bytes(0) == 8 + 2 + 1
-    assert framing_overhead_bytes(246) == 8 + 2 + 1  # body of exactly 254 bytes
-    assert framing_overhead_bytes(247) == 8 + 2 + 2
-    assert framing_overhead_bytes(4088) == 8 + 2 + 17  # 4096-byte body: ceil(4096 / 254) = 17
+    # by hand: 8 header + 4 CRC + 2 delimiters + one COBS code per started 254 bytes of body
+    assert framing_overhead_bytes(0) == 12 + 2 + 1
+    assert framing_overhead_bytes(242) == 12 + 2 + 1  # body of exactly 254 bytes
+    assert framing_overhead_bytes(243) == 12 + 2 + 2
+    assert framing_overhead_bytes(4084) == 12 + 2 + 17  # 4096-byte body: ceil(4096 / 254) = 17
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
@@ -155,7 +155,7 @@ def test_encode_misuse_raises(arguments, message):
 
 
 def test_encode_limits():
-    assert FrameDecoder().feed(encode_frame(MessageType.PING, 0, b"x" * max_payload_bytes()))[0].payload == b"x" * 4088
+    assert FrameDecoder().feed(encode_frame(MessageType.PING, 0, b"x" * max_payload_bytes()))[0].payload == b"x" * 4084
     with pytest.raises(SerialFrameError, match="flags"):
         encode_frame(MessageType.PING, 0, b"", flags=256)
     with pytest.raises(SerialFrameError, match="max_frame_bytes"):
@@ -208,7 +208,7 @@ def test_small_frame_limit_drops_only_oversize_frames(items, cuts):
     expected = []
     for item in items:
         if isinstance(item, Frame):
-            body = HEADER.pack(item.message_type, item.flags, item.sequence) + item.payload
+            body = HEADER.pack(item.message_type, item.flags, item.sequence, 0) + item.payload
             stream += raw_frame(body)
             if len(body) + 4 <= limit:
                 expected.append(item)
@@ -219,14 +219,14 @@ def test_small_frame_limit_drops_only_oversize_frames(items, cuts):
 
 def test_each_rejection_is_counted_by_reason():
     good = encode_frame(MessageType.LOG, 7, b"boot ok")
-    body = HEADER.pack(MessageType.LOG, 0, 1) + b"hello"
+    body = HEADER.pack(MessageType.LOG, 0, 1, 0) + b"hello"
     wrong_crc = b"\x00" + cobs_encode(body + CRC.pack(zlib.crc32(body) ^ 1)) + b"\x00"
     stream = b"".join([
         b"garbage before anything",  # "g" reads as a COBS code of 103, cut short by the next delimiter
         good,
         wrong_crc,
         raw_frame(bytes([200, 0, 0, 0]) + b"what"),  # unknown type
-        raw_frame(HEADER.pack(MessageType.PING, 0, 0) + b"y" * DEFAULT_MAX_FRAME_BYTES),  # oversize
+        raw_frame(HEADER.pack(MessageType.PING, 0, 0, 0) + b"y" * DEFAULT_MAX_FRAME_BYTES),  # oversize
         b"\x00\x05ab\x00",  # a COBS block cut short by a delimiter
         b"\x00\x01\x01\x01\x00",  # COBS of three zero bytes: shorter than a header + CRC
         good,
@@ -289,8 +289,13 @@ def test_ack_hello_json_and_log_payloads():
         Ack.from_payload(b"\x01\x00\x02")
     with pytest.raises(SerialFrameError):
         Ack(1, 2**32).to_payload()
-    assert parse_session_payload(session_payload(7)) == 7
-    for bad in (b"", b"\x00\x00\x00\x00", b"\x01\x00\x00\x00\x00"):
+    assert parse_session_payload(session_payload(7)) == (7, 0)
+    frame = Frame(MessageType.LOG, 9, b"x", 0, 0xCAFEF00D)
+    assert FrameDecoder().feed(encode_frame(frame.message_type, 9, b"x", session=frame.session)) == [frame]
+    with pytest.raises(SerialFrameError, match="session"):
+        encode_frame(MessageType.LOG, 0, b"", session=2**32)
+    assert parse_session_payload(session_payload(7, 2**32 - 1)) == (7, 2**32 - 1)
+    for bad in (b"", b"\x00" * 8, b"\x01\x00\x00\x00\x00"):
         with pytest.raises(SerialFrameError):
             parse_session_payload(bad)
     with pytest.raises(SerialFrameError):
