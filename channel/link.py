@@ -11,6 +11,7 @@ import numpy as np
 
 from channel.delay import get_delay_distribution
 from channel.errors import ChannelError
+from testbed.core.units import format_rate
 from channel.loss import BernoulliLoss, GilbertElliottLoss, LossModel
 from channel.outage import OutageTimeline, RandomOutages, ScheduledOutage, scheduled_outages
 from channel.shaper import Shaper, TokenBucket, make_shaper
@@ -25,15 +26,6 @@ MAX_IP_PACKET_BYTES = 65535
 def _require(condition: bool, field: str, value: object, expected: str) -> None:
     if not condition:
         raise ChannelError(f"LinkParameters.{field}={value!r} is invalid: expected {expected}")
-
-
-def _format_rate(rate_bps: float | None) -> str:
-    if rate_bps is None:
-        return "unlimited"
-    for scale, unit in ((1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")):
-        if rate_bps >= scale:
-            return f"{rate_bps / scale:.1f} {unit}"
-    return f"{rate_bps:.1f} bit/s"
 
 
 @dataclass(frozen=True)
@@ -178,12 +170,15 @@ class LinkParameters:
 
     @property
     def description(self) -> str:
-        """One human line, e.g. ``"50.0 kbit/s, 100 ms ± 10 ms, 1.00% loss"``.
+        """One human line, e.g. ``"50 kbit/s, 100 ms ± 10 ms, 1.00% loss"``.
 
         Features that are on add their own phrase, e.g. ``"100 ms ± 20 ms (pareto)"``,
         ``"GE loss 2.00% (p=0.01, ...)"``, ``"1.00% duplicate"``, ``"outage at 10 s for 5 s"``.
         """
-        rate = self.trace.description if self.trace is not None else _format_rate(self.rate_bps)
+        if self.trace is not None:
+            rate = self.trace.description
+        else:
+            rate = "unlimited" if self.rate_bps is None else format_rate(self.rate_bps)
         delay = f"{self.delay_s * 1e3:g} ms"
         if self.jitter_s > 0:
             delay += f" ± {self.jitter_s * 1e3:g} ms"

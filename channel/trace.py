@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from channel.errors import ChannelError
+from testbed.core.units import format_rate
 
 MAHIMAHI_BYTES_PER_OPPORTUNITY = 1500
 
@@ -30,13 +31,6 @@ _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _TIME = re.compile(_NUMBER, re.ASCII)
 _RATE = re.compile(rf"({_NUMBER})\s*([kmg]?bit(?:/s)?)?", re.ASCII | re.IGNORECASE)
 _RATE_UNITS = {"": 1.0, "bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-
-
-def _format_rate(rate_bps: float) -> str:
-    for scale, unit in ((1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")):
-        if rate_bps >= scale:
-            return f"{rate_bps / scale:.1f} {unit}"
-    return f"{rate_bps:.1f} bit/s"
 
 
 @dataclass(frozen=True)
@@ -95,7 +89,7 @@ class MahimahiTrace:
     @property
     def description(self) -> str:
         label = f"{self.name} " if self.name else ""
-        return f"Mahimahi trace {label}(mean {_format_rate(self.mean_rate_bps)}, period {self.period_ms} ms)"
+        return f"Mahimahi trace {label}(mean {format_rate(self.mean_rate_bps)}, period {self.period_ms} ms)"
 
 
 @dataclass(frozen=True)
@@ -160,7 +154,7 @@ class RateScheduleTrace:
     @property
     def description(self) -> str:
         label = f"{self.name} " if self.name else ""
-        return f"rate trace {label}(mean {_format_rate(self.mean_rate_bps)}, {len(self.times_s)} steps)"
+        return f"rate trace {label}(mean {format_rate(self.mean_rate_bps)}, {len(self.times_s)} steps)"
 
 
 RateTrace = MahimahiTrace | RateScheduleTrace

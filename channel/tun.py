@@ -124,11 +124,6 @@ class TunDirectionCounters:
     write_errors: int = 0
     max_lateness_s: float = 0.0  # worst delivery after the modelled time (negative = early, see TIMER_SLACK_S)
     max_earliness_s: float = 0.0
-    total_lateness_s: float = 0.0
-
-    @property
-    def mean_lateness_s(self) -> float:
-        return self.total_lateness_s / self.delivered_packets if self.delivered_packets else 0.0
 
 
 @dataclass
@@ -239,7 +234,6 @@ class _PacketEmulator:
             lateness = now - deliver_at
             counters.delivered_packets += 1
             counters.delivered_bytes += len(packet)
-            counters.total_lateness_s += lateness
             counters.max_lateness_s = max(counters.max_lateness_s, lateness)
             counters.max_earliness_s = max(counters.max_earliness_s, -lateness)
         self._arm()

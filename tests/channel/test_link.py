@@ -37,9 +37,9 @@ def model(params: LinkParameters, seed: int = 0) -> LinkModel:
 
 def test_description_is_one_human_line() -> None:
     params = LinkParameters(rate_bps=50_000, delay_s=0.1, jitter_s=0.01, loss=0.01)
-    assert params.description == "50.0 kbit/s, 100 ms ± 10 ms, 1.00% loss"
+    assert params.description == "50 kbit/s, 100 ms ± 10 ms, 1.00% loss"
     assert str(LinkParameters(rate_bps=None)) == "unlimited, 0 ms, 0.00% loss"
-    assert LinkParameters(rate_bps=2e6, delay_s=0.02).description == "2.0 Mbit/s, 20 ms, 0.00% loss"
+    assert LinkParameters(rate_bps=2e6, delay_s=0.02).description == "2 Mbit/s, 20 ms, 0.00% loss"
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from channel.trace import parse_rate_csv
 
 def test_defaults_leave_the_description_unchanged() -> None:
     assert LinkParameters(rate_bps=50_000, delay_s=0.1, jitter_s=0.01, loss=0.01).description == (
-        "50.0 kbit/s, 100 ms ± 10 ms, 1.00% loss"
+        "50 kbit/s, 100 ms ± 10 ms, 1.00% loss"
     )
 
 
@@ -34,7 +34,7 @@ def test_description_covers_every_new_field() -> None:
         random_outages={"mean_up_s": 60, "mean_down_s": 5},
     )
     assert params.description == (
-        "rate trace cell.csv (mean 50.0 kbit/s, 2 steps), 100 ms ± 20 ms (pareto), "
+        "rate trace cell.csv (mean 50 kbit/s, 2 steps), 100 ms ± 20 ms (pareto), "
         "GE loss 6.25% (p=0.02, r=0.3, 1-h=1, 1-k=0; mean burst 3.3), 1.00% duplicate, 25.00% reorder, "
         "outage at 10 s for 5 s, random outages (mean up 60 s, down 5 s)"
     )

@@ -97,7 +97,7 @@ def test_trace_and_fixed_rate_exclude_each_other() -> None:
 
 def test_description_names_the_trace() -> None:
     params = LinkParameters(rate_bps=None, trace=parse_mahimahi("1\n", name="12Mbps"))
-    assert params.description.startswith("Mahimahi trace 12Mbps (mean 12.0 Mbit/s, period 1 ms), 0 ms")
+    assert params.description.startswith("Mahimahi trace 12Mbps (mean 12 Mbit/s, period 1 ms), 0 ms")
 
 
 # ---------------------------------------------------------------- parsers

@@ -90,8 +90,8 @@ def test_echo_through_the_link_then_sigint_prints_counters(echo_port: int) -> No
     try:
         banner = "".join(channel.banner)
         assert f"upstream 127.0.0.1:{echo_port}" in banner
-        assert "downlink (upstream → client): 2.0 Mbit/s, 5 ms, 2.00% loss" in banner
-        assert "uplink   (client → upstream): 2.0 Mbit/s, 5 ms, 2.00% loss" in banner
+        assert "downlink (upstream → client): 2 Mbit/s, 5 ms, 2.00% loss" in banner
+        assert "uplink   (client → upstream): 2 Mbit/s, 5 ms, 2.00% loss" in banner
         payload = os.urandom(50_000)
         with socket.create_connection(("127.0.0.1", channel.port), timeout=20) as client:
             client.sendall(payload)
@@ -124,8 +124,8 @@ def test_profile_with_uplink_override_and_sigterm(echo_port: int) -> None:
     try:
         banner = "".join(channel.banner)
         assert "profile lte-m" in banner
-        assert "downlink (upstream → client): 375.0 kbit/s, 100 ms ± 20 ms, 0.50% loss" in banner
-        assert "uplink   (client → upstream): 100.0 kbit/s, 100 ms ± 20 ms, 0.00% loss" in banner
+        assert "downlink (upstream → client): 375 kbit/s, 100 ms ± 20 ms, 0.50% loss" in banner
+        assert "uplink   (client → upstream): 100 kbit/s, 100 ms ± 20 ms, 0.00% loss" in banner
         code, output, errors = channel.stop(signal.SIGTERM)
     finally:
         channel.kill()
