@@ -33,6 +33,7 @@ from testbed.run_summary import RunError
 logger = logging.getLogger("testbed.runner")
 
 EXTERNAL_GOODBYE_S = 3.0  # at the end, time for "finished" to reach `testbed attach` bridges through their links
+END_RUN_CONFIG_S = 15.0  # the rest of the goodbye: two publishes, or a reconnect and one publish
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
@@ -119,19 +120,31 @@ class RunAssembly:
         """The run's own client; it publishes the retained run config now and ends it when the run closes."""
         control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
         await control.publish(self.topics.config, self.run_config(init_seed).encode(), qos=1, retain=True)
-        stack.push_async_callback(_end_run_config, control, self.topics.config,
+        stack.push_async_callback(_end_run_config, control, endpoint, self.run_id, self.topics.config,
                                   EXTERNAL_GOODBYE_S if self.external_devices else 0.0)
         return control
 
 
-async def _end_run_config(client: aiomqtt.Client, topic: str, goodbye_s: float) -> None:
+async def _end_run_config(client: aiomqtt.Client, endpoint: MqttEndpoint, run_id: str, topic: str,
+                          goodbye_s: float) -> None:
     """Tell `testbed attach` bridges the run is over, then delete the retained config (an empty retained payload).
 
     `goodbye_s` keeps the links up that long, so the message crosses the emulated links before they close.
+    The whole goodbye is bounded (END_RUN_CONFIG_S more); if the run's own client has lost its connection,
+    a short-lived client clears the retained config instead, so no stale config is left on the broker.
     """
+    async def goodbye() -> None:
+        try:
+            await client.publish(topic, RunFinished().encode(), qos=1, timeout=5.0)
+            await asyncio.sleep(goodbye_s)
+            await client.publish(topic, b"", qos=1, retain=True, timeout=5.0)
+            return
+        except aiomqtt.MqttError as error:
+            logger.info("the run's client could not end %s (%s); clearing it with a new connection", topic, error)
+        async with endpoint.client(f"{run_id}-cleanup", timeout_s=5.0) as cleanup:
+            await cleanup.publish(topic, b"", qos=1, retain=True, timeout=5.0)
+
     try:
-        await client.publish(topic, RunFinished().encode(), qos=1, timeout=5.0)
-        await asyncio.sleep(goodbye_s)
-        await client.publish(topic, b"", qos=1, retain=True, timeout=5.0)
-    except aiomqtt.MqttError as error:
-        logger.warning("could not clear the retained %s: %s", topic, error)
+        await asyncio.wait_for(goodbye(), goodbye_s + END_RUN_CONFIG_S)
+    except (aiomqtt.MqttError, asyncio.TimeoutError) as error:
+        logger.warning("could not clear the retained %s: %s", topic, error or "timed out")
