@@ -1,1 +1,1 @@
-"""Orchestration of edge-testbed runs: CLI, scenarios, broker, metrics, results and the wire format."""
+"""Orchestration of edge-testbed on top of the contract in testbed.core: CLI, run assembly, reports, metrics, comparison."""
