@@ -22,7 +22,6 @@ from testbed.core.seeds import RoundStep, Stream, generator
 class RandomPartialUpdating(Strategy):
     """RPU: ⌊ratio·I_l⌋ random weights per layer (seeded), fine-tuned from the deployed ones for 2·E epochs."""
 
-
     def update(self, context: RoundContext) -> StrategyResult:
         rng = generator(context.seed, Stream.ROUND, context.round_index, RoundStep.RANDOM_MASK)
         masks = random_layer_masks(context.start_weights, self.spec.ratio, rng)
@@ -36,7 +35,6 @@ class PruningUpdating(Strategy):
     The result is a sparse snapshot: the device replaces its model, unsent partial entries are zero.
     """
 
-
     def update(self, context: RoundContext) -> StrategyResult:
         trained, _ = self.train_fully(context, self.spec.epochs, start=context.required_initial_weights())
         k = partial_count_for_ratio(partial_tensor_count(trained), self.spec.ratio)
@@ -49,7 +47,6 @@ class PruningUpdating(Strategy):
 @register_strategy("magnitude")
 class MagnitudeUpdating(Strategy):
     """Naive baseline: full training 2·E epochs, send the top-k by |w^f − w^s| at their w^f values, no fine-tune."""
-
 
     def update(self, context: RoundContext) -> StrategyResult:
         trained, _ = self.train_fully(context, 2 * self.spec.epochs)
