@@ -22,7 +22,7 @@ from testbed.core.units import UnitError, parse_duration_s, parse_fraction, pars
 EXIT_OK = 0
 EXIT_BAD_ARGUMENTS = 2
 COMMANDS = ("channel", "bench")
-BENCH_SCRIPTS = {"channel": "channel.py"}
+BENCH_SCRIPTS = {"channel": "link_fidelity.py"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -112,7 +112,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     bench = commands.add_parser("bench", help="run a benchmark from bench/ (e.g. `testbed bench channel --quick`)")
     bench_names = bench.add_subparsers(dest="bench_name", required=True, metavar="BENCHMARK")
     bench_channel = bench_names.add_parser(
-        "channel", help="fidelity and overhead of the link emulator (runs bench/channel.py)",
+        "channel", help="fidelity and overhead of the link emulator (runs bench/link_fidelity.py)",
         description="Fidelity of the proxy link emulator (goodput, delay, loss vs configured) and its overhead.")
     bench_channel.add_argument("--quick", action="store_true", help="a few cases, under a minute")
     bench_channel.add_argument("--seed", type=int, default=1)

@@ -1,4 +1,4 @@
-"""bench/channel.py --quick runs end to end against a real Mosquitto and writes well-formed, sane rows."""
+"""bench/link_fidelity.py --quick runs end to end against a real Mosquitto and writes well-formed, sane rows."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ ROW_FIELDS = {
 
 
 def run_quick_bench(out: Path) -> dict[str, Any]:
-    completed = subprocess.run([sys.executable, "bench/channel.py", "--quick", "--json", str(out)],
+    completed = subprocess.run([sys.executable, "bench/link_fidelity.py", "--quick", "--json", str(out)],
                                cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert completed.returncode == 0, completed.stderr
-    assert "targets:" in completed.stdout and "# rerun: python bench/channel.py --quick --backend all" in completed.stdout
+    assert "targets:" in completed.stdout and "# rerun: python bench/link_fidelity.py --quick --backend all" in completed.stdout
     result: dict[str, Any] = json.loads(out.read_text())
     return result
 

@@ -45,8 +45,11 @@ def _module_files(home: str) -> list[tuple[str, Path]]:
     """(module name, file) of ``home`` (a module or a package's direct modules), found without importing it."""
     top, _, rest = home.partition(".")
     spec = importlib.util.find_spec(top)  # a top-level spec is found without running the package
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None:
         raise PluginError(f"plugin home {home!r}: package {top!r} is not installed")
+    if not spec.submodule_search_locations:
+        raise PluginError(f"plugin home {home!r}: {top!r} is the module {spec.origin}, not the package; a file of that "
+                          "name earlier on sys.path (the script's folder?) hides it")
     path = Path(next(iter(spec.submodule_search_locations)))
     for part in rest.split(".") if rest else []:
         path = path / part

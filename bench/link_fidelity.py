@@ -5,35 +5,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # `python bench/channel.py`: this folder must not shadow the `channel` package
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+import argparse
+import asyncio
+import bisect
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import bisect  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import AsyncIterator, Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import aiomqtt
+import numpy as np
 
-import aiomqtt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from channel.errors import ChannelError  # noqa: E402
-from channel.link import LinkModel, LinkParameters  # noqa: E402
-from channel.netns import require_netns_support  # noqa: E402
-from testbed.core.plugins import LINK_PROFILES  # noqa: E402
-from channel.proxy import LinkProxy  # noqa: E402
-from channel.tun import TunLink  # noqa: E402
+from channel.errors import ChannelError
+from channel.link import LinkModel, LinkParameters
+from channel.netns import require_netns_support
+from testbed.core.plugins import LINK_PROFILES
+from channel.proxy import LinkProxy
+from channel.tun import TunLink
 
 BACKENDS = ("proxy", "tun")
 #: tun: the kernel's TCP packets are whole IP packets of the TunLink's MTU with 52 B of IPv4+TCP headers
@@ -565,7 +561,7 @@ def available_backends(requested: str) -> tuple[list[str], list[str]]:
                 reason = str(error)
         if reason is not None:
             if requested == "tun":
-                raise SystemExit(f"bench/channel.py: the tun backend cannot run here: {reason}")
+                raise SystemExit(f"bench/link_fidelity.py: the tun backend cannot run here: {reason}")
             wanted.remove("tun")
             notes.append(f"tun skipped: {reason}")
     return wanted, notes
@@ -592,7 +588,7 @@ async def run(quick: bool, seed: int, log: Callable[[str], None],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/channel.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bench/link_fidelity.py", description=__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="five cases per backend and a 50 MB throughput run (< 60 s for both backends)")
     parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all",
@@ -604,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     backends, notes = available_backends(args.backend)
     result = asyncio.run(run(args.quick, args.seed, lambda line: print(line, file=sys.stderr, flush=True), backends))
-    rerun = ("python bench/channel.py" + (" --quick" if args.quick else "") + f" --backend {args.backend}"
+    rerun = ("python bench/link_fidelity.py" + (" --quick" if args.quick else "") + f" --backend {args.backend}"
              f" --seed {args.seed}")
-    print(f"# bench/channel.py, backends {', '.join(backends)}, {len(result['rows'])} cases, "
+    print(f"# bench/link_fidelity.py, backends {', '.join(backends)}, {len(result['rows'])} cases, "
           f"{time.monotonic() - started:.0f} s")
     for note in notes:
         print(f"# {note}")
