@@ -15,7 +15,8 @@ from devices.board_energy import BoardEnergy
 from devices.board_state import BoardStateStore
 from devices.energy_meters import EnergyMeter, PhaseEnergy
 from devices.profiles import DeviceProfile
-from devices.reliable_serial import LinkSettings, ReliableSerialLink
+from devices.frame_order import LinkSettings
+from devices.reliable_serial import ReliableSerialLink
 from devices.serial_framing import (
     DEFAULT_MAX_FRAME_BYTES,
     FLAG_MORE,
@@ -240,8 +241,9 @@ class BoardAgent:
             "version": deployment.receiver.version, "error": None,
         }))
         # Reports the host did not acknowledge before its session ended: sent again, under new sequence numbers.
-        if self._link is not None:
-            self._keep_results(self._link)
+        if self._link is not None:  # a host session that ended within this link (frames still in flight stay there)
+            self._pending_results += [frame for frame in self._link.protocol.take_abandoned()
+                                      if frame.message_type in RESULT_TYPES]
         pending, self._pending_results = self._pending_results, []
         for frame in pending:
             await self._send(frame.message_type, frame.payload)

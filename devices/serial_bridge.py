@@ -14,7 +14,8 @@ import aiomqtt
 
 from devices.agent import device_client
 from devices.board_agent import BoardConfig
-from devices.reliable_serial import LinkSettings, ReliableSerialLink
+from devices.frame_order import LinkSettings
+from devices.reliable_serial import ReliableSerialLink
 from devices.serial_framing import (
     DEFAULT_MAX_FRAME_BYTES,
     FLAG_MORE,

@@ -257,7 +257,8 @@ async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosq
     import aiomqtt
 
     from devices.board_agent import BoardConfig
-    from devices.reliable_serial import LinkSettings, ReliableSerialLink
+    from devices.frame_order import LinkSettings
+    from devices.reliable_serial import ReliableSerialLink
     from devices.serial_bridge import SerialBridge
     from devices.serial_framing import Hello, MessageType, json_payload
     from devices.serial_link import SerialLink

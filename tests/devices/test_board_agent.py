@@ -19,7 +19,8 @@ from devices.board_agent import BoardAgent, BoardConfig
 from devices.board_state import BoardStateStore
 from devices.energy_meters import EnergyMeter, JetsonEnergyMeter, ModelEnergyMeter
 from devices.profiles import get_device_profile
-from devices.reliable_serial import LinkSettings, ReliableSerialLink
+from devices.frame_order import LinkSettings
+from devices.reliable_serial import ReliableSerialLink
 from devices.serial_framing import (
     FLAG_MORE,
     Frame,

@@ -1,4 +1,4 @@
-"""The reliable serial link: pure properties over lossy, duplicating, reordering wires, then both ends over real ptys."""
+"""The reliable serial link: pure properties (devices.frame_order) over lossy, duplicating, reordering wires, then both ends over real ptys."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.pty_cable import PtyCable
-from devices.reliable_serial import LinkProtocol, LinkSettings, PeerUnresponsive, ReliableSerialLink
+from devices.frame_order import LinkProtocol, LinkSettings, PeerUnresponsive
+from devices.reliable_serial import ReliableSerialLink
 from devices.serial_framing import Ack, Frame, MessageType, session_payload
 from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 
