@@ -299,6 +299,22 @@ async def test_a_report_the_host_never_acknowledged_is_sent_again_after_the_next
         await host.expect(MessageType.REPORT, timeout_s=1)
 
 
+async def test_a_config_repeated_while_a_report_is_in_flight_does_not_duplicate_it(board, trained) -> None:
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    host.lose(lambda frame: frame.message_type == MessageType.ACK)  # the report stays unacknowledged for now
+    await host.send_update(encode_full_model(first.weights, 1), 1, None)
+    await host.expect(MessageType.REPORT)
+    config = BoardConfig(RUN, "bench-pi", 0, SCENARIO.seed, SCENARIO.model_dump(mode="json", by_alias=True))
+    await host.send(MessageType.CONFIG, config.to_payload())  # what a bridge does after each hello of the board
+    assert parse_json_payload((await host.expect(MessageType.READY)).payload)["version"] == 1
+    host.lose(lambda frame: False)
+    with pytest.raises(SerialLinkTimeout):  # the board's link sends it again under its own sequence: one delivery
+        await host.expect(MessageType.REPORT, timeout_s=LINK.ack_timeout_s * 3)
+    assert setup.agent.sessions == 1
+
+
 async def test_equal_messages_sent_twice_are_answered_twice(board) -> None:
     _, host = board
     await host.expect(MessageType.HELLO)
