@@ -166,8 +166,9 @@ async def test_lossy_codecs_and_snapshots_reach_devices_exactly(strategy: str, i
     scenario = parse_scenario({
         "name": "codecs", "seed": 4, "rounds": 4,
         "data": {"initial_samples": 300, "new_samples_per_round": 300},
-        "update": {"strategy": strategy, "ratio": 0.05, "epochs": 5,
-                   "index_codec": index_codec, "value_codec": value_codec, "skip_if_worse": False},
+        "update": {"strategy": strategy, "ratio": 0.05, "epochs": 5, "index_codec": index_codec,
+                   "value_codec": value_codec,
+                   **({"skip_if_worse": False} if strategy == "dpu" else {})},  # pruning always sends
         "channel": {"downlink": {"rate": "1Mbit", "delay": "10ms", "loss": "1%"}},
         "devices": [{"profile": "rpi4", "count": 2}],
         "metrics": {"enabled": False},
