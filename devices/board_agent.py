@@ -8,7 +8,6 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from devices.agent import InferenceModel
 from devices.board_energy import BoardEnergy
@@ -27,13 +26,12 @@ from devices.serial_framing import (
     UpdateChunk,
     json_payload,
     log_payload,
-    parse_json_payload,
 )
 from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate, UpdateReceiver
 from testbed.core.manifest import ManifestError, UpdateManifest
-from testbed.core.messages import DeviceNack, DeviceReport
+from testbed.core.messages import BoardConfig, DeviceNack, DeviceReport, MessageError
 from testbed.core.wire import WireError, weights_hash
 
 logger = logging.getLogger("devices.board")
@@ -43,35 +41,19 @@ RECEIVE_POLL_S = 5.0  # the session loop wakes this often while nothing arrives 
 RESULT_TYPES = (MessageType.REPORT, MessageType.APPLY_RESULT)  # carried over when the host never acknowledged them
 
 
-@dataclass(frozen=True)
-class BoardConfig:
-    """What the run asks of a board: who it is in the run and the scenario it takes part in."""
+def board_config_payload(config: BoardConfig) -> bytes:
+    """A CONFIG frame's payload: the message, zlib-compressed so that a scenario with many devices still fits a frame."""
+    return zlib.compress(config.encode(), 9)
 
-    run_id: str
-    device_id: str
-    device_index: int
-    init_seed: int
-    scenario: dict[str, Any]  # the resolved scenario, as the run wrote it to scenario.yaml
 
-    def to_payload(self) -> bytes:
-        """zlib-compressed JSON: a scenario with many devices or outages still fits one frame."""
-        return zlib.compress(json_payload({"run": self.run_id, "device": self.device_id,
-                                           "device_index": self.device_index, "init_seed": self.init_seed,
-                                           "scenario": self.scenario}), 9)
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> BoardConfig:
-        try:
-            data = parse_json_payload(zlib.decompress(payload))
-        except zlib.error as error:
-            raise SerialFrameError(f"config is not zlib-compressed JSON: {error}") from None
-        if set(data) != {"run", "device", "device_index", "init_seed", "scenario"}:
-            raise SerialFrameError(f"config fields must be run, device, device_index, init_seed, scenario; got {sorted(data)}")
-        if not isinstance(data["run"], str) or not isinstance(data["device"], str) \
-                or not all(isinstance(data[name], int) and not isinstance(data[name], bool) and data[name] >= 0
-                           for name in ("device_index", "init_seed")) or not isinstance(data["scenario"], dict):
-            raise SerialFrameError(f"config has a field of the wrong type: {sorted(data.items())!r:.200}")
-        return cls(data["run"], data["device"], data["device_index"], data["init_seed"], data["scenario"])
+def board_config_from_payload(payload: bytes) -> BoardConfig:
+    """The BoardConfig in a CONFIG frame's payload; SerialFrameError saying what is wrong otherwise."""
+    try:
+        return BoardConfig.decode(zlib.decompress(payload))
+    except zlib.error as error:
+        raise SerialFrameError(f"config is not zlib-compressed JSON: {error}") from None
+    except MessageError as error:
+        raise SerialFrameError(str(error)) from None
 
 
 BoardSetup = Callable[[BoardConfig], InferenceModel]
@@ -188,7 +170,7 @@ class BoardAgent:
         deployment = self.deployment
         return Hello(self.board_name, self.profile.name, (f"energy:{self.meter.name}", f"serial:{self.baud}"),
                      version=deployment.receiver.version if deployment else 0,
-                     run=deployment.config.run_id if deployment else "")
+                     run=deployment.config.run if deployment else "")
 
     # --- frames ---------------------------------------------------------------------------------------
 
@@ -210,34 +192,34 @@ class BoardAgent:
 
     async def _configure(self, payload: bytes) -> None:
         try:
-            config = BoardConfig.from_payload(payload)
+            config = board_config_from_payload(payload)
         except SerialFrameError as error:
             await self._send(MessageType.READY, json_payload({"error": f"bad config: {error}"}))
             return
         current = self.deployment
-        if current is None or (current.config.run_id, current.config.device_id) != (config.run_id, config.device_id):
+        if current is None or (current.config.run, current.config.device) != (config.run, config.device):
             self.configured.clear()
             self._pending_results.clear()  # reports of another run
             try:
                 inference = await asyncio.to_thread(self.setup, config)
                 receiver = UpdateReceiver(inference.initial_weights(), config.init_seed)
-                saved = self.state.load(config.run_id, config.device_id) if self.state else None
+                saved = self.state.load(config.run, config.device) if self.state else None
                 if saved is not None:
                     receiver.restore(saved.version, saved.weights)
                 await asyncio.to_thread(inference.load_weights, receiver.weights)
             except Exception as error:  # noqa: BLE001 — any setup failure is reported to the host, which stops the run
-                logger.exception("board %s: cannot set up for %s", self.board_name, config.device_id)
+                logger.exception("board %s: cannot set up for %s", self.board_name, config.device)
                 await self._send(MessageType.READY, json_payload({"error": f"board cannot set up: {error!r}"}))
                 return
             self.deployment = _Deployment(config, inference, receiver)
             if saved is not None:
-                await self._log(f"resumed {config.device_id} of run {config.run_id} at version {saved.version}")
+                await self._log(f"resumed {config.device} of run {config.run} at version {saved.version}")
         self._drop_transfers()
         deployment = self.deployment
         assert deployment is not None
         self.configured.set()
         await self._send(MessageType.READY, json_payload({
-            "device": deployment.config.device_id, "run": deployment.config.run_id,
+            "device": deployment.config.device, "run": deployment.config.run,
             "version": deployment.receiver.version, "error": None,
         }))
         # Reports the host did not acknowledge before its session ended: sent again, under new sequence numbers.
@@ -289,7 +271,7 @@ class BoardAgent:
         await asyncio.to_thread(deployment.inference.load_weights, weights)
         receiver.commit(version, weights)
         if self.state is not None:
-            await asyncio.to_thread(self.state.save, deployment.config.run_id, deployment.config.device_id,
+            await asyncio.to_thread(self.state.save, deployment.config.run, deployment.config.device,
                                     version, weights)
         apply_s = time.monotonic() - completed_at
         self.energy.begin_phase("evaluate")
@@ -308,7 +290,7 @@ class BoardAgent:
     async def _reject(self, deployment: _Deployment, reason: str) -> None:
         logger.warning("board %s: %s", self.board_name, reason)
         self.energy.begin_phase("transmit")
-        nack = DeviceNack(device=deployment.config.device_id, version=deployment.receiver.version, reason=reason)
+        nack = DeviceNack(device=deployment.config.device, version=deployment.receiver.version, reason=reason)
         await self._send(MessageType.APPLY_RESULT, nack.encode())
         self.energy.begin_phase("idle")
 
@@ -336,7 +318,7 @@ class BoardAgent:
         received_total = self._bytes_received_before + (link.bytes_received if link else 0)
         sent_total = self._bytes_sent_before + (link.bytes_sent if link else 0)
         report = DeviceReport(
-            device=deployment.config.device_id,
+            device=deployment.config.device,
             profile=self.profile.name,
             kind_of_device="serial",
             round=completed.manifest.round_index,

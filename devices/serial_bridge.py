@@ -13,7 +13,7 @@ from typing import IO, Any
 import aiomqtt
 
 from devices.agent import device_client
-from devices.board_agent import BoardConfig
+from devices.board_agent import board_config_payload
 from devices.frame_order import LinkSettings
 from devices.reliable_serial import ReliableSerialLink
 from devices.serial_framing import (
@@ -38,7 +38,7 @@ from devices.serial_link import (
 )
 from devices.task_groups import run_together
 from testbed.core.manifest import ManifestError, UpdateManifest
-from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
+from testbed.core.messages import BoardConfig, DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.topics import Topics
 from devices.errors import DeviceError
@@ -290,11 +290,11 @@ class SerialBridge:
             logger.warning("bridge %s: bad hello from the board: %s", self.device_id, error)
             return
         if self.board_ready.is_set():
-            if hello.run == self.config.run_id:
+            if hello.run == self.config.run:
                 return  # a configured board answering our hello: nothing changed
             self._board_offline()  # an unconfigured board where a ready one was: it rebooted
         self.board_hello = hello
-        await self._send(link, MessageType.CONFIG, self.config.to_payload())
+        await self._send(link, MessageType.CONFIG, board_config_payload(self.config))
 
     def _board_message(self, frame: Frame) -> dict[str, Any] | None:
         """A JSON frame from the board, or None (logged) when it does not parse."""
@@ -311,7 +311,7 @@ class SerialBridge:
         if ready.get("error"):
             raise BridgeError(f"board on {self.port} cannot take part as {self.device_id}: {ready['error']}")
         version = _version_in(ready)
-        if ready.get("run") != self.config.run_id or ready.get("device") != self.device_id or version is None:
+        if ready.get("run") != self.config.run or ready.get("device") != self.device_id or version is None:
             logger.warning("bridge %s: ready for another run or device: %s", self.device_id, ready)
             return
         if self.board_ready.is_set() and version == self.board_version:

@@ -21,7 +21,6 @@ from devices.serial_framing import (
     Frame,
     FrameDecoder,
     MessageType,
-    SerialFrameError,
     encode_frame,
     framing_overhead_bytes,
 )

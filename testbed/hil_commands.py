@@ -13,14 +13,14 @@ from typing import Any
 
 import aiomqtt
 
-from devices.board_agent import BoardAgent, BoardConfig
+from devices.board_agent import BoardAgent
 from devices.board_state import BoardStateStore
 from devices.energy_meters import DEFAULT_PERIOD_S, EnergyMeterError, open_energy_meter
 from testbed.core.plugins import DEVICE_PROFILES, ENERGY_METERS
 from devices.profiles import get_device_profile
 from devices.serial_bridge import BridgeError, SerialBridge
 from devices.task_groups import run_together
-from testbed.core.messages import MessageError, RunConfig, RunFinished, decode_config_topic
+from testbed.core.messages import BoardConfig, MessageError, RunConfig, RunFinished, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.topics import Topics
@@ -91,7 +91,7 @@ def _fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
 def _setup_inference(config: BoardConfig) -> Any:
     from testbed.inference import device_inference
 
-    return device_inference(parse_scenario(config.scenario, f"config from the host for {config.device_id}"),
+    return device_inference(parse_scenario(config.scenario, f"config from the host for {config.device}"),
                             config.device_index)
 
 
@@ -173,9 +173,8 @@ async def _attach(args: argparse.Namespace) -> int:
     except aiomqtt.MqttError as error:
         return _fail("attach", f"cannot reach the broker at {args.broker}: {error}")
     profile = scenario.device_profiles()[args.name]
-    board_config = BoardConfig(board.run, board.device, board.device_index, board.init_seed, board.scenario)
     log_path = args.out / "serial" / f"{args.name}.log"
-    bridge = SerialBridge(args.name, profile, args.port, Topics(config.run), endpoint, board_config,
+    bridge = SerialBridge(args.name, profile, args.port, Topics(config.run), endpoint, board,
                           baud=args.baud, log_path=log_path)
     print(f"attach {args.name}: run {config.run}, profile {profile}, port {args.port} at {args.baud} baud; "
           f"serial log {log_path}", flush=True)

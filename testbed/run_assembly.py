@@ -14,7 +14,6 @@ import aiomqtt
 
 from channel.errors import ChannelError
 from devices.agent import DeviceAgent, DeviceConfig
-from devices.board_agent import BoardConfig
 from devices.fleet import ExternalDevice, FleetMember
 from devices.profiles import get_device_profile
 from devices.serial_bridge import SerialBridge
@@ -103,7 +102,7 @@ class RunAssembly:
             assert entry.serial is not None
             board = self.run_config(server.seed).board_config(device_id)
             return SerialBridge(device_id, profile_name, entry.serial, self.topics, via,
-                                BoardConfig(board.run, board.device, board.device_index, board.init_seed, board.scenario),
+                                board,
                                 baud=entry.baud, log_path=self.out_dir / "serial" / f"{device_id}.log")
         self.external_devices[device_id] = ExternalDevice(device_id)
         self.progress("waiting-for-board", {"device": device_id, "broker": f"{via.host}:{via.port}",

@@ -256,19 +256,18 @@ async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosq
     """Duplicates are the link's business (by sequence): equal payloads sent twice on purpose both arrive."""
     import aiomqtt
 
-    from devices.board_agent import BoardConfig
     from devices.frame_order import LinkSettings
     from devices.reliable_serial import ReliableSerialLink
     from devices.serial_bridge import SerialBridge
     from devices.serial_framing import Hello, MessageType, json_payload
     from devices.serial_link import SerialLink
-    from testbed.core.messages import DeviceReport
+    from testbed.core.messages import BoardConfig, DeviceReport
     from testbed.core.mqtt import MqttEndpoint
     from testbed.core.topics import Topics
 
     link_settings = LinkSettings(window=8, ack_timeout_s=0.5, max_sends=6)
     topics = Topics("identical-reports")
-    config = BoardConfig("identical-reports", BOARD, 0, 1, {})
+    config = BoardConfig(run="identical-reports", device=BOARD, device_index=0, init_seed=1, scenario={})
     cable = PtyCable()
     bridge = SerialBridge(BOARD, "rpi4", cable.host_path, topics, MqttEndpoint(*mosquitto), config,
                           link_settings=link_settings,
@@ -285,7 +284,7 @@ async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosq
             await board.send(MessageType.HELLO, Hello(BOARD, "rpi4").to_payload(), timeout_s=10)
             while (await board.receive(timeout_s=10)).message_type != MessageType.CONFIG:
                 pass
-            await board.send(MessageType.READY, json_payload({"device": BOARD, "run": config.run_id, "version": 0,
+            await board.send(MessageType.READY, json_payload({"device": BOARD, "run": config.run, "version": 0,
                                                               "error": None}))
             await asyncio.wait_for(bridge.connected.wait(), 10)
             for _ in range(2):

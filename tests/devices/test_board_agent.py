@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from devices.board_agent import BoardAgent, BoardConfig
+from devices.board_agent import BoardAgent, board_config_from_payload, board_config_payload
+from testbed.core.messages import BoardConfig
 from devices.board_state import BoardStateStore
 from devices.energy_meters import EnergyMeter, JetsonEnergyMeter, ModelEnergyMeter
 from devices.profiles import get_device_profile
@@ -109,8 +110,9 @@ class Host:
     async def configure(self, run_id: str = RUN) -> dict[str, Any]:
         await self.send(MessageType.HELLO, b"")  # who is there? (as the bridge asks)
         await self.expect(MessageType.HELLO)
-        config = BoardConfig(run_id, "bench-pi", 0, SCENARIO.seed, SCENARIO.model_dump(mode="json", by_alias=True))
-        await self.send(MessageType.CONFIG, config.to_payload())
+        config = BoardConfig(run=run_id, device="bench-pi", device_index=0, init_seed=SCENARIO.seed,
+                             scenario=SCENARIO.model_dump(mode="json", by_alias=True))
+        await self.send(MessageType.CONFIG, board_config_payload(config))
         return parse_json_payload((await self.expect(MessageType.READY)).payload)
 
     async def send_update(self, payload: bytes, target: int, base: int | None, *, digest: str | None = None,
@@ -150,7 +152,7 @@ class BoardOnPty:
             return SerialLink.from_fd(self.slave, close_fd=False, pace=False, max_frame_bytes=MAX_FRAME)
 
         def setup(config: BoardConfig) -> TorchInference:
-            assert config.device_id == "bench-pi"
+            assert config.device == "bench-pi"
             return TorchInference(self.server.build_device_model(), self.server.device_test_split(config.device_index))
 
         profile = get_device_profile("rpi4")
@@ -306,8 +308,9 @@ async def test_a_config_repeated_while_a_report_is_in_flight_does_not_duplicate_
     host.lose(lambda frame: frame.message_type == MessageType.ACK)  # the report stays unacknowledged for now
     await host.send_update(encode_full_model(first.weights, 1), 1, None)
     await host.expect(MessageType.REPORT)
-    config = BoardConfig(RUN, "bench-pi", 0, SCENARIO.seed, SCENARIO.model_dump(mode="json", by_alias=True))
-    await host.send(MessageType.CONFIG, config.to_payload())  # what a bridge does after each hello of the board
+    config = BoardConfig(run=RUN, device="bench-pi", device_index=0, init_seed=SCENARIO.seed,
+                         scenario=SCENARIO.model_dump(mode="json", by_alias=True))
+    await host.send(MessageType.CONFIG, board_config_payload(config))  # what a bridge does after each hello of the board
     assert parse_json_payload((await host.expect(MessageType.READY)).payload)["version"] == 1
     host.lose(lambda frame: False)
     with pytest.raises(SerialLinkTimeout):  # the board's link sends it again under its own sequence: one delivery
@@ -333,8 +336,10 @@ async def test_frames_before_the_config_are_ignored_and_a_bad_config_is_answered
     assert "bad config" in ready["error"]
     assert any("not configured" in line for line in host.logs)
     assert setup.agent.deployment is None
-    with pytest.raises(SerialFrameError, match="config fields"):
-        BoardConfig.from_payload(zlib.compress(json.dumps({"run": "r"}).encode()))
+    with pytest.raises(SerialFrameError, match="invalid board config message: device: missing; device_index: missing"):
+        board_config_from_payload(zlib.compress(json.dumps({"run": "r"}).encode()))
+    with pytest.raises(SerialFrameError, match="config is not zlib-compressed JSON"):
+        board_config_from_payload(b'{"run": "r"}')
 
 
 async def test_a_rebooted_board_resumes_from_its_saved_version(board, trained) -> None:
