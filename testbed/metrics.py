@@ -11,6 +11,8 @@ from typing import Any, Protocol
 from prometheus_client import push_to_gateway, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from testbed.core.messages import DeviceReport
 from testbed.errors import OrchestrationError
 
 DELIVERY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, float("inf"))
@@ -160,24 +162,24 @@ class RunMetrics:
     def record_published(self, payload_bytes: int) -> None:
         self.server_published.labels(run=self.run_id, strategy=self.strategy).inc(payload_bytes)
 
-    def record_device_report(self, report: dict[str, Any], previous_total_bytes: int) -> None:
-        labels = self._device(report["device"], report["profile"])
+    def record_device_report(self, report: DeviceReport, previous_total_bytes: int) -> None:
+        labels = self._device(report.device, report.profile)
         self.device_online.labels(**labels).set(1)
-        self.device_accuracy.labels(**labels).set(report["accuracy"])
-        self.device_model_version.labels(**labels).set(report["version"])
-        self.device_energy.labels(**labels).inc(report["energy_joules"])
-        for phase, joules in report.get("energy_joules_by_phase", {}).items():
+        self.device_accuracy.labels(**labels).set(report.accuracy)
+        self.device_model_version.labels(**labels).set(report.version)
+        self.device_energy.labels(**labels).inc(report.energy_joules)
+        for phase, joules in report.energy_joules_by_phase.items():
             if phase in ENERGY_PHASES:
                 self.device_phase_energy.labels(**labels, phase=phase).inc(max(0.0, joules))
-        phase_seconds = report.get("phase_seconds", {})
+        phase_seconds = report.phase_seconds
         for phase, seconds in phase_seconds.items():
             if phase in ENERGY_PHASES:
                 self.device_phase_time.labels(**labels, phase=phase).inc(max(0.0, seconds))
         self.device_round_airtime.labels(**labels).set(sum(phase_seconds.get(phase, 0.0) for phase in RADIO_PHASES))
-        self.device_received.labels(**labels).inc(max(0, report["total_received_bytes"] - previous_total_bytes))
-        self.device_transmitted.labels(**labels).inc(max(0, report.get("transmitted_bytes", 0)))
-        self.device_delivery.labels(**labels).observe(report["delivery_seconds"])
-        self.device_last_delivery.labels(**labels).set(report["delivery_seconds"])
+        self.device_received.labels(**labels).inc(max(0, report.total_received_bytes - previous_total_bytes))
+        self.device_transmitted.labels(**labels).inc(report.transmitted_bytes)
+        self.device_delivery.labels(**labels).observe(report.delivery_seconds)
+        self.device_last_delivery.labels(**labels).set(report.delivery_seconds)
 
     def record_nack(self, device_id: str, profile: str) -> None:
         self.device_rejected.labels(**self._device(device_id, profile)).inc()

@@ -129,7 +129,7 @@ class ScenarioRun:
         for device_id in self.profiles:
             report = reports.get(device_id)
             if report is not None:
-                self.metrics.record_device_report(report.to_dict(), self.records.devices[device_id].bytes_received)
+                self.metrics.record_device_report(report, self.records.devices[device_id].bytes_received)
             results.append_record(self.records.device_record(round_index, outcome, device_id, report, expected_hash))
         record = RoundRecord(
             round=round_index, version=outcome.version, sent=outcome.sent, base_version=outcome.base_version,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
 from channel.link import LinkCounters
+from testbed.core.messages import DeviceReport
 from testbed.metrics import ENERGY_PHASES, MetricsExporter, RunMetrics, monitoring_guide
 
 
@@ -19,15 +21,16 @@ class FakeLink:
     uplink_counters: LinkCounters = field(default_factory=LinkCounters)
 
 
-def report(device: str = "d0", **changes: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "device": device, "profile": "rpi4", "version": 2, "accuracy": 0.9, "energy_joules": 3.0,
+def report(device: str = "d0", **changes: Any) -> DeviceReport:
+    fields: dict[str, Any] = {
+        "device": device, "profile": "rpi4", "version": 2, "weights_hash": "ab", "accuracy": 0.9,
+        "update_bytes": 1000, "received_bytes": 1000, "transmitted_bytes": 200, "total_received_bytes": 1500,
+        "delivery_seconds": 1.5, "apply_seconds": 0.05, "evaluate_seconds": 0.05, "energy_joules": 3.0,
         "energy_joules_by_phase": {"receive": 1.0, "transmit": 0.5, "compute": 0.25, "idle": 1.25},
         "phase_seconds": {"receive": 2.0, "transmit": 0.5, "compute": 0.1, "idle": 4.0},
-        "total_received_bytes": 1500, "transmitted_bytes": 200, "delivery_seconds": 1.5,
+        "total_energy_joules": 3.0, "rejected_updates": 0,
     }
-    base.update(changes)
-    return base
+    return DeviceReport(**{**fields, **changes})
 
 
 def value(metrics: RunMetrics, name: str, **labels: str) -> float | None:
