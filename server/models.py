@@ -203,11 +203,6 @@ def set_weights(model: nn.Module, weights: WeightDict) -> None:
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(weights[name], dtype=np.float32)))
 
 
-def partial_names(weights: WeightDict | dict[str, torch.Tensor]) -> list[str]:
-    """Names of the partially updated tensors (ndim > 1: linear/conv weights), in order."""
-    return [name for name, value in weights.items() if value.ndim > 1]
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Predicted class per row of `x` (eval mode, no gradients; the module's mode is restored)."""
