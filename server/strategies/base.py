@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ValidationError
 
 from server.errors import ServerError
 from server.strategies.selection import Masks, partial_tensor_count, selected_count
+from testbed.core.scenario import SectionModel
 from testbed.core.seeds import RoundStep, round_seed
 
 if TYPE_CHECKING:
@@ -29,23 +30,13 @@ SnapshotKind = Literal["full", "sparse"]
 """How a snapshot result replaces the device model: every weight, or only the non-zero partial entries."""
 
 
-class StrategySettings(BaseModel):
+class StrategySettings(SectionModel):
     """A strategy's own settings: the keys under ``update:`` beyond the shared ones, validated by its strategy.
 
     A strategy declares them twice on purpose: as this model (types, ranges, defaults) and by name in
     ``@register_strategy(name, settings=(...))``, so the scenario schema rejects an unknown key without
     importing the strategy. tests/server/test_strategy_settings.py keeps the two the same.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_boolean_for_non_boolean(cls, value: Any, info: Any) -> Any:
-        # YAML turns yes/no/on/off/true into booleans; pydantic would quietly read them as 1/0.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
-            raise ValueError("expected a value of this field's type, not a boolean")
-        return value
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -58,7 +58,9 @@ Fraction = Annotated[float, _unit(parse_fraction)]
 SizeBytes = Annotated[int, _unit(parse_size_bytes)]
 
 
-class _Model(BaseModel):
+class SectionModel(BaseModel):
+    """A section of a scenario (or a plugin's own settings): unknown keys refused, frozen, no booleans for numbers."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
@@ -70,7 +72,7 @@ class _Model(BaseModel):
         return value
 
 
-class DataSpec(_Model):
+class DataSpec(SectionModel):
     """Which data set, and how it arrives round by round."""
 
     dataset: Literal["digits", "mnist", "cifar10"] = "digits"
@@ -83,7 +85,7 @@ class DataSpec(_Model):
     device_test_samples: int = Field(200, ge=10)
 
 
-class ModelSpec(_Model):
+class ModelSpec(SectionModel):
     """The network the server trains and the devices run."""
 
     kind: Literal["mlp", "vgg", "resnet"] = "mlp"
@@ -92,7 +94,7 @@ class ModelSpec(_Model):
     blocks_per_stage: int = Field(1, ge=1, le=32)
 
 
-class UpdateSpec(_Model):
+class UpdateSpec(SectionModel):
     """How the server updates the deployed model each round.
 
     The fields are what every strategy shares. Any other key is the chosen strategy's own setting
@@ -151,7 +153,7 @@ class UpdateSpec(_Model):
         return dict(self.model_extra or {})
 
 
-class GilbertElliottSpec(_Model):
+class GilbertElliottSpec(SectionModel):
     """netem's `loss gemodel p r 1-h 1-k`: bursty loss from a two-state Markov chain."""
 
     p: Fraction
@@ -160,21 +162,21 @@ class GilbertElliottSpec(_Model):
     one_minus_k: Fraction = Field(0.0, alias="1-k")
 
 
-class OutageSpec(_Model):
+class OutageSpec(SectionModel):
     """A scheduled outage: the link is down from `at` for `duration` (from the link's first use)."""
 
     at_s: DurationSeconds = Field(alias="at")
     duration_s: DurationSeconds = Field(alias="duration")
 
 
-class RandomOutageSpec(_Model):
+class RandomOutageSpec(SectionModel):
     """Random outages: exponential up and down periods with these means."""
 
     mean_up_s: DurationSeconds = Field(alias="mean_up")
     mean_down_s: DurationSeconds = Field(alias="mean_down")
 
 
-class LinkSpec(_Model):
+class LinkSpec(SectionModel):
     """One direction of a link: rate (or a trace), delay distribution, loss model, outages."""
 
     rate_bps: RateBps | None = Field(None, alias="rate")
@@ -211,7 +213,7 @@ class LinkSpec(_Model):
 CELL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-class CellSpec(_Model):
+class CellSpec(SectionModel):
     """Devices behind one shared bottleneck per direction (a radio cell), instead of a link each.
 
     The cell's link is described like the channel's: ``profile`` (else the channel's), and per
@@ -244,7 +246,7 @@ def _known_channel_profile(name: str | None) -> str | None:
     return None if name is None else LINK_PROFILES.check(name)
 
 
-class ChannelSpec(_Model):
+class ChannelSpec(SectionModel):
     """The emulated link between the broker and each device (or each cell of devices, see CellSpec)."""
 
     backend: str = "proxy"
@@ -294,7 +296,7 @@ class ChannelSpec(_Model):
         return self
 
 
-class DeviceGroup(_Model):
+class DeviceGroup(SectionModel):
     """Either `count` emulated devices of a profile, or one named device (emulated, or a board in the loop).
 
     A named device with `serial` is a board on that port (a device path, or socket://host:port for a
@@ -337,7 +339,7 @@ class DeviceGroup(_Model):
         return [f"{self.profile}-{index}" for index in range(self.count or 1)]
 
 
-class TlsSpec(_Model):
+class TlsSpec(SectionModel):
     """TLS settings for an external broker."""
 
     ca_file: Path | None = None
@@ -346,7 +348,7 @@ class TlsSpec(_Model):
     insecure: bool = False
 
 
-class BrokerSpec(_Model):
+class BrokerSpec(SectionModel):
     """`embedded` (amqtt started by the run) or an external MQTT broker URL."""
 
     url: str = "embedded"
@@ -392,7 +394,7 @@ def _broker_from_shorthand(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value
 
 
-class MetricsSpec(_Model):
+class MetricsSpec(SectionModel):
     """The Prometheus exporter of the run."""
 
     enabled: bool = True
@@ -411,7 +413,7 @@ class MetricsSpec(_Model):
         return url
 
 
-class Scenario(_Model):
+class Scenario(SectionModel):
     """A whole experiment: data, model, update strategy, channel, devices, broker, metrics."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
