@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import importlib
+from testbed.core.errors import TestbedError
 from testbed.core.scenario import Scenario, ScenarioError, load_scenario
 
 # Commands defined in modules of their own, imported only when one of them (or the full help) is asked for, so
@@ -267,10 +268,16 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
         progress.stop()
         console.print("[yellow]interrupted[/]; results so far are in " + str(out_dir))
         return EXIT_RUN_FAILED
-    except Exception as error:  # the run failed: say why in one line, details with -v
+    except TestbedError as error:  # something the user can act on: one line
         progress.stop()
         logging.getLogger("testbed").debug("run failed", exc_info=True)
-        console.print(f"[red]run failed:[/] {type(error).__name__}: {error}", highlight=False)
+        console.print(f"[red]run failed:[/] {error}", highlight=False)
+        return EXIT_RUN_FAILED
+    except Exception as error:  # not one of ours: a bug; still one line, the traceback with -v
+        progress.stop()
+        logging.getLogger("testbed").debug("run failed", exc_info=True)
+        console.print(f"[red]run failed:[/] {type(error).__name__}: {error} (unexpected: rerun with -v for the "
+                      "traceback and report it)", highlight=False)
         return EXIT_RUN_FAILED
     progress.stop()
     records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines() if line]
@@ -348,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except TestbedError as error:  # every package's error family is rooted here: one line, no traceback
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_SCENARIO if isinstance(error, ScenarioError) else EXIT_RUN_FAILED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command in COMMAND_MODULES:
         return int(importlib.import_module(COMMAND_MODULES[args.command]).run(args))
     console = Console()

@@ -107,3 +107,26 @@ def test_an_unknown_plugin_name_lists_the_registered_ones(tmp_path, capsys):
     assert "channel.backend: unknown channel backend 'carrier-pigeon'; choose one of netem, proxy, tun" in _output(capsys)
     assert main(["validate", str(LOWBAND), "--set", "update.value_codec=fp8"]) == EXIT_BAD_SCENARIO
     assert "update.value_codec: unknown value codec 'fp8'; choose one of fp16, fp32, int8" in _output(capsys)
+
+
+def test_an_error_of_any_package_family_is_one_line(monkeypatch, capsys):
+    """Every package's errors are TestbedErrors; one escaping a command is printed as one line, exit 1."""
+    from channel.errors import ChannelError
+    from devices.errors import DeviceError
+    from server.errors import ServerError
+    from testbed.core.errors import TestbedError
+    from testbed.core.messages import MessageError
+    from testbed.core.wire import WireError
+    from testbed.errors import OrchestrationError
+
+    for family in (ChannelError, DeviceError, ServerError, MessageError, WireError, OrchestrationError):
+        assert issubclass(family, TestbedError) and not issubclass(family, ValueError)
+
+    def fail(*_: object) -> int:
+        raise ServerError("data.root /nowhere has no MNIST files")
+
+    monkeypatch.setattr("testbed.cli._command_monitoring", fail)
+    assert main(["monitoring"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: data.root /nowhere has no MNIST files"
+    assert "Traceback" not in captured.out + captured.err
