@@ -269,7 +269,9 @@ def test_same_seed_same_sequence(case: tuple[LinkParameters, int, list[tuple[flo
     assert first.counters == second.counters
 
 
-@settings(max_examples=20, deadline=None)
+# A statistical bound over drawn seeds: 20 fresh draws per run at 99.9 % would fail 2 % of runs by chance
+# (seed 3143 at loss 0.113 lands at 3.5 sigma; 210 seeds gave mean z 0.11, sd 1.00), so the draws are fixed.
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(loss=st.floats(0.001, 0.5), seed=st.integers(0, 2**32 - 1))
 def test_loss_fraction_within_binomial_interval(loss: float, seed: int) -> None:
     # max_backoffs is high enough that every attempt is a Bernoulli(loss) draw
