@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from testbed.core.scenario_yaml import ScenarioYamlError, load_scenario_yaml
 from testbed.core.units import (
     UnitError,
     parse_duration_s,
@@ -477,6 +478,15 @@ def _format_location(location: tuple[Any, ...]) -> str:
     return ".".join(parts) or "<top level>"
 
 
+SHOWN_VALUE_CHARS = 200
+
+
+def _shown(value: Any) -> str:
+    """The offending value as an error shows it: its repr, cut to SHOWN_VALUE_CHARS (a huge value stays one line)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else f"{text[:SHOWN_VALUE_CHARS]}… ({len(text):,} characters)"
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid scenario"]
     for detail in error.errors():
@@ -485,7 +495,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         if detail["type"] == "extra_forbidden":
             message = "unknown field"
         value = detail.get("input")
-        shown = "" if detail["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if detail["type"] == "missing" or isinstance(value, dict) else f" (got {_shown(value)})"
         # a whole-scenario check names its own field path in the message
         lines.append(f"  {location}: {message}{shown}" if detail["loc"] else f"  {message}")
     return "\n".join(lines)
@@ -500,9 +510,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not all(keys):
         raise ScenarioError(f"--set {assignment!r}: empty field name in {path!r}")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"--set {assignment!r}: value is not valid YAML: {error}") from None
+        value = load_scenario_yaml(text)
+    except ScenarioYamlError as error:
+        raise ScenarioError(f"--set {assignment!r}: the value is {error}") from None
     node: Any = raw
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
@@ -546,7 +556,7 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     except UnicodeDecodeError as error:
         raise ScenarioError(f"{path}: scenario file is not UTF-8 text: {error}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"{path}: not valid YAML: {error}") from None
+        raw = load_scenario_yaml(text)
+    except ScenarioYamlError as error:
+        raise ScenarioError(f"{path}: {error}") from None
     return parse_scenario(raw, str(path), overrides)
