@@ -136,16 +136,19 @@ class PluginRegistry(Generic[T]):
         """The literal keyword arguments ``name`` was registered with (e.g. a codec's wire id)."""
         return dict(self._declaration(name).attributes)
 
+    def _unknown(self, name: str) -> str:
+        return f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}"
+
     def check(self, name: str) -> str:
         """``name`` if it is registered; otherwise ValueError listing the registered names (for validators)."""
         if name not in self._declarations():
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}")
+            raise ValueError(self._unknown(name))
         return name
 
     def _declaration(self, name: str) -> _Declaration:
         declaration = self._declarations().get(name)
         if declaration is None:
-            raise PluginError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}")
+            raise PluginError(self._unknown(name))
         return declaration
 
     def get(self, name: str) -> T:

@@ -277,7 +277,7 @@ class ChannelSpec(SectionModel):
 
     @model_validator(mode="after")
     def _links_consistent(self) -> ChannelSpec:
-        """What can be checked without the link plugins (profiles, traces): see testbed.plan for the rest."""
+        """What can be checked without the link plugins (profiles, traces): testbed.preflight checks the rest."""
         names = [cell.name for cell in self.cells]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
