@@ -17,7 +17,7 @@ _RATE_FACTORS_BPS = {
 _DURATION_FACTORS_S = {"us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
 _SIZE_FACTORS_BYTES = {
     "b": 1, "byte": 1, "bytes": 1,
-    "kb": 1000, "mb": 1000**2, "kib": 1024, "mib": 1024**2,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
 }
 
 
@@ -96,7 +96,7 @@ def parse_size_bytes(value: str | int) -> int:
         number, unit = _split(value, "size", "4KiB")
         unit = unit or "b"
         if unit not in _SIZE_FACTORS_BYTES:
-            raise UnitError(f"unknown size unit {unit!r} in {value!r} (use B, kB, KiB, MB, MiB)")
+            raise UnitError(f"unknown size unit {unit!r} in {value!r} (use B, kB, KiB, MB, MiB, GB, GiB)")
         scaled = number * _SIZE_FACTORS_BYTES[unit]
         if not math.isfinite(scaled):
             raise UnitError(f"size must be finite, got {value!r}")

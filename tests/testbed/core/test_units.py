@@ -70,7 +70,7 @@ def test_parse_fraction(text, expected):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("1KiB", 1024), ("4KiB", 4096), ("1kB", 1000), ("2MiB", 2 * 1024**2), ("1MB", 10**6), ("512", 512),
-     ("512B", 512), ("1.5KiB", 1536), (512, 512), (512.0, 512)],
+     ("512B", 512), ("1.5KiB", 1536), (512, 512), (512.0, 512), ("8GiB", 8 * 1024**3), ("2GB", 2 * 10**9)],
 )
 def test_parse_size_bytes(text, expected):
     size = parse_size_bytes(text)
