@@ -67,7 +67,13 @@ class UpdateServer:
         self.initial_weights: WeightDict = get_weights(self.model)
         """w⁰: regenerable on every device from the seed and the tensor layout."""
         self.strategy: Strategy = make_strategy(scenario.update)
-        self.rounds: int = min(int(scenario.rounds), self.arrival.max_rounds)
+        if scenario.rounds > self.arrival.max_rounds:
+            # Validation checks this against the data set's official sizes; files of other sizes end up here.
+            raise ServerError(f"rounds: {scenario.rounds}, but the data allow {self.arrival.max_rounds} (round 0 on "
+                              f"data.initial_samples, then one per data.new_samples_per_round of the rest); write "
+                              f"rounds: {self.arrival.max_rounds} or less")
+        self.rounds: int = int(scenario.rounds)
+        """Exactly the scenario's rounds: announced, run and recorded."""
         self.deployed_weights: WeightDict | None = None
         self.deployed_validation_accuracy: float | None = None
         self.version: int = 0

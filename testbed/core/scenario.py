@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from testbed.core.capacity import DEFAULT_MEMORY_BUDGET_BYTES, capacity_problems, format_bytes
 from testbed.core.scenario_yaml import ScenarioYamlError, load_scenario_yaml
 from testbed.core.units import (
     UnitError,
@@ -91,7 +92,7 @@ class ModelSpec(SectionModel):
 
     kind: Literal["mlp", "vgg", "resnet"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128, 64])
-    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [16, 32, 64])
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
     blocks_per_stage: int = Field(1, ge=1, le=32)
 
 
@@ -421,6 +422,7 @@ class Scenario(SectionModel):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     rounds: int = Field(ge=1, le=10_000)
     round_timeout_s: DurationSeconds = Field(300.0, alias="round_timeout")
+    memory_budget: SizeBytes = DEFAULT_MEMORY_BUDGET_BYTES  # what the run may hold (testbed.core.capacity)
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     update: UpdateSpec = Field(default_factory=UpdateSpec)
@@ -453,6 +455,19 @@ class Scenario(SectionModel):
                     raise ValueError(f"{where}: device {device_id!r} is already in cell "
                                      f"channel.cells.{cell_of[device_id]}; a device can be in one cell only")
                 cell_of[device_id] = index
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_data_and_the_memory(self) -> Scenario:
+        """Samples and rounds the data set holds, a model that fits `memory_budget` (testbed.core.capacity)."""
+        budget = f"memory_budget ({format_bytes(self.memory_budget)})"
+        problems = capacity_problems(self, self.memory_budget, budget)
+        if problems:
+            # Raised as a ValidationError located at each field, so the path reads e.g. data.initial_samples.
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("capacity", "{problem}", {"problem": problem.message}),
+                                 loc=problem.location, input=problem.value) for problem in problems
+            ])
         return self
 
     def device_ids(self) -> list[str]:

@@ -20,7 +20,7 @@ from server.strategies import (
 )
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.core.initial_weights import initial_weights, layout_of
-from testbed.core.scenario import Scenario, parse_scenario
+from testbed.core.scenario import Scenario, ScenarioError, parse_scenario
 from testbed.core.wire import apply_update, decode_update
 
 
@@ -99,16 +99,29 @@ def test_full_strategy_sends_everything_and_learns() -> None:
     assert changed_partial_weights(outcomes[1].weights, outcomes[2].weights) > 0.5 * outcomes[2].partial_count
 
 
+def unchecked(valid: Scenario, **fields: Any) -> Scenario:
+    """`valid` with fields replaced past validation (which refuses them): what the server meets with odd data files."""
+    return valid.model_copy(update=fields)
+
+
 def test_bad_data_sizes_raise_server_error_with_the_numbers() -> None:
+    with pytest.raises(ScenarioError, match=r"data.initial_samples: .* holds 1,257 samples"):
+        scenario(data={"initial_samples": 1500})
+    too_many = unchecked(scenario(), data=scenario().data.model_copy(update={"initial_samples": 1500}))
     with pytest.raises(ServerError, match=r"1797 samples.*\(360\).*\(180\).*\(1500\) = 2040"):
-        UpdateServer(scenario(data={"initial_samples": 1500}))
+        UpdateServer(too_many)
 
 
-def test_rounds_are_limited_by_the_data_and_run_in_order() -> None:
-    server = UpdateServer(scenario(rounds=100, data={"initial_samples": 1000}))
-    assert server.rounds == server.arrival.max_rounds == 1 + math.ceil((1797 - 540 - 1000) / 200)
+def test_the_server_runs_exactly_the_scenarios_rounds_in_order() -> None:
+    allowed = 1 + math.ceil((1797 - 540 - 1000) / 200)
+    server = UpdateServer(scenario(rounds=allowed, data={"initial_samples": 1000}))
+    assert server.rounds == server.arrival.max_rounds == allowed
     with pytest.raises(ServerError, match="next round to run is 0"):
         server.run_round(1)
+    with pytest.raises(ScenarioError, match=f"rounds: the data allow at most {allowed} rounds"):
+        scenario(rounds=100, data={"initial_samples": 1000})
+    with pytest.raises(ServerError, match=f"rounds: 100, but the data allow {allowed} .* write rounds: {allowed}"):
+        UpdateServer(unchecked(server.scenario, rounds=100))
 
 
 def test_device_test_splits_and_device_model() -> None:
