@@ -147,6 +147,26 @@ def _find_mnist_file(directory: Path, name: str) -> Path | None:
     return None
 
 
+def idx_item_count(path: Path) -> int:
+    """The first dimension of an IDX file (its number of items), read from the header alone."""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as stream:
+            header = stream.read(8)
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise ServerError(f"cannot read {path}: {error}") from error
+    if len(header) < 8 or header[:3] != bytes([0, 0, IDX_UBYTE]) or header[3] < 1:
+        raise ServerError(f"{path} does not start with an IDX header of unsigned bytes ({header[:4].hex()})")
+    return int.from_bytes(header[4:8], "big")
+
+
+def mnist_sample_counts(directory: Path) -> tuple[int, int] | None:
+    """(train, test) images in the MNIST files of `directory`, from their headers; None if one is absent."""
+    found = [_find_mnist_file(directory, name) for name in (MNIST_FILES[0], MNIST_FILES[2])]
+    if None in found:
+        return None
+    return idx_item_count(found[0]), idx_item_count(found[1])  # type: ignore[arg-type]
+
+
 def _mnist_missing_message(directory: Path, missing: list[str], download: bool) -> str:
     return (
         f"MNIST files missing in {directory}: expected {', '.join(MNIST_FILES)} (each may be gzipped, "

@@ -3,13 +3,21 @@
 ``testbed.core.scenario`` validates a file against the schema and the registered plugin names without
 importing any plugin; what only the plugins can tell (a profile's rate under a queue, a trace file that
 does not parse, a value the strategy's own Settings model rejects) is checked here, with the same
-one-error-per-field format, before any data is loaded.
+one-error-per-field format, before any data is loaded. So is what depends on this host: the sample
+counts again with the sizes of MNIST files on disk (validation assumes the official ones), and the
+memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 from channel.errors import ChannelError
+from server.datasets import dataset_directory, mnist_sample_counts
+from server.errors import ServerError
 from server.strategies import settings_problems, strategy_class
+from testbed.core.capacity import DATASETS, data_problems, format_bytes, memory_problems
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
 
@@ -39,9 +47,42 @@ def _channel_problems(scenario: Scenario) -> list[str]:
     return problems
 
 
+def _data_on_disk_problems(scenario: Scenario) -> list[str]:
+    """The sample and round checks again with the sizes of the MNIST files on disk, read from their headers."""
+    data = scenario.data
+    if data.dataset != "mnist":
+        return []  # digits ships with scikit-learn; CIFAR-10 batches tell their size only unpickled (at load)
+    try:
+        counts = mnist_sample_counts(dataset_directory("mnist", data.root))
+    except ServerError as error:
+        return [f"data.root: {error}"]
+    if counts is None:
+        return []  # absent: downloaded (the official files, checked by MD5), or the load names what is missing
+    facts = replace(DATASETS["mnist"], pool_samples=counts[0], test_set_samples=counts[1])
+    return [problem.describe() for problem in data_problems(scenario, facts)]
+
+
+def host_memory_bytes() -> int | None:
+    """This host's physical memory, where the platform tells it."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _host_memory_problems(scenario: Scenario) -> list[str]:
+    """The memory estimate against this host's memory, when that is less than memory_budget."""
+    host = host_memory_bytes()
+    if host is None or host >= scenario.memory_budget:
+        return []  # the schema already held the estimate to memory_budget
+    budget = f"this host's memory ({format_bytes(host)})"
+    return [problem.describe() for problem in memory_problems(scenario, host, budget, raisable=False)]
+
+
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
-    problems = _strategy_problems(scenario) + _channel_problems(scenario)
+    problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _data_on_disk_problems(scenario)
+                + _host_memory_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
     return scenario

@@ -26,6 +26,7 @@ from server.datasets import (
     dataset_directory,
     load_cifar10,
     load_mnist,
+    mnist_sample_counts,
     read_cifar_batch,
     read_idx,
 )
@@ -145,6 +146,16 @@ def test_mnist_sizes_that_do_not_fit_name_the_numbers(tmp_path: Path) -> None:
         k: v for k, v in SIZES.items() if k != "initial_samples"})
     with pytest.raises(ServerError, match=r"60 samples in its train set.*initial_samples \(61\)"):
         load_dataset_arrival(spec, seed=0)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_counts_are_read_from_the_headers(tmp_path: Path, gz: bool) -> None:
+    assert mnist_sample_counts(tmp_path) is None
+    make_mnist(tmp_path, train=33, test=7, gz=gz)
+    assert mnist_sample_counts(tmp_path) == (33, 7)
+    (tmp_path / f"t10k-images-idx3-ubyte{'.gz' if gz else ''}").write_bytes(b"not idx")
+    with pytest.raises(ServerError, match="t10k-images"):
+        mnist_sample_counts(tmp_path)
 
 
 def test_absent_mnist_names_directory_files_and_url(tmp_path: Path) -> None:

@@ -1,0 +1,82 @@
+"""`testbed validate` and `testbed run` refuse, with exit 2 and one line naming the field, a scenario that asks more
+than its data set or its memory holds (testbed.core.capacity), before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.cli import EXIT_BAD_SCENARIO, EXIT_OK, main
+from tests.server.test_datasets import make_mnist
+
+ROOT = Path(__file__).resolve().parents[2]
+LOWBAND = ROOT / "scenarios" / "lowband.yaml"
+
+# (override, the field the error names, the limit or what to write instead)
+BAD_INPUTS = [
+    (["data.initial_samples=1000000000"], "data.initial_samples", "write data.initial_samples: 1257 or less"),
+    (["data.test_samples=1700"], "data.test_samples", "lower them to a sum of at most 1,787"),
+    (["data.device_test_samples=1000"], "data.device_test_samples", "write data.device_test_samples: 360 or less"),
+    (["rounds=10000"], "rounds", "the data allow at most 11 rounds"),
+    (["model.hidden=[65536, 65536]"], "model.hidden", "above memory_budget (8.0 GiB)"),
+    (["model.kind=vgg", "model.channels=[8, 8, 8, 8]"], "model.channels", "allow at most 3 stages"),
+    (["data.dataset=cifar10", "model.kind=vgg", "model.channels=[512, 512]", "update.batch_size=4096"],
+     "update.batch_size", "write update.batch_size: 141 or less"),
+]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [argument for override in overrides for argument in ("--set", override)]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], field: str) -> str:
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())  # undo the console's line wrapping
+    assert "invalid scenario" in text and "Traceback" not in text
+    return text[text.index(f" {field}: ") + 1:]
+
+
+@pytest.mark.parametrize(("overrides", "field", "limit"), BAD_INPUTS, ids=[case[1] for case in BAD_INPUTS])
+def test_validate_refuses_naming_the_field_and_the_limit(overrides, field, limit, capsys):
+    assert main(["validate", str(LOWBAND), *_sets(overrides)]) == EXIT_BAD_SCENARIO
+    assert limit in _error_line(capsys, field)
+
+
+@pytest.mark.parametrize(("overrides", "field", "limit"), BAD_INPUTS, ids=[case[1] for case in BAD_INPUTS])
+def test_run_refuses_before_anything_starts(overrides, field, limit, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(LOWBAND), *_sets(overrides), "--out", str(out)]) == EXIT_BAD_SCENARIO
+    assert limit in _error_line(capsys, field)
+    assert not out.exists()
+
+
+def test_the_same_limits_in_a_file(tmp_path, capsys):
+    path = tmp_path / "greedy.yaml"
+    path.write_text(LOWBAND.read_text().replace("rounds: 8", "rounds: 10000"))
+    assert main(["validate", str(path)]) == EXIT_BAD_SCENARIO
+    assert "write rounds: 11" in _error_line(capsys, "rounds")
+
+
+def test_resolve_checks_the_mnist_files_on_disk(tmp_path, capsys):
+    """Validation assumes the official 60,000 + 10,000; `--resolve` (and `run`) read what the files hold."""
+    make_mnist(tmp_path, train=500, test=600)
+    small = ["--set", "data.dataset=mnist", "--set", f"data.root={tmp_path}", "--set", "data.download=false"]
+    assert main(["validate", str(LOWBAND), *small]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["validate", str(LOWBAND), *small, "--resolve"]) == EXIT_BAD_SCENARIO
+    assert "the data allow at most 3 rounds" in _error_line(capsys, "rounds")
+    assert main(["run", str(LOWBAND), *small, "--out", str(tmp_path / "out")]) == EXIT_BAD_SCENARIO
+    assert "write rounds: 3" in _error_line(capsys, "rounds")
+    assert not (tmp_path / "out").exists()
+    assert main(["validate", str(LOWBAND), *small, "--set", "rounds=3", "--resolve"]) == EXIT_OK
+
+
+def test_resolve_holds_the_estimate_to_the_hosts_memory(monkeypatch, capsys):
+    wide = ["--set", "model.hidden=[4096, 4096]"]  # about 3.2 GiB: within the default budget
+    assert main(["validate", str(LOWBAND), *wide, "--resolve"]) == EXIT_OK
+    capsys.readouterr()
+    monkeypatch.setattr("testbed.preflight.host_memory_bytes", lambda: 2 * 2**30)
+    assert main(["validate", str(LOWBAND), *wide, "--resolve"]) == EXIT_BAD_SCENARIO
+    line = _error_line(capsys, "model.hidden")
+    assert "above this host's memory (2.0 GiB)" in line and "memory_budget" not in line
