@@ -21,7 +21,8 @@ from testbed.core.scenario import Scenario, ScenarioError, load_scenario
 # Commands defined in modules of their own, imported only when one of them (or the full help) is asked for, so
 # that `testbed validate` loads nothing beyond testbed.core.
 COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.channel_command",
-                   "board": "testbed.hil_commands", "attach": "testbed.hil_commands"}
+                   "board": "testbed.hil_commands", "attach": "testbed.hil_commands",
+                   "broker-config": "testbed.broker_config"}
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_SCENARIO = 2

@@ -1,4 +1,4 @@
-"""Checks of a scenario that need its plugins (link profiles, trace files, strategy settings): run before a run starts.
+"""Checks of a scenario that need its plugins or files (link profiles, traces, strategy settings, broker identities).
 
 ``testbed.core.scenario`` validates a file against the schema and the registered plugin names without
 importing any plugin; what only the plugins can tell (a profile's rate under a queue, a trace file that
@@ -17,6 +17,7 @@ from channel.errors import ChannelError
 from server.datasets import dataset_directory, mnist_sample_counts
 from server.errors import ServerError
 from server.strategies import settings_problems, strategy_class
+from testbed.broker_config import CredentialsError, broker_access
 from testbed.core.capacity import DATASETS, data_problems, format_bytes, memory_problems
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
@@ -45,6 +46,15 @@ def _channel_problems(scenario: Scenario) -> list[str]:
         except ChannelError as error:
             problems.append(f"channel.cells.{index} ({cell.name!r}): {error}")
     return problems
+
+
+def _broker_problems(scenario: Scenario) -> list[str]:
+    """``broker.device_credentials: ...`` when the file of device identities is missing, malformed or incomplete."""
+    try:
+        broker_access(scenario)
+    except CredentialsError as error:
+        return [str(error)]
+    return []
 
 
 def _data_on_disk_problems(scenario: Scenario) -> list[str]:
@@ -81,8 +91,8 @@ def _host_memory_problems(scenario: Scenario) -> list[str]:
 
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
-    problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _data_on_disk_problems(scenario)
-                + _host_memory_problems(scenario))
+    problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _broker_problems(scenario)
+                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
     return scenario

@@ -351,12 +351,26 @@ class TlsSpec(SectionModel):
 
 
 class BrokerSpec(SectionModel):
-    """`embedded` (amqtt started by the run) or an external MQTT broker URL."""
+    """`embedded` (amqtt started by the run) or an external MQTT broker URL.
+
+    `username`/`password` are the run's own identity. `device_credentials` names a YAML/JSON file giving
+    each device its own (``device-id: password``, or ``device-id: {username, password}``): then every
+    device connects as itself and the broker can hold it to its own topics (`testbed broker-config`);
+    the embedded broker then checks the identities and enforces those topic rules itself.
+    """
 
     url: str = "embedded"
     username: str | None = None
     password: str | None = None
     tls: TlsSpec | None = None
+    device_credentials: Path | None = None
+
+    @model_validator(mode="after")
+    def _device_identities_need_the_server_identity(self) -> BrokerSpec:
+        if self.device_credentials is not None and not (self.username and self.password):
+            raise ValueError("device_credentials needs username and password as well (the run's own identity, "
+                             "the only one allowed to publish updates)")
+        return self
 
     @field_validator("url")
     @classmethod
