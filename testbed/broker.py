@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from testbed.broker_access import BrokerAccess, Identity
 from testbed.errors import OrchestrationError
 
 
@@ -34,12 +41,74 @@ class _PubackTimeoutFilter(logging.Filter):
         return not (isinstance(error, TimeoutError) and "PUBACK" in str(error))
 
 
-class EmbeddedBroker:
-    """An amqtt broker on 127.0.0.1 (anonymous, loopback only), owned by an `async with` block."""
+@dataclass
+class _AccessConfig:
+    """What the access plugins are given (amqtt builds a plugin's Config from plain data)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    server: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def _access_config(access: BrokerAccess) -> dict[str, Any]:
+    def identity(entry: Identity) -> dict[str, str]:
+        return {"username": entry.username, "password": entry.password}
+
+    return {"server": identity(access.server),
+            "devices": {device_id: identity(entry) for device_id, entry in access.devices.items()}}
+
+
+def _access_from(config: _AccessConfig) -> BrokerAccess:
+    return BrokerAccess(Identity(**config.server), {device_id: Identity(**entry)
+                                                    for device_id, entry in config.devices.items()})
+
+
+class RunAuthPlugin(BaseAuthPlugin):
+    """Admits only the run's identities, each with its password; a will must be on a topic it may publish on."""
+
+    Config = _AccessConfig
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.access = _access_from(self.config)
+        self.passwords = {entry.username: entry.password.encode("utf-8") for entry in self.access.identities()}
+
+    async def authenticate(self, *, session: Session) -> bool:
+        expected = self.passwords.get(session.username or "")
+        given = (session.password or "").encode("utf-8")
+        if expected is None or not hmac.compare_digest(expected, given):
+            return False
+        if session.will_flag and not self.access.allows(session.username, "write", session.will_topic or ""):
+            return False  # amqtt publishes a will without asking the topic plugins
+        return True
+
+
+class RunTopicPlugin(BaseTopicPlugin):
+    """Holds each identity to its topics (testbed.broker_access): publishes are writes, subscriptions reads."""
+
+    Config = _AccessConfig
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.access = _access_from(self.config)
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
+        if session is None or not topic:
+            return False
+        return self.access.allows(session.username, "write" if action == Action.PUBLISH else "read", topic)
+
+
+class EmbeddedBroker:
+    """An amqtt broker on 127.0.0.1 (loopback only), owned by an `async with` block.
+
+    Anonymous by default; given the run's identities (`access`) it admits only them, and holds each to
+    its own topics when there are device identities.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, access: BrokerAccess | None = None) -> None:
         self.host = host
         self.port = port
+        self.access = access
         self._broker: Broker | None = None
 
     async def __aenter__(self) -> EmbeddedBroker:
@@ -51,10 +120,11 @@ class EmbeddedBroker:
             broker_logger.addFilter(_PubackTimeoutFilter())
         if self.port == 0:
             self.port = free_tcp_port(self.host)
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
+        plugins: dict[str, Any] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        if self.access is not None:
+            plugins = {f"{__name__}.RunAuthPlugin": _access_config(self.access),
+                       f"{__name__}.RunTopicPlugin": _access_config(self.access)}
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}, "plugins": plugins}
         self._broker = Broker(config)
         try:
             await self._broker.start()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -135,7 +136,11 @@ class _RichProgress:
         if event == "waiting-for-board":
             self.console.print(
                 f"waiting for board {data['device']}: on the host it is attached to, run\n"
-                f"  testbed attach --name {data['device']} --broker {data['broker']} --port PORT", highlight=False)
+                f"  testbed attach --name {data['device']} --broker {data['broker']} --port PORT"
+                + (f" --username {data['username']} --password-file FILE" if data.get("username") else ""),
+                highlight=False)
+        elif event == "warning":  # before the run starts, too (e.g. an exporter reachable from the network)
+            self.console.print(f"[yellow]warning:[/] {data['message']}", highlight=False, soft_wrap=True)
         elif event == "board-status":
             self.console.print(f"  board {data['device']} {'online' if data['online'] else '[yellow]offline[/]'}")
         if event == "starting":
@@ -269,11 +274,11 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
         progress.stop()
         console.print("[yellow]interrupted[/]; results so far are in " + str(out_dir))
         return EXIT_RUN_FAILED
-    except TestbedError as error:  # something the user can act on: one line
+    except TestbedError as error:  # something the user can act on: one line (exit 2 when the scenario is to fix)
         progress.stop()
         logging.getLogger("testbed").debug("run failed", exc_info=True)
-        console.print(f"[red]run failed:[/] {error}", highlight=False)
-        return EXIT_RUN_FAILED
+        console.print(f"[red]run failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_SCENARIO if isinstance(error, ScenarioError) else EXIT_RUN_FAILED
     except Exception as error:  # not one of ours: a bug; still one line, the traceback with -v
         progress.stop()
         logging.getLogger("testbed").debug("run failed", exc_info=True)

@@ -8,6 +8,7 @@ import logging
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from devices.profiles import get_device_profile
 from devices.serial_bridge import BridgeError, SerialBridge
 from devices.task_groups import run_together
 from testbed.core.messages import BoardConfig, MessageError, RunConfig, RunFinished, decode_config_topic
-from testbed.core.mqtt import MqttEndpoint
+from testbed.core.mqtt import MqttEndpoint, credentials_refused
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.topics import Topics
 
@@ -67,6 +68,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     attach.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
                         help="where the run said to attach (its link for this device), default 127.0.0.1:1883")
     attach.add_argument("--run", default=None, help="run id (default: the newest run that has a device NAME)")
+    attach.add_argument("--username", default=None,
+                        help="the device's own MQTT username, when the broker checks identities (default with "
+                             "--password-file: NAME)")
+    attach.add_argument("--password-file", type=Path, default=None, metavar="FILE",
+                        help="file whose first line is the device's MQTT password (its broker.device_credentials)")
+    attach.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
+                        help="CA certificate of a TLS broker (mqtts://): TLS runs through the run's link to the broker")
     attach.add_argument("--out", type=Path, default=Path("."), help="folder for serial/NAME.log (default .)")
     attach.add_argument("-v", "--verbose", action="store_true")
 
@@ -121,6 +129,24 @@ def _broker_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def attach_endpoint(args: argparse.Namespace) -> MqttEndpoint:
+    """Where `testbed attach` connects (the run's link for the device), as the device's own identity if given."""
+    endpoint = MqttEndpoint(*_broker_address(args.broker))
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as error:
+            reason = getattr(error, "strerror", None) or ("empty" if isinstance(error, IndexError) else error)
+            raise ValueError(f"--password-file: cannot read a password from {str(args.password_file)!r}: "
+                             f"{reason}") from None
+        endpoint = endpoint.with_credentials(args.username or args.name, password)
+    elif args.username is not None:
+        endpoint = endpoint.with_credentials(args.username, "")
+    if args.ca_file is not None:  # through the link's proxy: the CA is checked, the host name cannot be
+        endpoint = replace(endpoint, tls_enabled=True, tls_ca_file=str(args.ca_file)).via(endpoint.host, endpoint.port)
+    return endpoint
+
+
 async def find_run_config(endpoint: MqttEndpoint, device_id: str, run_id: str | None,
                           wait_s: float = CONFIG_WAIT_S) -> RunConfig:
     """The retained config of run `run_id` (or of the newest run listing `device_id`) on the broker."""
@@ -161,7 +187,7 @@ async def find_run_config(endpoint: MqttEndpoint, device_id: str, run_id: str | 
 
 async def _attach(args: argparse.Namespace) -> int:
     try:
-        endpoint = MqttEndpoint(*_broker_address(args.broker))
+        endpoint = attach_endpoint(args)
     except ValueError as error:
         return _fail("attach", str(error), EXIT_BAD_ARGUMENTS)
     try:
@@ -171,6 +197,9 @@ async def _attach(args: argparse.Namespace) -> int:
     except (BridgeError, ScenarioError, MessageError) as error:
         return _fail("attach", str(error))
     except aiomqtt.MqttError as error:
+        if credentials_refused(error):
+            return _fail("attach", f"the broker at {args.broker} refused {endpoint.username or 'an anonymous client'}: "
+                                   f"{str(error).lower()} (check --username and --password-file)", EXIT_BAD_ARGUMENTS)
         return _fail("attach", f"cannot reach the broker at {args.broker}: {error}")
     profile = scenario.device_profiles()[args.name]
     log_path = args.out / "serial" / f"{args.name}.log"

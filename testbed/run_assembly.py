@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -19,9 +20,11 @@ from devices.profiles import get_device_profile
 from devices.serial_bridge import SerialBridge
 from server.update_server import UpdateServer
 from testbed.broker import EmbeddedBroker
+from testbed.broker_access import BrokerAccess
+from testbed.broker_config import broker_access, scenario_without_secrets
 from testbed.core.messages import RunConfig, RunFinished
-from testbed.core.mqtt import BrokerConnectionError, MqttEndpoint
-from testbed.core.scenario import DeviceGroup, Scenario
+from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, MqttEndpoint
+from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
 from testbed.core.seeds import Stream, derived_seed
 from testbed.core.topics import Topics
 from testbed.inference import TorchInference
@@ -33,8 +36,31 @@ logger = logging.getLogger("testbed.runner")
 
 EXTERNAL_GOODBYE_S = 3.0  # at the end, time for "finished" to reach `testbed attach` bridges through their links
 END_RUN_CONFIG_S = 15.0  # the rest of the goodbye: two publishes, or a reconnect and one publish
+IDENTITY_CHECKS_AT_ONCE = 8  # device identities checked on an external broker at the start, this many at a time
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+class BrokerCredentialsError(RunError, ScenarioError):
+    """The broker refused an identity the scenario gives: the run cannot start, and the scenario is what to fix."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def metrics_exposure_warning(metrics: MetricsSpec) -> str | None:
+    """The warning a run prints when its Prometheus exporter listens beyond loopback, or None."""
+    if not metrics.enabled or is_loopback(metrics.host):
+        return None
+    return (f"metrics.host {metrics.host} is not a loopback address: the Prometheus exporter (no authentication) "
+            "is reachable from the network")
 
 
 class RunAssembly:
@@ -51,23 +77,50 @@ class RunAssembly:
         self.profiles = scenario.device_profiles()
         self.external_devices: dict[str, ExternalDevice] = {}
         self.metrics_url: str | None = None
+        self.access: BrokerAccess | None = None  # the run's broker identities, once broker() has read them
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
-        """The embedded broker (started here) or the scenario's external one (checked reachable)."""
+        """The embedded broker (started here, checking the run's identities if it has any) or the scenario's
+        external one (checked reachable, and accepting the server's identity and every device's)."""
         spec = self.scenario.broker
+        self.access = broker_access(self.scenario)
         if spec.embedded:
-            broker = await stack.enter_async_context(EmbeddedBroker())
-            return MqttEndpoint(broker.host, broker.port)
+            broker = await stack.enter_async_context(EmbeddedBroker(access=self.access))
+            endpoint = MqttEndpoint(broker.host, broker.port)
+            server = self.access.server if self.access is not None else None
+            return endpoint if server is None else endpoint.with_credentials(server.username, server.password)
         endpoint = MqttEndpoint.from_spec(spec, spec.host, spec.port)
-        try:
-            await endpoint.check_connection(f"{self.run_id}-check")
-        except BrokerConnectionError as error:
-            raise RunError(f"cannot connect to broker {spec.url}: {error.reason}") from error
+        await self._check_identity(endpoint, f"{self.run_id}-check", "", SERVER_CREDENTIALS_FIELDS)
+        devices = list(self.access.devices.items()) if self.access is not None else []
+        for start in range(0, len(devices), IDENTITY_CHECKS_AT_ONCE):
+            outcomes = await asyncio.gather(*(  # each check ends by itself (its connect has a timeout)
+                self._check_identity(endpoint.with_credentials(identity.username, identity.password),
+                                     f"{self.run_id}-check-{device_id}", f" as device {device_id!r}",
+                                     f"the entry of {device_id!r} in broker.device_credentials")
+                for device_id, identity in devices[start:start + IDENTITY_CHECKS_AT_ONCE]), return_exceptions=True)
+            failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+            if failure is not None:
+                raise failure
         return endpoint
+
+    async def _check_identity(self, endpoint: MqttEndpoint, identifier: str, as_whom: str, fields: str) -> None:
+        try:
+            await endpoint.check_connection(identifier, credentials_fields=fields)
+        except BrokerConnectionError as error:
+            failure = BrokerCredentialsError if error.credentials_refused else RunError
+            raise failure(f"cannot connect to broker {self.scenario.broker.url}{as_whom}: {error.reason}") from error
+
+    def device_endpoint(self, endpoint: MqttEndpoint, device_id: str) -> MqttEndpoint:
+        """How a device reaches the broker: as itself when the scenario gives it an identity, else as the run."""
+        identity = self.access.devices.get(device_id) if self.access is not None else None
+        return endpoint if identity is None else endpoint.with_credentials(identity.username, identity.password)
 
     async def exporter(self, stack: AsyncExitStack) -> None:
         """The Prometheus exporter, if the scenario enables it; its URL lands in `metrics_url`."""
         metrics = self.scenario.metrics
+        exposure = metrics_exposure_warning(metrics)
+        if exposure is not None:
+            self.progress("warning", {"message": exposure})
         if metrics.enabled:
             exporter = await stack.enter_async_context(MetricsExporter(self.metrics.registry, metrics.host, metrics.port))
             self.metrics_url = exporter.url
@@ -85,7 +138,7 @@ class RunAssembly:
                 raise RunError(f"channel backend {self.scenario.channel.backend!r} cannot open the link of "
                                f"{device_id}: {error}") from error
             self.metrics.add_device(device_id, profile_name, link)
-            via = endpoint.via(*link.address)
+            via = self.device_endpoint(endpoint, device_id).via(*link.address)
             members.append(self._member(entries[device_id], device_id, profile_name, index, via, links, server))
         return members
 
@@ -106,13 +159,13 @@ class RunAssembly:
                                 baud=entry.baud, log_path=self.out_dir / "serial" / f"{device_id}.log")
         self.external_devices[device_id] = ExternalDevice(device_id)
         self.progress("waiting-for-board", {"device": device_id, "broker": f"{via.host}:{via.port}",
-                                            "run_id": self.run_id})
+                                            "run_id": self.run_id, "username": via.username})
         return self.external_devices[device_id]
 
     def run_config(self, init_seed: int) -> RunConfig:
         """The retained config message: how `testbed attach` learns the run's scenario and device numbers."""
         return RunConfig(run=self.run_id, started_at=time.time(), init_seed=init_seed,
-                         scenario=self.scenario.model_dump(mode="json", by_alias=True, exclude_none=True),
+                         scenario=scenario_without_secrets(self.scenario),
                          devices={device_id: index for index, device_id in enumerate(self.profiles)})
 
     async def control_client(self, stack: AsyncExitStack, endpoint: MqttEndpoint, init_seed: int) -> aiomqtt.Client:

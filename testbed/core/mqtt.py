@@ -17,21 +17,34 @@ CONNECT_TIMEOUT_S = 10.0
 CLEANUP_TIMEOUT_S = 1.0
 
 
+# CONNACK codes refusing the credentials: MQTT 3.1.1's 4 and 5, MQTT 5's 134 and 135 (paho reports 3.1.1's as 5's).
+CREDENTIALS_REFUSED_CODES = frozenset({4, 5, 134, 135})
+SERVER_CREDENTIALS_FIELDS = "broker.username / broker.password"
+
+
 class BrokerConnectionError(TestbedError):
     """The broker could not be reached, refused the credentials, or failed the TLS handshake."""
 
-    def __init__(self, address: str, reason: str) -> None:
+    def __init__(self, address: str, reason: str, credentials_refused: bool = False) -> None:
         super().__init__(f"cannot connect to broker {address}: {reason}")
         self.address = address
         self.reason = reason
+        self.credentials_refused = credentials_refused
 
 
-def connect_failure_reason(error: aiomqtt.MqttError, timeout_s: float) -> str:
-    """What a failed connect means, in words that say what to check."""
+def credentials_refused(error: aiomqtt.MqttError) -> bool:
+    """Whether a failed connect was the broker refusing the username or password (not the network or TLS)."""
+    code = getattr(error, "rc", None)
+    return isinstance(error, aiomqtt.MqttCodeError) and getattr(code, "value", code) in CREDENTIALS_REFUSED_CODES
+
+
+def connect_failure_reason(error: aiomqtt.MqttError, timeout_s: float,
+                           credentials_fields: str = SERVER_CREDENTIALS_FIELDS) -> str:
+    """What a failed connect means, in words that say what to check (`credentials_fields`: where they come from)."""
     text = str(error)
     if isinstance(error, aiomqtt.MqttCodeError):
         # A negative CONNACK: "Not authorised", "Bad username or password", ...
-        return f"{text.lower()} (check broker.username / broker.password)"
+        return f"{text.lower()} (check {credentials_fields})"
     if "mismatch" in text and ("CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text):
         return f"TLS {text} (connect by a host name the broker's certificate lists)"
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
@@ -73,6 +86,10 @@ class MqttEndpoint:
             tls_check_hostname=not (tls and tls.insecure),
         )
 
+    def with_credentials(self, username: str, password: str) -> MqttEndpoint:
+        """The same broker, connecting as another identity (a device's own)."""
+        return replace(self, username=username, password=password)
+
     def via(self, host: str, port: int) -> MqttEndpoint:
         """The same broker reached through another address (a channel link's proxy).
 
@@ -85,7 +102,8 @@ class MqttEndpoint:
     def address(self) -> str:
         return f"{'mqtts' if self.tls_enabled else 'mqtt'}://{self.host}:{self.port}"
 
-    async def check_connection(self, identifier: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    async def check_connection(self, identifier: str, timeout_s: float = CONNECT_TIMEOUT_S,
+                               credentials_fields: str = SERVER_CREDENTIALS_FIELDS) -> None:
         """Connect once and disconnect; BrokerConnectionError says why when that fails."""
         client = self.client(identifier, timeout_s=timeout_s)
         try:
@@ -93,7 +111,8 @@ class MqttEndpoint:
                 pass
         except aiomqtt.MqttError as error:
             await _close_unfinished_connect(client)
-            raise BrokerConnectionError(self.address, connect_failure_reason(error, timeout_s)) from error
+            raise BrokerConnectionError(self.address, connect_failure_reason(error, timeout_s, credentials_fields),
+                                        credentials_refused(error)) from error
 
     def client(self, identifier: str, keepalive: int = 60, will: aiomqtt.Will | None = None,
                timeout_s: float = MQTT_TIMEOUT_S) -> aiomqtt.Client:

@@ -30,6 +30,7 @@ from testbed.broker_config import (
 from testbed.cli import main
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.topics import Topics
+from testbed.run_assembly import is_loopback, metrics_exposure_warning
 
 from ..conftest import debian_tool
 
@@ -223,6 +224,18 @@ def test_the_run_config_shares_no_secret() -> None:
     parse_scenario(shared)  # a board still reads it
 
 
+def test_metrics_beyond_loopback_warn() -> None:
+    metrics = parse_scenario(scenario_raw({"url": "embedded"})).metrics
+    assert metrics_exposure_warning(metrics) is None
+    for host in ("localhost", "127.0.0.5", "::1"):
+        assert is_loopback(host)
+        assert metrics_exposure_warning(metrics.model_copy(update={"host": host})) is None
+    for host in ("0.0.0.0", "192.168.1.5", "::", "testbed.example"):
+        warning = metrics_exposure_warning(metrics.model_copy(update={"host": host}))
+        assert warning is not None and host in warning and "\n" not in warning
+    assert metrics_exposure_warning(metrics.model_copy(update={"host": "0.0.0.0", "enabled": False})) is None
+
+
 # --- `testbed broker-config` ------------------------------------------------------------------------------
 
 def test_broker_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,3 +277,24 @@ def test_run_and_validate_refuse_a_device_missing_from_the_credentials(tmp_path:
     assert main(["run", str(scenario), "--out", str(tmp_path / "run")]) == 2
     output = capsys.readouterr().out
     assert output.count("broker.device_credentials:") == 2 and "no entry for device 'rpi4-1'" in output
+
+
+def test_attach_connects_as_the_device(tmp_path: Path) -> None:
+    import argparse
+
+    from testbed.hil_commands import attach_endpoint
+
+    password_file = tmp_path / "password"
+    password_file.write_text("b-secret\nignored\n")
+    arguments = {"broker": "127.0.0.1:18830", "name": "rpi4-1", "username": None, "password_file": None,
+                 "ca_file": None}
+    plain = attach_endpoint(argparse.Namespace(**arguments))
+    assert (plain.username, plain.password, plain.tls_enabled) == (None, None, False)
+    own = attach_endpoint(argparse.Namespace(**{**arguments, "password_file": password_file}))
+    assert (own.username, own.password) == ("rpi4-1", "b-secret")
+    named = attach_endpoint(argparse.Namespace(**{**arguments, "password_file": password_file, "username": "lab",
+                                                  "ca_file": tmp_path / "ca.crt"}))
+    assert (named.username, named.tls_enabled, named.tls_ca_file) == ("lab", True, str(tmp_path / "ca.crt"))
+    assert named.tls_verify_certificate and not named.tls_check_hostname  # through the link's proxy
+    with pytest.raises(ValueError, match="--password-file"):
+        attach_endpoint(argparse.Namespace(**{**arguments, "password_file": tmp_path / "missing"}))
