@@ -139,6 +139,7 @@ async def assert_each_identity_is_held_to_its_topics(endpoint: Callable[[str | N
         for topic in topics.device_subscriptions("rpi4-1"):
             await device_b.subscribe(topic, qos=1)
         await device_a.subscribe(topics.manifest, qos=1)
+        await device_a.subscribe("testbed/+/config", qos=1)  # as `testbed attach` looks for its run
         for eavesdrop in (topics.device("rpi4-1", "manifest"), topics.device_update_chunks("rpi4-1"),
                           topics.devices("report"), "testbed/#"):
             await device_a.subscribe(eavesdrop, qos=1)  # refused (embedded) or granted and filtered (Mosquitto)
@@ -151,6 +152,7 @@ async def assert_each_identity_is_held_to_its_topics(endpoint: Callable[[str | N
         await device_a.publish(topics.device("rpi4-0", "hello"), b"device-a-marker", qos=1, timeout=15.0)
         await server.publish(topics.device("rpi4-1", "manifest"), b"for-b-only", qos=1, timeout=15.0)
         await server.publish(topics.device_update_chunk("rpi4-1", "2-from-1", 0), b"for-b-only", qos=1, timeout=15.0)
+        await server.publish(topics.config, b"run-config", qos=1, timeout=15.0)
         await server.publish(topics.manifest, b"server-marker", qos=1, timeout=15.0)
 
         at_server = await received_until(server, b"device-a-marker")
@@ -160,7 +162,7 @@ async def assert_each_identity_is_held_to_its_topics(endpoint: Callable[[str | N
                                (topics.device_update_chunk("rpi4-1", "2-from-1", 0), b"for-b-only"),
                                (topics.manifest, b"server-marker")]
         at_device_a = await received_until(device_a, b"server-marker")
-        assert at_device_a == [(topics.manifest, b"server-marker")]
+        assert at_device_a == [(topics.config, b"run-config"), (topics.manifest, b"server-marker")]
         # The forged retained manifest was not kept either: a newcomer gets no retained manifest at all.
         async with endpoint(*DEVICE_B).client("acl-device-b-late", timeout_s=15.0) as late:
             await late.subscribe(topics.manifest, qos=1)  # a retained manifest would be sent with the SUBACK
