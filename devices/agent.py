@@ -14,12 +14,13 @@ import numpy as np
 
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
-from devices.update_receiver import CompletedUpdate, UpdateReceiver
-from testbed.core.manifest import ManifestError, UpdateManifest
+from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
+from testbed.core.manifest import UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
 from testbed.core.mqtt import MqttEndpoint
+from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
-from testbed.core.wire import WireError, weights_hash
+from testbed.core.wire import weights_hash
 
 logger = logging.getLogger("devices.agent")
 
@@ -67,11 +68,12 @@ class RoundAccounting:
 
 @dataclass
 class DeviceState:
-    """The device's deployed model (held by its UpdateReceiver) and its counters."""
+    """The device's deployed model (held by its UpdateReceiver, with its rejection counts) and its counters."""
 
     receiver: UpdateReceiver
-    rejected_updates: int = 0
     applied_updates: int = 0
+    failed_messages: int = 0
+    """Messages whose handling raised something unexpected (logged with the topic, then dropped)."""
     total_received_bytes: int = 0
     total_energy_joules: float = 0.0
     energy_joules_by_phase: dict[str, float] = field(
@@ -81,6 +83,10 @@ class DeviceState:
     @property
     def version(self) -> int:
         return self.receiver.version
+
+    @property
+    def rejected_updates(self) -> int:
+        return self.receiver.rejected_updates
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
@@ -102,6 +108,7 @@ class DeviceAgent:
         topics: Topics,
         endpoint: MqttEndpoint,
         inference: InferenceModel,
+        trusted_key: TrustedKey,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -109,7 +116,8 @@ class DeviceAgent:
         self.endpoint = endpoint
         self.inference = inference
         self.clock = clock
-        self.receiver = UpdateReceiver(inference.initial_weights(), config.init_seed)
+        self.receiver = UpdateReceiver(inference.initial_weights(), config.init_seed,
+                                       UpdateTrust(topics.run_id, trusted_key, clock))
         self.state = DeviceState(self.receiver)
         inference.load_weights(self.receiver.weights)
         self.accounting = RoundAccounting(started_at=time.monotonic())
@@ -146,7 +154,7 @@ class DeviceAgent:
                                     self._nack("reconnected; updates in flight were lost"))
             self.connected.set()
             async for message in client.messages:
-                await self._handle(client, str(message.topic), bytes(message.payload), message.qos)
+                await self._handle_contained(client, str(message.topic), bytes(message.payload), message.qos)
 
     def _hello(self) -> DeviceHello:
         return DeviceHello(device=self.device_id, profile=self.config.profile.name, version=self.state.version,
@@ -157,6 +165,17 @@ class DeviceAgent:
         self.accounting.transmitted_bytes += mqtt_publish_wire_bytes(topic, len(payload), qos=1)
         await client.publish(topic, payload, qos=1, retain=retain, timeout=60.0)
 
+    async def _handle_contained(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
+        """Handle one message; whatever it raises costs only that message (the connection's errors excepted)."""
+        try:
+            await self._handle(client, topic, payload, qos)
+        except (aiomqtt.MqttError, asyncio.CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 — a message the device cannot handle must not end the device
+            self.state.failed_messages += 1
+            logger.exception("device %s: dropped a message on %.200s (%d bytes) that failed to be handled",
+                             self.device_id, topic, len(payload))
+
     async def _handle(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
         wire_bytes = mqtt_publish_wire_bytes(topic, len(payload), qos)
         self.accounting.received_bytes += wire_bytes
@@ -165,13 +184,21 @@ class DeviceAgent:
             self.accounting.transmitted_bytes += PUBACK_BYTES
         try:
             completed = self._receive(topic, payload)
-        except (WireError, ManifestError) as error:
-            self.state.rejected_updates += 1
-            logger.warning("device %s: rejected message on %s: %s", self.device_id, topic, error)
-            await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
+            if completed is not None:
+                delivered_at = self.clock()
+                started = time.perf_counter()
+                version, new_weights = self.receiver.verify(completed)
+                verify_host_s = time.perf_counter() - started
+        except UpdateRejected as error:
+            # Counted by the receiver. Only a genuine update the device could not use asks for a catch-up;
+            # anything else (forged, replayed, foreign, a stray chunk) gets no answer, so it costs no traffic.
+            level = logging.WARNING if error.reason.asks_for_repair else logging.INFO
+            logger.log(level, "device %s: refused a message on %.200s: %s", self.device_id, topic, error)
+            if error.reason.asks_for_repair:
+                await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
             return
         if completed is not None:
-            await self._apply_and_report(client, completed)
+            await self._apply_and_report(client, completed, version, new_weights, delivered_at, verify_host_s)
 
     def _receive(self, topic: str, payload: bytes) -> CompletedUpdate | None:
         chunk = self.topics.parse_update_chunk(topic)
@@ -179,24 +206,19 @@ class DeviceAgent:
             key, index = chunk
             return self.receiver.add_chunk(key, index, payload)
         if topic not in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
-            logger.debug("device %s: ignoring a message on %s", self.device_id, topic)
+            logger.debug("device %s: ignoring a message on %.200s", self.device_id, topic)
             return None
-        return self.receiver.add_manifest(UpdateManifest.from_json(payload))
+        return self.receiver.add_manifest_payload(payload)
 
     def _nack(self, reason: str) -> DeviceNack:
-        return DeviceNack(device=self.device_id, version=self.state.version, reason=reason)
+        return DeviceNack(device=self.device_id, version=self.state.version, reason=reason[:1024],
+                          session=self.reconnects)
 
-    async def _apply_and_report(self, client: aiomqtt.Client, completed: CompletedUpdate) -> None:
+    async def _apply_and_report(self, client: aiomqtt.Client, completed: CompletedUpdate, version: int,
+                                new_weights: dict[str, np.ndarray], delivered_at: float, verify_host_s: float) -> None:
+        """Swap in verified weights, evaluate, report; apply time counts the verification (decode and apply)."""
         manifest = completed.manifest
-        delivered_at = self.clock()
-        started = time.perf_counter()
-        try:
-            version, new_weights = self.receiver.verify(completed)
-        except WireError as error:
-            self.state.rejected_updates += 1
-            logger.warning("device %s: update %s rejected: %s", self.device_id, manifest.key, error)
-            await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
-            return
+        started = time.perf_counter() - verify_host_s
         self.inference.load_weights(new_weights)
         self.receiver.commit(version, new_weights)
         self.state.applied_updates += 1
@@ -249,6 +271,7 @@ class DeviceAgent:
             },
             total_energy_joules=self.state.total_energy_joules,
             rejected_updates=self.state.rejected_updates,
+            rejected_by_reason={reason.value: count for reason, count in sorted(self.receiver.rejections.items())},
         )
         self.accounting = RoundAccounting(started_at=now)
         return report

@@ -1,88 +1,143 @@
-"""Reassembly of an update's chunks announced by a manifest (pure, bounded)."""
+"""Reassembly of an update's chunks against its signed manifest (pure, bounded).
+
+Every chunk is checked against the digest the manifest lists for it, so a chunk injected on an update's
+topic is dropped on arrival and the genuine one is still awaited. Chunks that arrive before their
+manifest are held unchecked, within a small budget, and checked once the manifest is there.
+"""
 
 from __future__ import annotations
 
-from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.manifest import RejectReason, UpdateManifest, UpdateRejected, chunk_digest, payload_digest
 from testbed.core.wire import WireError, join_chunks
 
 MAX_PENDING_KEYS = 8
+MAX_UPDATE_BYTES = 64 * 1024 * 1024
+MAX_UNANNOUNCED_BYTES = 1024 * 1024
+"""Chunks held for updates whose manifest has not arrived (the broker delivers a manifest before its
+chunks, so this only needs to cover reordering); the oldest are dropped beyond it."""
+MAX_CANDIDATES = 4
+"""Different chunks held for one index of an unannounced update: an injected one cannot displace the genuine one."""
 
 
 class UpdateAssembler:
-    """Collects chunks per update key; yields the payload once a manifest's chunks are all there."""
+    """Collects checked chunks per update key; yields the payload once a manifest's chunks are all there."""
 
-    def __init__(self, max_update_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, max_update_bytes: int = MAX_UPDATE_BYTES,
+                 max_unannounced_bytes: int = MAX_UNANNOUNCED_BYTES) -> None:
         self.max_update_bytes = max_update_bytes
+        self.max_unannounced_bytes = max_unannounced_bytes
         self._manifests: dict[str, UpdateManifest] = {}
-        self._chunks: dict[str, dict[int, bytes]] = {}
-        self._arrival: dict[str, None] = {}  # pending keys, oldest first
-        self._held_bytes: dict[str, int] = {}
+        self._chunks: dict[str, dict[int, bytes]] = {}  # checked chunks of announced updates
+        self._candidates: dict[str, dict[int, list[bytes]]] = {}  # unchecked chunks of unannounced ones
+        self._arrival: dict[str, None] = {}  # keys with a manifest, oldest first
+        self._unannounced_bytes: dict[str, int] = {}  # keys with chunks but no manifest yet, oldest first
         self.received_chunk_bytes = 0
         self.dropped_chunks = 0
 
     def expect(self, manifest: UpdateManifest) -> bytes | None:
-        """Register a manifest; returns the payload if its chunks already all arrived."""
+        """Register a verified manifest; returns the payload if its chunks already all arrived.
+
+        Chunks held for its key that do not match the manifest's digests are dropped (counted in
+        `dropped_chunks`); the genuine ones may still come.
+        """
         if manifest.total_bytes > self.max_update_bytes:
-            raise WireError(f"update of {manifest.total_bytes} bytes exceeds the limit of {self.max_update_bytes}")
+            raise UpdateRejected(RejectReason.MALFORMED, f"update of {manifest.total_bytes} bytes exceeds the "
+                                                         f"limit of {self.max_update_bytes}")
+        if manifest.key in self._manifests:
+            return None  # announced again (a retained manifest on reconnect): what is held stays
         self._manifests[manifest.key] = manifest
-        held = self._chunks.get(manifest.key, {})
-        for index in [index for index in held if index >= manifest.chunk_count]:
-            # arrived before the manifest said they cannot belong to it
-            self._held_bytes[manifest.key] -= len(held.pop(index))
-            self.dropped_chunks += 1
+        self._unannounced_bytes.pop(manifest.key, None)
+        held = self._chunks.setdefault(manifest.key, {})
+        for index, candidates in self._candidates.pop(manifest.key, {}).items():
+            for candidate in candidates:
+                if index < manifest.chunk_count and chunk_digest(candidate) == manifest.chunk_sha256[index]:
+                    held[index] = candidate
+                else:
+                    self.dropped_chunks += 1
         self._arrived(manifest.key)
         return self._complete(manifest.key)
 
     def add_chunk(self, key: str, index: int, data: bytes) -> bytes | None:
-        """Store one chunk; returns the whole payload when the update is complete, else None."""
+        """Store one chunk; the whole payload when the update is complete, else None.
+
+        UpdateRejected (bad_chunk) for a chunk that does not belong to its announced update, or that would
+        take the unannounced chunks past their budget; nothing held before is lost.
+        """
         manifest = self._manifests.get(key)
-        if index < 0 or (manifest is not None and index >= manifest.chunk_count):
+        if manifest is None:
+            return self._hold_unannounced(key, index, data)
+        if index >= manifest.chunk_count:
             self.dropped_chunks += 1
-            limit = "" if manifest is None else f" of its {manifest.chunk_count} chunks"
-            raise WireError(f"chunk {index} of update {key} is not a valid chunk index{limit}")
-        self.received_chunk_bytes += len(data)
+            raise UpdateRejected(RejectReason.BAD_CHUNK,
+                                 f"chunk {index} of update {key} is not one of its {manifest.chunk_count} chunks")
         held = self._chunks.setdefault(key, {})
-        previous = held.get(index)
+        if index in held:
+            return None  # a duplicate of a chunk already checked
+        if chunk_digest(data) != manifest.chunk_sha256[index]:
+            self.dropped_chunks += 1
+            raise UpdateRejected(RejectReason.BAD_CHUNK, f"chunk {index} of update {key} does not match its digest")
+        self.received_chunk_bytes += len(data)
         held[index] = data
-        self._held_bytes[key] = self._held_bytes.get(key, 0) + len(data) - (0 if previous is None else len(previous))
-        if self._held_bytes[key] > self.max_update_bytes:
-            self.dropped_chunks += len(held)
-            self.forget(key)
-            raise WireError(f"update {key}: chunks held exceed the limit of {self.max_update_bytes} bytes")
-        self._arrived(key)
         return self._complete(key)
+
+    def expects(self, key: str) -> bool:
+        """Whether a manifest for `key` is registered and its update not complete yet."""
+        return key in self._manifests
 
     @property
     def pending_updates(self) -> int:
         """Updates with a manifest or chunks held but not complete yet."""
-        return len(self._arrival)
+        return len(self._arrival) + len(self._unannounced_bytes)
 
     def forget(self, key: str) -> None:
         """Drop everything held for one update."""
         self._manifests.pop(key, None)
         self._chunks.pop(key, None)
+        self._candidates.pop(key, None)
         self._arrival.pop(key, None)
-        self._held_bytes.pop(key, None)
+        self._unannounced_bytes.pop(key, None)
+
+    def _hold_unannounced(self, key: str, index: int, data: bytes) -> None:
+        if len(data) > self.max_unannounced_bytes:
+            self.dropped_chunks += 1
+            raise UpdateRejected(RejectReason.BAD_CHUNK, f"chunk {index} of unannounced update {key!r:.40} is "
+                                                         f"{len(data)} bytes")
+        candidates = self._candidates.setdefault(key, {}).setdefault(index, [])
+        if data in candidates:
+            return None
+        if len(candidates) >= MAX_CANDIDATES:
+            self.dropped_chunks += 1
+            raise UpdateRejected(RejectReason.BAD_CHUNK, f"chunk {index} of unannounced update {key!r:.40} "
+                                                         f"arrived in more than {MAX_CANDIDATES} versions")
+        candidates.append(data)
+        self.received_chunk_bytes += len(data)
+        self._unannounced_bytes[key] = self._unannounced_bytes.get(key, 0) + len(data)
+        # Unannounced keys never push out an announced one: they have a byte and a key budget of their own.
+        while (sum(self._unannounced_bytes.values()) > self.max_unannounced_bytes
+               or len(self._unannounced_bytes) > MAX_PENDING_KEYS):
+            oldest = next(iter(self._unannounced_bytes))
+            self.dropped_chunks += sum(len(versions) for versions in self._candidates.get(oldest, {}).values())
+            self.forget(oldest)
+        return None
 
     def _complete(self, key: str) -> bytes | None:
         manifest = self._manifests.get(key)
         chunks = self._chunks.get(key, {})
-        # Held indexes are all below chunk_count (checked on arrival and in expect), so a full count is complete.
+        # Held indexes are all below chunk_count and match their digests, so a full count is complete.
         if manifest is None or len(chunks) < manifest.chunk_count:
             return None
+        self.forget(key)
         try:
             payload = join_chunks(chunks, manifest.chunk_count, manifest.total_bytes)
-        except WireError:
-            self.forget(key)
-            raise
+        except WireError as error:
+            raise UpdateRejected(RejectReason.BAD_UPDATE, f"update {key}: {error}") from None
         if payload_digest(payload) != manifest.payload_sha256:
-            self.forget(key)
-            raise WireError(f"update {key}: reassembled payload does not match the manifest's SHA-256")
-        self.forget(key)
+            raise UpdateRejected(RejectReason.BAD_UPDATE,
+                                 f"update {key}: reassembled payload does not match the manifest's SHA-256")
         return payload
 
     def _arrived(self, key: str) -> None:
-        """Note a key as pending and drop the oldest other keys beyond MAX_PENDING_KEYS."""
+        """Note an announced key as pending and drop the oldest other announced keys beyond MAX_PENDING_KEYS."""
         self._arrival.setdefault(key, None)
         while len(self._arrival) > MAX_PENDING_KEYS:
             oldest = next(other for other in self._arrival if other != key)

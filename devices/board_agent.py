@@ -29,16 +29,18 @@ from devices.serial_framing import (
 )
 from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from devices.task_groups import run_together
-from devices.update_receiver import CompletedUpdate, UpdateReceiver
-from testbed.core.manifest import ManifestError, UpdateManifest
+from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
+from testbed.core.manifest import RejectReason, UpdateRejected
 from testbed.core.messages import BoardConfig, DeviceNack, DeviceReport, MessageError
-from testbed.core.wire import WireError, weights_hash
+from testbed.core.signing import SigningKeyError, TrustedKey
+from testbed.core.wire import weights_hash
 
 logger = logging.getLogger("devices.board")
 
 REOPEN_DELAY_S = 1.0
 RECEIVE_POLL_S = 5.0  # the session loop wakes this often while nothing arrives (the link itself keeps time)
 RESULT_TYPES = (MessageType.REPORT, MessageType.APPLY_RESULT)  # carried over when the host never acknowledged them
+MAX_PIECES_IN_FLIGHT = 64  # chunks split over several frames and not yet whole
 
 
 def board_config_payload(config: BoardConfig) -> bytes:
@@ -79,14 +81,19 @@ class BoardAgent:
     catch-up). Reports and rejections the host never acknowledged are sent again once it configures the
     board again. The model held is saved after every apply (`state`), so a rebooted board resumes from
     its version.
+
+    Updates must be signed by the run's key, which the host's config frame names; `trusted_key` pins it
+    (`testbed board --trust`), so a host that is not the run's server cannot make the board apply anything:
+    a config naming another key is refused.
     """
 
     def __init__(self, port: str, *, board_name: str, profile: DeviceProfile, meter: EnergyMeter, setup: BoardSetup,
                  baud: int = 115200, state: BoardStateStore | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  open_link: Callable[[], Awaitable[SerialLink]] | None = None,
-                 link_settings: LinkSettings | None = None) -> None:
+                 link_settings: LinkSettings | None = None, trusted_key: TrustedKey | None = None) -> None:
         self.port = port
+        self.trusted_key = trusted_key
         self.board_name = board_name
         self.profile = profile
         self.meter = meter
@@ -98,7 +105,7 @@ class BoardAgent:
         self._open_link = open_link or (lambda: SerialLink.open(port, baud, max_frame_bytes=max_frame_bytes))
         self.deployment: _Deployment | None = None
         self.sessions = 0
-        self.rejected_updates = 0
+        self.failed_frames = 0
         self.configured = asyncio.Event()
         self._link: ReliableSerialLink | None = None
         self._pieces: dict[tuple[str, int], bytearray] = {}
@@ -160,7 +167,18 @@ class BoardAgent:
                 frame = await link.receive(RECEIVE_POLL_S)
             except SerialLinkTimeout:
                 continue
-            await self._handle(frame)
+            try:
+                await self._handle(frame)
+            except (SerialLinkError, asyncio.CancelledError):
+                raise
+            except Exception:  # noqa: BLE001 — one frame the board cannot handle must not end the board
+                self.failed_frames += 1
+                logger.exception("board %s: dropped a %s frame that failed to be handled", self.board_name,
+                                 frame.message_type.name)
+
+    @property
+    def rejected_updates(self) -> int:
+        return self.deployment.receiver.rejected_updates if self.deployment else 0
 
     def _keep_results(self, link: ReliableSerialLink) -> None:
         """Reports and rejections the host did not acknowledge: sent again after the next config."""
@@ -193,16 +211,25 @@ class BoardAgent:
     async def _configure(self, payload: bytes) -> None:
         try:
             config = board_config_from_payload(payload)
-        except SerialFrameError as error:
+            run_key = TrustedKey.from_text(config.public_key)
+        except (SerialFrameError, SigningKeyError) as error:
             await self._send(MessageType.READY, json_payload({"error": f"bad config: {error}"}))
             return
+        if self.trusted_key is not None and run_key != self.trusted_key:
+            await self._send(MessageType.READY, json_payload({
+                "error": f"run {config.run} signs its updates with key {run_key.key_id}…, but this board trusts "
+                         f"only {self.trusted_key.key_id}… (testbed board --trust); give the run that key's "
+                         "signing key (testbed run --signing-key)"}))
+            return
         current = self.deployment
-        if current is None or (current.config.run, current.config.device) != (config.run, config.device):
+        if current is None or (current.config.run, current.config.device, current.config.public_key) != (
+                config.run, config.device, config.public_key):
             self.configured.clear()
             self._pending_results.clear()  # reports of another run
             try:
                 inference = await asyncio.to_thread(self.setup, config)
-                receiver = UpdateReceiver(inference.initial_weights(), config.init_seed)
+                receiver = UpdateReceiver(inference.initial_weights(), config.init_seed,
+                                          UpdateTrust(config.run, run_key))
                 saved = self.state.load(config.run, config.device) if self.state else None
                 if saved is not None:
                     receiver.restore(saved.version, saved.weights)
@@ -236,13 +263,22 @@ class BoardAgent:
             self.energy.begin_phase("receive")
         try:
             if frame.message_type == MessageType.MANIFEST:
-                completed = receiver.add_manifest(UpdateManifest.from_json(frame.payload))
+                completed = receiver.add_manifest_payload(frame.payload)
             else:
-                completed = self._add_chunk_piece(receiver, UpdateChunk.from_payload(frame.payload), frame.flags)
-        except (WireError, ManifestError, SerialFrameError) as error:
-            self.rejected_updates += 1
-            self._drop_transfers()
-            await self._reject(deployment, f"rejected: {error}")
+                try:
+                    piece = UpdateChunk.from_payload(frame.payload)
+                except SerialFrameError as error:
+                    raise receiver.reject(RejectReason.BAD_CHUNK, str(error)) from None
+                completed = self._add_chunk_piece(receiver, piece, frame.flags)
+        except UpdateRejected as error:
+            # Counted by the receiver; only a genuine update the board could not use asks for a catch-up.
+            if error.reason.asks_for_repair:
+                self._drop_transfers()
+                await self._reject(deployment, f"rejected: {error}")
+            else:
+                await self._log(f"refused a {frame.message_type.name} frame: {str(error)[:200]}")
+            if not receiver.transfers_in_flight and not self._pieces:
+                self.energy.begin_phase("idle")
             return
         if completed is not None:
             await self._apply_and_report(deployment, completed)
@@ -250,10 +286,14 @@ class BoardAgent:
             self.energy.begin_phase("idle")
 
     def _add_chunk_piece(self, receiver: UpdateReceiver, piece: UpdateChunk, flags: int) -> CompletedUpdate | None:
+        if (piece.key, piece.index) not in self._pieces and len(self._pieces) >= MAX_PIECES_IN_FLIGHT:
+            raise receiver.reject(RejectReason.BAD_CHUNK, f"more than {MAX_PIECES_IN_FLIGHT} chunks arriving at once")
         held = self._pieces.setdefault((piece.key, piece.index), bytearray())
         held += piece.data
         if len(held) > receiver.assembler.max_update_bytes:
-            raise WireError(f"chunk {piece.index} of update {piece.key} grows beyond the update size limit")
+            del self._pieces[(piece.key, piece.index)]
+            raise receiver.reject(RejectReason.BAD_CHUNK,
+                                  f"chunk {piece.index} of update {piece.key} grows beyond the update size limit")
         if flags & FLAG_MORE:
             return None
         return receiver.add_chunk(piece.key, piece.index, bytes(self._pieces.pop((piece.key, piece.index))))
@@ -264,8 +304,7 @@ class BoardAgent:
         self.energy.begin_phase("apply")
         try:
             version, weights = await asyncio.to_thread(receiver.verify, completed)
-        except WireError as error:
-            self.rejected_updates += 1
+        except UpdateRejected as error:
             await self._reject(deployment, f"update {completed.manifest.key} rejected: {error}")
             return
         await asyncio.to_thread(deployment.inference.load_weights, weights)
@@ -290,7 +329,8 @@ class BoardAgent:
     async def _reject(self, deployment: _Deployment, reason: str) -> None:
         logger.warning("board %s: %s", self.board_name, reason)
         self.energy.begin_phase("transmit")
-        nack = DeviceNack(device=deployment.config.device, version=deployment.receiver.version, reason=reason)
+        nack = DeviceNack(device=deployment.config.device, version=deployment.receiver.version, reason=reason[:1024],
+                          session=self.sessions)
         await self._send(MessageType.APPLY_RESULT, nack.encode())
         self.energy.begin_phase("idle")
 
@@ -335,6 +375,7 @@ class BoardAgent:
             evaluate_seconds=evaluate_s,
             **self.energy.report_fields(energy),
             rejected_updates=self.rejected_updates,
+            rejected_by_reason={reason.value: count for reason, count in sorted(deployment.receiver.rejections.items())},
             serial_frames_lost=self.frames_resent,  # lost on the line (or their ACK was) and sent again
         )
         self._round_received_from, self._round_sent_from = received_total, sent_total

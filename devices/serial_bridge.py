@@ -37,9 +37,10 @@ from devices.serial_link import (
     line_rate_bytes_per_s,
 )
 from devices.task_groups import run_together
-from testbed.core.manifest import ManifestError, UpdateManifest
+from testbed.core.manifest import ManifestError, UpdateManifest, UpdateRejected, verify_manifest
 from testbed.core.messages import BoardConfig, DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
 from testbed.core.mqtt import MqttEndpoint
+from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
 from devices.errors import DeviceError
 
@@ -116,7 +117,10 @@ class SerialBridge:
         self.board_ready = asyncio.Event()
         self.board_hello: Hello | None = None
         self.board_version = 0
-        self.latest_target_version = 0  # newest version announced on MQTT
+        self.latest_target_version = 0  # newest version announced on MQTT (by a manifest the run signed)
+        self.trusted_key = TrustedKey.from_text(config.public_key)
+        self.refused_manifests = 0  # not the run's: not worth the serial line (the board would refuse them too)
+        self.failed_messages = 0
         self.offline_periods = 0
         self.dropped_while_offline = 0
         self.frames_forwarded = 0
@@ -175,11 +179,16 @@ class SerialBridge:
     async def _receive_mqtt(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic, payload = str(message.topic), bytes(message.payload)
-            chunk = self.topics.parse_update_chunk(topic)
-            if chunk is not None:
-                self._forward_chunk(chunk[0], chunk[1], payload)
-            elif topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
-                self._forward_manifest(payload)
+            try:
+                chunk = self.topics.parse_update_chunk(topic)
+                if chunk is not None:
+                    self._forward_chunk(chunk[0], chunk[1], payload)
+                elif topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
+                    self._forward_manifest(payload)
+            except Exception:  # noqa: BLE001 — one message the bridge cannot handle must not end the bridge
+                self.failed_messages += 1
+                logger.exception("bridge %s: dropped a message on %.200s that failed to be handled",
+                                 self.device_id, topic)
 
     def _publish(self, kind: str, body: Message, retain: bool = False) -> None:
         self._outbox.put_nowait((self.topics.device(self.device_id, kind), body, retain))
@@ -190,11 +199,14 @@ class SerialBridge:
     # --- MQTT -> board --------------------------------------------------------------------------------
 
     def _forward_manifest(self, payload: bytes) -> None:
+        """Forward a manifest the run signed; anything else would cost serial airtime only to be refused."""
         try:
             manifest = UpdateManifest.from_json(payload)
-        except ManifestError as error:  # the board would reject it too; say so on the run's nack topic
-            logger.warning("bridge %s: malformed manifest: %s", self.device_id, error)
-            self._ask_catch_up(str(error))
+            verify_manifest(manifest, trusted_key=self.trusted_key, run_id=self.config.run, model_fingerprint=None,
+                            now=time.time())
+        except (ManifestError, UpdateRejected) as error:
+            self.refused_manifests += 1
+            logger.info("bridge %s: not forwarding a manifest: %s", self.device_id, error)
             return
         self.latest_target_version = max(self.latest_target_version, manifest.target_version)
         self._enqueue(MessageType.MANIFEST, payload)

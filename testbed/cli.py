@@ -23,7 +23,8 @@ from testbed.core.scenario import Scenario, ScenarioError, load_scenario
 # that `testbed validate` loads nothing beyond testbed.core.
 COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.channel_command",
                    "board": "testbed.hil_commands", "attach": "testbed.hil_commands",
-                   "broker-config": "testbed.broker_config"}
+                   "broker-config": "testbed.broker_config",
+                   "keygen": "testbed.key_commands"}
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_SCENARIO = 2
@@ -48,6 +49,8 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="results folder (default: runs/<name>-<time>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                      help="override a scenario field, e.g. --set update.ratio=0.01 (repeatable)")
+    run.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                     help="sign the run's updates with this key (from `testbed keygen`); default: a fresh key per run")
     run.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     compare = commands.add_parser("compare", help="compare update strategies and ratios on the server only")
     compare.add_argument("scenario", type=Path, help="scenario YAML file (its data, model and training settings)")
@@ -149,6 +152,7 @@ class _RichProgress:
                 f"[bold]{data['devices']} devices[/] via broker {data['broker']}; "
                 f"downlink {data['downlink']}; uplink {data['uplink']}"
                 + (f"; metrics at {data['metrics']}" if data["metrics"] else "")
+                + f"; updates signed by {data['signing_key']}"
             )
             self.progress.start()
             self.task = self.progress.add_task("rounds", total=data["rounds"], status="")
@@ -260,8 +264,15 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
 
     from testbed.runner import run_scenario
 
+    from testbed.core.signing import SigningKey, SigningKeyError
+
     scenario = _load(args.scenario, args.overrides, console)
     if scenario is None:
+        return EXIT_BAD_SCENARIO
+    try:
+        signing_key = None if args.signing_key is None else SigningKey.load(args.signing_key)
+    except SigningKeyError as error:
+        console.print(f"[red]error:[/] --signing-key: {error}", highlight=False, soft_wrap=True)
         return EXIT_BAD_SCENARIO
     out_dir = args.out or _default_out(scenario)
     console.print(f"[bold]{scenario.name}[/]: {scenario.rounds} rounds, strategy {scenario.update.strategy} "
@@ -269,7 +280,7 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     progress = _RichProgress(console)
     started = time.monotonic()
     try:
-        result = asyncio.run(run_scenario(scenario, out_dir, progress))
+        result = asyncio.run(run_scenario(scenario, out_dir, progress, signing_key))
     except KeyboardInterrupt:
         progress.stop()
         console.print("[yellow]interrupted[/]; results so far are in " + str(out_dir))

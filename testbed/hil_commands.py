@@ -24,6 +24,7 @@ from devices.task_groups import run_together
 from testbed.core.messages import BoardConfig, MessageError, RunConfig, RunFinished, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint, credentials_refused
 from testbed.core.scenario import ScenarioError, parse_scenario
+from testbed.core.signing import SigningKeyError, TrustedKey
 from testbed.core.topics import Topics
 
 COMMANDS = ("board", "attach")
@@ -56,6 +57,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     board.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     board.add_argument("--state-dir", type=Path, default=Path.home() / ".local" / "state" / "edge-testbed",
                        help="where the model held is saved, so a reboot resumes (default ~/.local/state/edge-testbed)")
+    board.add_argument("--trust", metavar="PUBKEY", default=None,
+                       help="apply only updates signed by this key (ed25519:<base64>, or a file holding it, as "
+                            "`testbed keygen` prints); without it the board trusts the key the host's config names")
     board.add_argument("-v", "--verbose", action="store_true")
     attach = commands.add_parser(
         "attach", help="bridge a serial-attached board into a running scenario as one of its devices",
@@ -109,10 +113,17 @@ async def _board(args: argparse.Namespace) -> int:
         meter = open_energy_meter(args.energy, profile, sysfs_root=args.sysfs_root, period_s=args.sample_period)
     except EnergyMeterError as error:
         return _fail("board", str(error), EXIT_BAD_ARGUMENTS)
+    try:
+        trusted_key = None if args.trust is None else TrustedKey.from_argument(args.trust)
+    except SigningKeyError as error:
+        return _fail("board", f"--trust: {error}", EXIT_BAD_ARGUMENTS)
     agent = BoardAgent(args.port, board_name=args.name, profile=profile, meter=meter, setup=_setup_inference,
-                       baud=args.baud, state=BoardStateStore(args.state_dir / args.name))
+                       baud=args.baud, state=BoardStateStore(args.state_dir / args.name), trusted_key=trusted_key)
+    trust = (f"updates signed by {trusted_key.text} only" if trusted_key
+             else "updates signed by the key the host's config names (pin one with --trust)")
     print(f"board {args.name}: waiting for the host on {args.port} at {args.baud} baud; energy reader "
-          f"{meter.name} every {meter.period_s * 1000:.0f} ms; state in {args.state_dir / args.name}", flush=True)
+          f"{meter.name} every {meter.period_s * 1000:.0f} ms; state in {args.state_dir / args.name}; {trust}",
+          flush=True)
     try:
         await agent.run()
     except (EnergyMeterError, ScenarioError) as error:

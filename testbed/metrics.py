@@ -114,7 +114,8 @@ class RunMetrics:
         self.device_transmitted = Counter("testbed_device_transmitted_bytes_total", "Bytes the device sent over MQTT (reports, acks)", device_labels, registry=r)
         self.device_delivery = Histogram("testbed_device_update_delivery_seconds", "Time from publishing an update to the device holding all of it", device_labels, buckets=DELIVERY_BUCKETS_S, registry=r)
         self.device_last_delivery = Gauge("testbed_device_last_update_delivery_seconds", "Delivery time of the device's latest update", device_labels, registry=r)
-        self.device_rejected = Counter("testbed_device_rejected_updates_total", "Updates the device rejected (nacks)", device_labels, registry=r)
+        self.device_rejected = Counter("testbed_device_rejected_updates_total", "Updates, manifests or chunks the device refused, by reason (unsigned, bad_signature, not_newer, ...)", (*device_labels, "reason"), registry=r)
+        self.device_nacks = Counter("testbed_device_nacks_total", "Catch-up requests (nacks) the run received from the device", device_labels, registry=r)
         self.server_round = Gauge("testbed_server_round", "Round the server completed last", server_labels, registry=r)
         self.server_accuracy = Gauge("testbed_server_accuracy_ratio", "Server model accuracy on the test split", server_labels, registry=r)
         self.server_model_version = Gauge("testbed_server_model_version", "Latest model version published", server_labels, registry=r)
@@ -125,6 +126,7 @@ class RunMetrics:
         self.server_rounds = Counter("testbed_server_rounds_total", "Rounds the server completed", server_labels, registry=r)
         self.links = _LinkCollector(run_id)
         r.register(self.links)
+        self._rejections_seen: dict[str, dict[str, int]] = {}
         self.run_info.labels(run=run_id).info({"scenario": scenario, "strategy": strategy,
                                                "ratio": "" if ratio is None else f"{ratio:g}"})
         self.server_published.labels(run=run_id, strategy=strategy)
@@ -137,7 +139,7 @@ class RunMetrics:
         """Announce a device (all its series start at 0, so every panel has data) and, optionally, its link."""
         labels = self._device(device_id, profile)
         self.device_online.labels(**labels).set(0)
-        for counter in (self.device_energy, self.device_received, self.device_transmitted, self.device_rejected):
+        for counter in (self.device_energy, self.device_received, self.device_transmitted, self.device_nacks):
             counter.labels(**labels)
         for phase in ENERGY_PHASES:
             self.device_phase_energy.labels(**labels, phase=phase)
@@ -180,9 +182,19 @@ class RunMetrics:
         self.device_transmitted.labels(**labels).inc(report.transmitted_bytes)
         self.device_delivery.labels(**labels).observe(report.delivery_seconds)
         self.device_last_delivery.labels(**labels).set(report.delivery_seconds)
+        self.record_rejections(report)  # idempotent: counts only what the running totals add
 
     def record_nack(self, device_id: str, profile: str) -> None:
-        self.device_rejected.labels(**self._device(device_id, profile)).inc()
+        self.device_nacks.labels(**self._device(device_id, profile)).inc()
+
+    def record_rejections(self, report: DeviceReport) -> None:
+        """The device's refusals by reason, from the running totals its report carries (labels: known reasons only)."""
+        seen = self._rejections_seen.setdefault(report.device, {})
+        labels = self._device(report.device, report.profile)
+        for reason, total in (report.rejected_by_reason or {}).items():
+            if total > seen.get(reason, 0):
+                self.device_rejected.labels(**labels, reason=reason).inc(total - seen.get(reason, 0))
+                seen[reason] = total
 
 
 class PushError(OrchestrationError):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import aiomqtt
 import numpy as np
 
-from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.manifest import DEFAULT_LIFETIME_S, UpdateManifest
+from testbed.core.signing import SigningKey
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes, update_key
 from testbed.core.wire import encode_full_model, encode_update, split_chunks, update_sizes
 
@@ -32,14 +33,17 @@ class PublishedUpdate:
 class UpdatePublisher:
     """Keeps every published version's weights so that a lagging device can get a cumulative update.
 
-    Version 0 is the shared initial model w⁰, which devices regenerate themselves.
+    Version 0 is the shared initial model w⁰, which devices regenerate themselves. Every manifest is
+    signed with `signing_key` and valid for `lifetime_s` after it is published.
     """
 
-    def __init__(self, client: aiomqtt.Client, topics: Topics, chunk_size: int,
-                 initial_weights: WeightDict | None = None) -> None:
+    def __init__(self, client: aiomqtt.Client, topics: Topics, chunk_size: int, signing_key: SigningKey,
+                 initial_weights: WeightDict | None = None, lifetime_s: float = DEFAULT_LIFETIME_S) -> None:
         self.client = client
         self.topics = topics
         self.chunk_size = chunk_size
+        self.signing_key = signing_key
+        self.lifetime_s = lifetime_s
         self.versions: dict[int, WeightDict] = {} if initial_weights is None else {0: initial_weights}
         self.latest_version = 0
         self.published_bytes = 0
@@ -75,18 +79,11 @@ class UpdatePublisher:
     async def _publish(self, round_index: int, target_version: int, base_version: int | None, payload: bytes,
                        manifest_topic: str, retain: bool, key: str, device_id: str | None) -> PublishedUpdate:
         chunks = split_chunks(payload, self.chunk_size)
-        manifest = UpdateManifest(
-            run_id=self.topics.run_id,
-            round_index=round_index,
-            key=key,
-            target_version=target_version,
-            base_version=base_version,
-            total_bytes=len(payload),
-            chunk_count=len(chunks),
-            chunk_size=self.chunk_size,
-            payload_sha256=payload_digest(payload),
-            published_at=time.time(),
-        )
+        manifest = UpdateManifest.for_payload(
+            payload, run_id=self.topics.run_id, round_index=round_index, key=key, base_version=base_version,
+            chunk_size=self.chunk_size, published_at=time.time(), lifetime_s=self.lifetime_s,
+        ).signed(self.signing_key)
+        assert manifest.target_version == target_version, "the payload's header names another version"
         manifest_payload = manifest.to_json()
         await self.client.publish(manifest_topic, manifest_payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
         wire_bytes = mqtt_publish_wire_bytes(manifest_topic, len(manifest_payload), qos=1)

@@ -20,11 +20,13 @@ from testbed.run_summary import RunError
 logger = logging.getLogger("testbed.runner")
 
 MAX_CATCH_UPS_PER_ROUND = 3
+"""A device's catch-ups in one round, at most (one per version it held and connection it nacked from)."""
 DEVICE_MESSAGE_KINDS = ("status", "report", "nack")
 """What the run reads from its devices (hello is for people watching the broker)."""
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 StatusCallback = Callable[[str, DeviceStatus], None]
+ReportCallback = Callable[[DeviceReport], None]
 
 
 class DeviceMessages:
@@ -39,6 +41,8 @@ class DeviceMessages:
         self.on_status = on_status
         self.reports: asyncio.Queue[DeviceReport] = asyncio.Queue()
         self.nacks: asyncio.Queue[DeviceNack] = asyncio.Queue()
+        self.malformed_messages = 0
+        self.failed_messages = 0
 
     async def subscribe(self, client: aiomqtt.Client) -> None:
         for kind in DEVICE_MESSAGE_KINDS:
@@ -46,30 +50,43 @@ class DeviceMessages:
 
     async def pump(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            parsed = self.topics.parse_device_topic(str(message.topic))
-            if parsed is None or parsed[1] not in DEVICE_MESSAGE_KINDS:
-                continue
-            device_id, kind = parsed
             try:
-                body = decode_device_message(kind, bytes(message.payload))
-            except MessageError as error:
-                logger.warning("ignoring a malformed %s message from %s: %s", kind, device_id, error)
-                continue
-            if isinstance(body, DeviceReport):
-                await self.reports.put(body.model_copy(update={"device": device_id}))
-            elif isinstance(body, DeviceNack):
-                await self.nacks.put(body.model_copy(update={"device": device_id}))
-            elif isinstance(body, DeviceStatus) and self.on_status is not None:
-                self.on_status(device_id, body)
+                await self._take(str(message.topic), bytes(message.payload))
+            except Exception:  # noqa: BLE001 — one message the run cannot handle must not end the run
+                self.failed_messages += 1
+                logger.exception("dropped a message on %.200s that failed to be handled", message.topic)
+
+    async def _take(self, topic: str, payload: bytes) -> None:
+        parsed = self.topics.parse_device_topic(topic)
+        if parsed is None or parsed[1] not in DEVICE_MESSAGE_KINDS:
+            return
+        device_id, kind = parsed
+        try:
+            body = decode_device_message(kind, payload)
+        except MessageError as error:
+            self.malformed_messages += 1
+            logger.warning("ignoring a malformed %s message from %.80s: %s", kind, device_id, str(error)[:300])
+            return
+        if isinstance(body, DeviceReport):
+            await self.reports.put(body.model_copy(update={"device": device_id}))
+        elif isinstance(body, DeviceNack):
+            await self.nacks.put(body.model_copy(update={"device": device_id}))
+        elif isinstance(body, DeviceStatus) and self.on_status is not None:
+            self.on_status(device_id, body)
 
 
 class ReportCollector:
-    """One round's wait for reports: accepts each device's report of the version sent, answers nacks with catch-ups."""
+    """One round's wait for reports: accepts each device's report of the version sent, answers nacks with catch-ups.
+
+    Every report of a known device, of whatever version, goes to `note_report` first: what a device last said
+    it holds is its state in the results. Repair traffic is bounded: nacks from one device for the same held
+    version on the same connection coalesce into one catch-up per round.
+    """
 
     def __init__(self, messages: DeviceMessages, pump: asyncio.Task[None], fleet: EmulatedFleet,
                  publisher: UpdatePublisher, metrics: RunMetrics, profiles: dict[str, str],
                  held_version: Callable[[str], int], round_timeout_s: float,
-                 progress: ProgressCallback) -> None:
+                 progress: ProgressCallback, note_report: ReportCallback = lambda report: None) -> None:
         self.messages = messages
         self.pump = pump
         self.fleet = fleet
@@ -79,12 +96,14 @@ class ReportCollector:
         self.held_version = held_version
         self.round_timeout_s = round_timeout_s
         self.progress = progress
+        self.note_report = note_report
+        self.coalesced_nacks = 0
 
     async def collect(self, round_index: int, version: int) -> dict[str, DeviceReport]:
         """Wait until every device reports `version` (or the round times out); the reports by device."""
         deadline = time.monotonic() + self.round_timeout_s
         reports: dict[str, DeviceReport] = {}
-        catch_ups: dict[str, int] = {}
+        catch_ups: dict[str, list[tuple[int, int | None]]] = {}
         while len(reports) < len(self.profiles):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -101,6 +120,8 @@ class ReportCollector:
             self.fleet.raise_if_failed()
             if report_wait in done:
                 report = report_wait.result()
+                if report.device in self.profiles:
+                    self.note_report(report)
                 if report.device in self.profiles and report.version == version:
                     reports[report.device] = report
                     self.progress("device", {"round": round_index, "report": report.to_dict()})
@@ -110,16 +131,31 @@ class ReportCollector:
                     await self._answer_nack(round_index, version, nack, catch_ups)
         return reports
 
-    async def _answer_nack(self, round_index: int, version: int, nack: DeviceNack, catch_ups: dict[str, int]) -> None:
-        """Serve `nack.device` a catch-up from the version it holds, at most MAX_CATCH_UPS_PER_ROUND times a round."""
+    def drain_reports(self) -> None:
+        """Note the reports that arrived after the last round's wait (devices' state at the end of the run)."""
+        while not self.messages.reports.empty():
+            report = self.messages.reports.get_nowait()
+            if report.device in self.profiles:
+                self.note_report(report)
+
+    async def _answer_nack(self, round_index: int, version: int, nack: DeviceNack,
+                           catch_ups: dict[str, list[tuple[int, int | None]]]) -> None:
+        """Serve `nack.device` a catch-up from the version it holds: once per (held version, connection) a round,
+        at most MAX_CATCH_UPS_PER_ROUND times."""
         device_id, held = nack.device, nack.version
         if held >= version or held < self.held_version(device_id):
             return  # stale: the device has moved on since it sent this nack
         self.metrics.record_nack(device_id, self.profiles[device_id])
-        if catch_ups.get(device_id, 0) >= MAX_CATCH_UPS_PER_ROUND:
+        served = catch_ups.setdefault(device_id, [])
+        if any(served_version == held and (nack.session is None or served_session is None
+                                           or nack.session <= served_session)
+               for served_version, served_session in served):
+            self.coalesced_nacks += 1  # a catch-up from this version is already on its way over this connection
+            return
+        if len(served) >= MAX_CATCH_UPS_PER_ROUND:
             logger.warning("device %s keeps rejecting version %s: %s", device_id, version, nack.reason)
             return
-        catch_ups[device_id] = catch_ups.get(device_id, 0) + 1
+        served.append((held, nack.session))
         catch_up = await self.publisher.publish_catch_up(round_index, device_id, held)
         self.metrics.record_published(catch_up.payload_bytes)
         self.progress("catch-up", {"round": round_index, "device": device_id, "from": held,

@@ -26,6 +26,7 @@ from testbed.core.messages import RunConfig, RunFinished
 from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, MqttEndpoint
 from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
 from testbed.core.seeds import Stream, derived_seed
+from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
 from testbed.inference import TorchInference
 from testbed.links import DeviceLinks
@@ -67,8 +68,10 @@ class RunAssembly:
     """Opens what a run runs on, each entered on the caller's AsyncExitStack so it closes when the run ends."""
 
     def __init__(self, scenario: Scenario, run_id: str, out_dir: Path, metrics: RunMetrics,
-                 progress: ProgressCallback) -> None:
+                 progress: ProgressCallback, trusted_key: TrustedKey) -> None:
         self.scenario = scenario
+        self.trusted_key = trusted_key
+        """The public half of the run's signing key: every device applies only what it signed."""
         self.run_id = run_id
         self.topics = Topics(run_id)
         self.out_dir = out_dir
@@ -150,7 +153,7 @@ class RunAssembly:
             downlink, uplink = links.parameters(device_id)
             config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
                                   init_seed=server.seed)
-            return DeviceAgent(config, self.topics, via, inference)
+            return DeviceAgent(config, self.topics, via, inference, self.trusted_key)
         if entry.kind == "serial":
             assert entry.serial is not None
             board = self.run_config(server.seed).board_config(device_id)
@@ -165,6 +168,7 @@ class RunAssembly:
     def run_config(self, init_seed: int) -> RunConfig:
         """The retained config message: how `testbed attach` learns the run's scenario and device numbers."""
         return RunConfig(run=self.run_id, started_at=time.time(), init_seed=init_seed,
+                         public_key=self.trusted_key.text,
                          scenario=scenario_without_secrets(self.scenario),
                          devices={device_id: index for index, device_id in enumerate(self.profiles)})
 

@@ -66,6 +66,8 @@ class DeviceTally:
     bytes_received: int = 0
     weights_hash: str | None = None
     rounds_missed: int = 0
+    rejected_updates: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +93,17 @@ class RunRecords:
         """The version `device_id` last reported holding (0 before any report)."""
         return self.devices[device_id].final_version
 
+    def note_report(self, report: DeviceReport) -> None:
+        """What a device last said it holds (any version, any round) is its standing in the summary."""
+        tally = self.devices.get(report.device)
+        if tally is None:
+            return
+        tally.final_version, tally.final_accuracy = report.version, report.accuracy
+        tally.energy_joules, tally.bytes_received = report.total_energy_joules, report.total_received_bytes
+        tally.weights_hash = report.weights_hash
+        tally.rejected_updates = report.rejected_updates
+        tally.rejected_by_reason = dict(report.rejected_by_reason or {})
+
     def device_record(self, round_index: int, outcome: RoundOutcome, device_id: str,
                       report: DeviceReport | None, expected_hash: str) -> dict[str, Any]:
         """The results.jsonl record of `device_id` in this round; a report also updates its standing."""
@@ -102,9 +115,6 @@ class RunRecords:
             if outcome.sent:
                 tally.rounds_missed += 1
             return record
-        tally.final_version, tally.final_accuracy = report.version, report.accuracy
-        tally.energy_joules, tally.bytes_received = report.total_energy_joules, report.total_received_bytes
-        tally.weights_hash = report.weights_hash
         record.update({name: getattr(report, name) for name in REPORT_FIELDS_IN_RECORDS})
         record["hash_matches_server"] = report.weights_hash == expected_hash
         return record

@@ -17,6 +17,7 @@ from devices.fleet import EmulatedFleet
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.core.messages import DeviceReport, DeviceStatus
 from testbed.core.scenario import Scenario
+from testbed.core.signing import SigningKey
 from testbed.core.topics import Topics
 from testbed.core.wire import full_model_bytes as wire_full_model_bytes
 from testbed.core.wire import weights_hash
@@ -46,8 +47,11 @@ def new_run_id(scenario: Scenario) -> str:
 class ScenarioRun:
     """One run of a scenario; `execute()` does it all and returns the results."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None) -> None:
+    def __init__(self, scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None,
+                 signing_key: SigningKey | None = None) -> None:
         self.scenario = scenario
+        self.signing_key = signing_key or SigningKey.generate()
+        """Signs every manifest of the run; devices get its public half with their configuration."""
         self.out_dir = Path(out_dir)
         self.progress = progress or (lambda event, data: None)
         self.run_id = new_run_id(scenario)
@@ -55,7 +59,8 @@ class ScenarioRun:
         self.profiles = scenario.device_profiles()
         self.metrics = RunMetrics(self.run_id, scenario.update.strategy, scenario.name, scenario.update.ratio)
         self.records = RunRecords(scenario, self.run_id, self.profiles)
-        self.assembly = RunAssembly(scenario, self.run_id, self.out_dir, self.metrics, self._progress)
+        self.assembly = RunAssembly(scenario, self.run_id, self.out_dir, self.metrics, self._progress,
+                                    self.signing_key.trusted_key)
         self.boards_seen_online: set[str] = set()
         self.board_devices = [device_id for device_id, entry in scenario.device_entries().items()
                               if entry.kind != "emulated"]
@@ -91,14 +96,18 @@ class ScenarioRun:
             stack.push_async_callback(_cancel, pump)
             fleet = await stack.enter_async_context(EmulatedFleet(members))
             self.progress("starting", {"devices": len(members), "broker": f"{endpoint.host}:{endpoint.port}",
+                                       "signing_key": self.signing_key.trusted_key.text,
                                        "metrics": self.metrics_url, "downlink": downlink.description,
                                        "uplink": uplink.description, "rounds": server.rounds})
             await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices else ONLINE_TIMEOUT_S)
-            publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, server.initial_weights)
+            publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, self.signing_key,
+                                        server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
-                                        self.records.held_version, scenario.round_timeout_s, self._progress)
+                                        self.records.held_version, scenario.round_timeout_s, self._progress,
+                                        note_report=self._note_report)
             for round_index in range(server.rounds):
                 await self._round(round_index, server, publisher, collector, results)
+            collector.drain_reports()
             final_hash = weights_hash(publisher.versions[publisher.latest_version]).hex()
             summary = self.records.summary(publisher.latest_version, final_hash, publisher.published_bytes)
             results.write_summary(summary)
@@ -157,6 +166,11 @@ class ScenarioRun:
             self.records.pushgateway.errors.append(str(error))
             self.progress("push-failed", {"error": str(error)})
 
+    def _note_report(self, report: DeviceReport) -> None:
+        """Any report of a known device: its latest standing and its refusals by reason."""
+        self.records.note_report(report)
+        self.metrics.record_rejections(report)
+
     def _record_status(self, device_id: str, status: DeviceStatus) -> None:
         if device_id not in self.profiles:
             return
@@ -177,6 +191,7 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         pass
 
 
-async def run_scenario(scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None) -> RunResult:
-    """Run a scenario end to end and write its results to `out_dir`."""
-    return await ScenarioRun(scenario, out_dir, progress).execute()
+async def run_scenario(scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None,
+                       signing_key: SigningKey | None = None) -> RunResult:
+    """Run a scenario end to end and write its results to `out_dir` (updates signed with a fresh key unless given)."""
+    return await ScenarioRun(scenario, out_dir, progress, signing_key).execute()

@@ -267,7 +267,8 @@ async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosq
 
     link_settings = LinkSettings(window=8, ack_timeout_s=0.5, max_sends=6)
     topics = Topics("identical-reports")
-    config = BoardConfig(run="identical-reports", device=BOARD, device_index=0, init_seed=1, scenario={})
+    config = BoardConfig(run="identical-reports", device=BOARD, device_index=0, init_seed=1,
+                         public_key="ed25519:" + "A" * 43 + "=", scenario={})
     cable = PtyCable()
     bridge = SerialBridge(BOARD, "rpi4", cable.host_path, topics, MqttEndpoint(*mosquitto), config,
                           link_settings=link_settings,

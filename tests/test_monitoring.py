@@ -97,7 +97,7 @@ def test_dashboard_uses_only_metrics_the_testbed_defines() -> None:
         device="d", profile="rpi4", version=1, weights_hash="ab", accuracy=0.9, update_bytes=10, received_bytes=10,
         transmitted_bytes=5, total_received_bytes=10, delivery_seconds=1.0, apply_seconds=0.1, evaluate_seconds=0.1,
         energy_joules=1.0, energy_joules_by_phase={"receive": 1.0}, phase_seconds={"receive": 0.5},
-        total_energy_joules=1.0, rejected_updates=0), 0)
+        total_energy_joules=1.0, rejected_updates=1, rejected_by_reason={"unsigned": 1}), 0)
     exported = set(re.findall(r"^(testbed_\w+?)[{ ]", generate_latest(metrics.registry).decode(), flags=re.M))
     used = {name for _, expr in panel_queries(dashboard()) for name in re.findall(r"testbed_\w+", expr)}
     assert used and used <= exported, used - exported

@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from testbed.core.errors import TestbedError
+from testbed.core.manifest import RejectReason
 
 MESSAGE_SCHEMA_VERSION = 1
 MAX_DEVICE_MESSAGE_BYTES = 64 * 1024
@@ -28,6 +29,10 @@ Name = Annotated[str, Field(min_length=1, max_length=256)]
 """A device or profile name."""
 Count = Annotated[int, Field(ge=0)]
 """A version, a byte count, a seed: a non-negative integer (never a bool)."""
+RejectReasonName = Literal[tuple(reason.value for reason in RejectReason)]  # type: ignore[valid-type]
+"""A RejectReason's value: the only keys a rejection count may have (they become metric labels)."""
+PublicKeyText = Annotated[str, Field(min_length=1, max_length=128)]
+"""The run's update-signing public key, `ed25519:<base64>` (testbed.core.signing.TrustedKey)."""
 
 MessageT = TypeVar("MessageT", bound="Message")
 
@@ -148,6 +153,8 @@ class DeviceReport(Message):
     phase_seconds: dict[str, float]
     total_energy_joules: float
     rejected_updates: Count
+    rejected_by_reason: dict[RejectReasonName, Count] | None = None
+    """Refusals since the device started, by reason (testbed.core.manifest.RejectReason)."""
     kind_of_device: str | None = Field(default=None, alias="kind", max_length=64)
     published_at: float | None = None
     report_delay_seconds: float | None = None
@@ -164,7 +171,9 @@ class DeviceNack(Message):
 
     device: Name
     version: Count
-    reason: str
+    reason: str = Field(max_length=1024)
+    session: Count | None = None
+    """Which of the device's connections sent it: one catch-up per version and connection is enough."""
 
 
 DEVICE_MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -192,6 +201,8 @@ class RunConfig(Message):
     run: str = Field(min_length=1, max_length=512)
     started_at: float
     init_seed: Count
+    public_key: PublicKeyText
+    """The key the run signs its updates with; a board pinned to another key (`testbed board --trust`) refuses the run."""
     scenario: dict[str, Any]
     """The resolved scenario, as the run wrote it to scenario.yaml (JSON mode, by alias, without nulls)."""
     devices: dict[Name, Count]
@@ -202,7 +213,7 @@ class RunConfig(Message):
         if device not in self.devices:
             raise MessageError(f"run {self.run} has no device {device!r}; it has {sorted(self.devices)}")
         return BoardConfig(run=self.run, device=device, device_index=self.devices[device], init_seed=self.init_seed,
-                           scenario=self.scenario)
+                           public_key=self.public_key, scenario=self.scenario)
 
 
 class RunFinished(Message):
@@ -236,4 +247,5 @@ class BoardConfig(Message):
     device: Name
     device_index: Count
     init_seed: Count
+    public_key: PublicKeyText
     scenario: dict[str, Any]

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEVICE_MESSAGE_KINDS = ("hello", "status", "report", "nack", "manifest")
+MAX_CHUNK_INDEX_DIGITS = 9
+MAX_UPDATE_KEY_CHARS = 32
+MAX_TOPIC_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -60,21 +63,26 @@ class Topics:
         return self.device("+", kind)
 
     def parse_update_chunk(self, topic: str) -> tuple[str, int] | None:
-        """(update key, chunk index) of a broadcast or per-device chunk topic, or None if it is not one."""
-        if not topic.startswith(self.prefix):
+        """(update key, chunk index) of a broadcast or per-device chunk topic, or None if it is not one.
+
+        Bounded: a topic longer than MAX_TOPIC_CHARS, a key longer than MAX_UPDATE_KEY_CHARS or an index of
+        more than MAX_CHUNK_INDEX_DIGITS digits is not a chunk topic.
+        """
+        if len(topic) > MAX_TOPIC_CHARS or not topic.startswith(self.prefix):
             return None
-        parts = topic[len(self.prefix):].split("/")
+        parts = topic[len(self.prefix):].split("/", 5)
         if len(parts) == 5 and parts[0] == "device" and parts[2] == "update":
             parts = parts[2:]
-        if len(parts) != 3 or parts[0] != "update" or not parts[1] or not _is_ascii_digits(parts[2]):
+        if (len(parts) != 3 or parts[0] != "update" or not 0 < len(parts[1]) <= MAX_UPDATE_KEY_CHARS
+                or not 0 < len(parts[2]) <= MAX_CHUNK_INDEX_DIGITS or not _is_ascii_digits(parts[2])):
             return None
         return parts[1], int(parts[2])
 
     def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
         """(device id, kind) of a device topic, or None."""
-        if not topic.startswith(self.prefix + "device/"):
+        if len(topic) > MAX_TOPIC_CHARS or not topic.startswith(self.prefix + "device/"):
             return None
-        parts = topic[len(self.prefix + "device/"):].split("/")
+        parts = topic[len(self.prefix + "device/"):].split("/", 2)
         if len(parts) != 2 or not parts[0] or parts[1] not in DEVICE_MESSAGE_KINDS:
             return None
         return parts[0], parts[1]

@@ -289,6 +289,11 @@ def _parse_header(data: bytes) -> UpdateHeader:
     )
 
 
+def decode_header(data: bytes) -> UpdateHeader:
+    """The header of an encoded update, checked against the update's length (the body is not hashed here)."""
+    return _parse_header(data)
+
+
 def decode_update(data: bytes) -> DecodedUpdate:
     """Parse and verify an update; any malformation raises WireError.
 

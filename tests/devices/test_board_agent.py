@@ -35,8 +35,9 @@ from devices.serial_framing import (
 from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from server.update_server import UpdateServer
 from testbed.inference import TorchInference
-from testbed.core.manifest import UpdateManifest, payload_digest
+from testbed.core.manifest import UpdateManifest
 from testbed.core.messages import DeviceNack, DeviceReport
+from testbed.core.signing import SigningKey, TrustedKey
 from testbed.core.scenario import parse_scenario
 from testbed.core.wire import encode_full_model, encode_update, split_chunks, weights_hash
 
@@ -48,6 +49,13 @@ SCENARIO = parse_scenario({
 })
 MAX_FRAME = 2048  # small frames (a report still fits), so 4 KiB chunks travel in pieces
 RUN = "run-1"
+KEY = SigningKey.generate()
+"""The run's signing key: the host's config names its public half."""
+
+
+def board_config(run_id: str = RUN, key: TrustedKey = KEY.trusted_key) -> BoardConfig:
+    return BoardConfig(run=run_id, device="bench-pi", device_index=0, init_seed=SCENARIO.seed, public_key=key.text,
+                       scenario=SCENARIO.model_dump(mode="json", by_alias=True))
 LINK = LinkSettings(window=16, ack_timeout_s=0.4, max_sends=4)  # a silent end is given up on in 1.6 s
 
 
@@ -107,19 +115,18 @@ class Host:
             if frame.message_type == message_type:
                 return frame
 
-    async def configure(self, run_id: str = RUN) -> dict[str, Any]:
+    async def configure(self, run_id: str = RUN, key: TrustedKey = KEY.trusted_key) -> dict[str, Any]:
         await self.send(MessageType.HELLO, b"")  # who is there? (as the bridge asks)
         await self.expect(MessageType.HELLO)
-        config = BoardConfig(run=run_id, device="bench-pi", device_index=0, init_seed=SCENARIO.seed,
-                             scenario=SCENARIO.model_dump(mode="json", by_alias=True))
-        await self.send(MessageType.CONFIG, board_config_payload(config))
+        await self.send(MessageType.CONFIG, board_config_payload(board_config(run_id, key)))
         return parse_json_payload((await self.expect(MessageType.READY)).payload)
 
-    async def send_update(self, payload: bytes, target: int, base: int | None, *, digest: str | None = None,
-                          chunk_size: int = 4096) -> None:
+    async def send_update(self, payload: bytes, target: int, base: int | None, *, chunk_size: int = 4096,
+                          signing_key: SigningKey = KEY) -> None:
         chunks = split_chunks(payload, chunk_size)
-        manifest = UpdateManifest(RUN, target - 1, str(target), target, base, len(payload), len(chunks), chunk_size,
-                                  digest or payload_digest(payload), time.time())
+        manifest = UpdateManifest.for_payload(payload, run_id=RUN, round_index=target - 1, key=str(target),
+                                              base_version=base, chunk_size=chunk_size,
+                                              published_at=time.time()).signed(signing_key)
         await self.send(MessageType.MANIFEST, manifest.to_json())
         room = MAX_FRAME - 64
         for index, chunk in enumerate(chunks):
@@ -138,8 +145,10 @@ def is_chunk(index: int) -> Callable[[Frame], bool]:
 class BoardOnPty:
     """A BoardAgent on one end of a pty, and a Host on the other."""
 
-    def __init__(self, server: UpdateServer, state_dir: Path, meter: EnergyMeter | None = None) -> None:
+    def __init__(self, server: UpdateServer, state_dir: Path, meter: EnergyMeter | None = None,
+                 trusted_key: TrustedKey | None = None) -> None:
         self.meter = meter
+        self.trusted_key = trusted_key
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)
         self.server = server
@@ -158,7 +167,7 @@ class BoardOnPty:
         profile = get_device_profile("rpi4")
         return BoardAgent("pty", board_name="bench-pi", profile=profile, meter=self.meter or ModelEnergyMeter(profile, 0.01),
                           setup=setup, state=self.state, max_frame_bytes=MAX_FRAME, open_link=open_link,
-                          link_settings=LINK)
+                          link_settings=LINK, trusted_key=self.trusted_key)
 
     async def restart(self) -> None:
         """A reboot: the agent process ends and a new one starts with the same state folder."""
@@ -275,11 +284,48 @@ async def test_a_corrupted_update_is_rejected_whole(board, trained) -> None:
     deployment = setup.agent.deployment
     assert deployment is not None
     before = weights_hash(deployment.receiver.weights)
-    await host.send_update(encode_full_model(first.weights, 1), 1, None, digest="0" * 64)
+    payload = bytearray(encode_full_model(first.weights, 1))
+    payload[-5] ^= 0xFF  # signed as it is, but its body no longer matches the header's hash
+    await host.send_update(bytes(payload), 1, None)
     result = DeviceNack.decode((await host.expect(MessageType.APPLY_RESULT)).payload)
-    assert result.version == 0 and "SHA-256" in result.reason
+    assert result.version == 0 and "bad_update" in result.reason
     assert deployment.receiver.version == 0 and weights_hash(deployment.receiver.weights) == before
     assert setup.agent.rejected_updates == 1
+
+
+async def test_a_host_that_is_not_the_run_cannot_make_the_board_apply_its_update(board, trained) -> None:
+    """A host on the serial line signs with its own key: the board, not pinned, trusts the config's key, so a
+    forged update signed by another key is refused; the genuine one still applies."""
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    constant = {name: np.full_like(array, 0.25) for name, array in first.weights.items()}
+    await host.send_update(encode_full_model(constant, 1000), 1000, None, signing_key=SigningKey.generate())
+    await host.send(MessageType.UPDATE_CHUNK, b"\x00garbage")  # not even a chunk
+    await host.send_update(encode_full_model(first.weights, 1), 1, None)
+    report = DeviceReport.decode((await host.expect(MessageType.REPORT)).payload)
+    assert report.version == 1 and report.weights_hash == weights_hash(first.weights).hex()
+    # its chunks are held unchecked within the small unannounced budget, never assembled: only the garbage counts
+    assert report.rejected_by_reason == {"bad_chunk": 1, "bad_signature": 1}
+
+
+async def test_a_board_pinned_to_a_key_refuses_a_run_that_names_another(trained, tmp_path: Path) -> None:
+    server, (first, _) = trained
+    setup = BoardOnPty(server, tmp_path / "state", trusted_key=KEY.trusted_key)
+    setup.task = asyncio.create_task(setup.agent.run())
+    host = await Host(setup.master).open()
+    try:
+        impostor = SigningKey.generate()
+        ready = await host.configure(key=impostor.trusted_key)  # a host that hands the board its own key
+        assert "trusts only" in ready["error"] and setup.agent.deployment is None
+        assert (await host.configure())["error"] is None  # the run's key: configured
+        await host.send_update(encode_full_model(first.weights, 1), 1, None)
+        assert DeviceReport.decode((await host.expect(MessageType.REPORT)).payload).version == 1
+    finally:
+        await setup.stop()
+        await host.close()
+        os.close(setup.master)
+        os.close(setup.slave)
 
 
 async def test_a_report_the_host_never_acknowledged_is_sent_again_after_the_next_config(board, trained) -> None:
@@ -308,9 +354,7 @@ async def test_a_config_repeated_while_a_report_is_in_flight_does_not_duplicate_
     host.lose(lambda frame: frame.message_type == MessageType.ACK)  # the report stays unacknowledged for now
     await host.send_update(encode_full_model(first.weights, 1), 1, None)
     await host.expect(MessageType.REPORT)
-    config = BoardConfig(run=RUN, device="bench-pi", device_index=0, init_seed=SCENARIO.seed,
-                         scenario=SCENARIO.model_dump(mode="json", by_alias=True))
-    await host.send(MessageType.CONFIG, board_config_payload(config))  # what a bridge does after each hello of the board
+    await host.send(MessageType.CONFIG, board_config_payload(board_config()))  # what a bridge does after each hello
     assert parse_json_payload((await host.expect(MessageType.READY)).payload)["version"] == 1
     host.lose(lambda frame: False)
     with pytest.raises(SerialLinkTimeout):  # the board's link sends it again under its own sequence: one delivery

@@ -11,14 +11,16 @@ from testbed.core.messages import RunConfig
 from testbed.core.mqtt import MqttEndpoint
 from testbed.hil_commands import find_run_config
 
+KEY = "ed25519:" + "A" * 43 + "="
+
 
 async def test_attach_takes_the_newest_valid_config_listing_its_device(mosquitto: tuple[str, int]) -> None:
     endpoint = MqttEndpoint(*mosquitto)
     stamp = time.monotonic_ns()
     device = f"board-{stamp}"
-    older = RunConfig(run=f"old-{stamp}", started_at=1.0, init_seed=1, scenario={"name": "a"}, devices={device: 0})
-    newer = RunConfig(run=f"new-{stamp}", started_at=2.0, init_seed=2, scenario={"name": "b"}, devices={device: 3})
-    other = RunConfig(run=f"other-{stamp}", started_at=3.0, init_seed=3, scenario={}, devices={"someone-else": 0})
+    older = RunConfig(run=f"old-{stamp}", started_at=1.0, init_seed=1, public_key=KEY, scenario={"name": "a"}, devices={device: 0})
+    newer = RunConfig(run=f"new-{stamp}", started_at=2.0, init_seed=2, public_key=KEY, scenario={"name": "b"}, devices={device: 3})
+    other = RunConfig(run=f"other-{stamp}", started_at=3.0, init_seed=3, public_key=KEY, scenario={}, devices={"someone-else": 0})
     async with endpoint.client(f"publisher-{stamp}") as client:
         for config in (older, newer, other):
             await client.publish(f"testbed/{config.run}/config", config.encode(), qos=1, retain=True)

@@ -87,7 +87,7 @@ def test_add_device_starts_every_device_series_at_zero_and_status_toggles_online
     metrics.add_device("d0", "jetson-nano")
     device = {"run": "r1", "device": "d0", "profile": "jetson-nano"}
     assert value(metrics, "testbed_device_online", **device) == 0
-    assert value(metrics, "testbed_device_rejected_updates_total", **device) == 0
+    assert value(metrics, "testbed_device_nacks_total", **device) == 0
     for phase in ENERGY_PHASES:
         assert value(metrics, "testbed_device_phase_energy_joules_total", **device, phase=phase) == 0
     metrics.record_online("d0", "jetson-nano", True)
@@ -95,7 +95,7 @@ def test_add_device_starts_every_device_series_at_zero_and_status_toggles_online
     metrics.record_online("d0", "jetson-nano", False)
     assert value(metrics, "testbed_device_online", **device) == 0
     metrics.record_nack("d0", "jetson-nano")
-    assert value(metrics, "testbed_device_rejected_updates_total", **device) == 1
+    assert value(metrics, "testbed_device_nacks_total", **device) == 1
 
 
 def test_link_counters_are_read_when_scraped() -> None:

@@ -78,6 +78,24 @@ async def test_messages_are_typed_the_topic_names_the_sender_and_malformed_ones_
     assert wiring.messages.reports.empty() and wiring.messages.nacks.empty()
 
 
+async def test_an_error_handling_one_message_costs_only_that_message(wiring: Wiring) -> None:
+    calls: list[str] = []
+
+    def on_status(device_id: str, status: DeviceStatus) -> None:
+        calls.append(device_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug met by this one message")
+
+    wiring.messages.on_status = on_status
+    await wiring.send("dev-a", "status", DeviceStatus(online=True).encode())
+    await wiring.send("dev-b", "nack", b"\xff" * 70_000)  # over the size bound: malformed, not fatal
+    await wiring.send("dev-" + "x" * 2000, "report", report("dev-a", 1).encode())  # topic past the bound: ignored
+    await wiring.send("dev-a", "report", report("dev-a", 2).encode())
+    received = await asyncio.wait_for(wiring.messages.reports.get(), 10)
+    assert received.version == 2 and not wiring.pump.done()
+    assert (wiring.messages.failed_messages, wiring.messages.malformed_messages) == (1, 1)
+
+
 @dataclass
 class CatchUp:
     payload_bytes: int
@@ -130,18 +148,32 @@ async def test_collects_the_version_sent_from_every_device(wiring: Wiring) -> No
     assert [data["report"]["device"] for event, data in events if event == "device"] == ["dev-a", "dev-b"]
 
 
-async def test_a_nack_gets_a_catch_up_from_the_version_held_and_stale_or_repeated_ones_are_bounded(
-        wiring: Wiring) -> None:
+async def test_nacks_for_the_same_version_and_connection_coalesce_into_one_catch_up(wiring: Wiring) -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     publisher = FakePublisher()
     await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=3, reason="already there").encode())
     await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=0, reason="older than held").encode())
-    for _ in range(MAX_CATCH_UPS_PER_ROUND + 2):
-        await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="bad hash").encode())
-    reports = await collector(wiring, publisher, events, held={"dev-a": 1}, timeout_s=2.0).collect(2, 3)
+    for _ in range(5):  # a device nacking the same thing again, or a third party nacking in its name
+        await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="bad hash", session=0).encode())
+        await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="no session").encode())
+    await wiring.send("dev-b", "nack", DeviceNack(device="dev-b", version=1, reason="bad hash", session=0).encode())
+    wait = collector(wiring, publisher, events, held={"dev-a": 1, "dev-b": 1}, timeout_s=2.0)
+    reports = await wait.collect(2, 3)
     assert reports == {}  # nobody reported: the round timed out
+    assert publisher.catch_ups == [(2, "dev-a", 1), (2, "dev-b", 1)]
+    assert wait.coalesced_nacks == 9
+
+
+async def test_a_reconnected_device_gets_a_new_catch_up_up_to_the_bound(wiring: Wiring) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    publisher = FakePublisher()
+    for session in range(MAX_CATCH_UPS_PER_ROUND + 2):  # each connection lost the catch-up in flight
+        await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="reconnected",
+                                                      session=session).encode())
+    reports = await collector(wiring, publisher, events, held={"dev-a": 1}, timeout_s=2.0).collect(2, 3)
+    assert reports == {}
     assert publisher.catch_ups == [(2, "dev-a", 1)] * MAX_CATCH_UPS_PER_ROUND
-    assert [data["reason"] for event, data in events if event == "catch-up"] == ["bad hash"] * MAX_CATCH_UPS_PER_ROUND
+    assert [data["reason"] for event, data in events if event == "catch-up"] == ["reconnected"] * MAX_CATCH_UPS_PER_ROUND
 
 
 async def test_a_lost_broker_connection_ends_the_round_with_run_error(wiring: Wiring) -> None:

@@ -39,7 +39,15 @@ def test_a_report_becomes_a_record_with_the_report_fields_in_order_and_the_hash_
     assert record["delivered"] is True and record["hash_matches_server"] is True
     assert record["accuracy"] == 0.75 and record["energy_joules_by_phase"]["idle"] == 2.0
     assert run.device_record(1, outcome(2), "dev-a", report(2, "cd" * 32), HASH)["hash_matches_server"] is False
-    assert run.held_version("dev-a") == 2 and run.held_version("dev-b") == 0
+
+
+def test_the_standing_is_what_the_device_last_reported_whatever_its_version() -> None:
+    run = records()
+    run.note_report(report(4))
+    assert run.held_version("dev-a") == 4 and run.held_version("dev-b") == 0
+    run.note_report(report(1, "cd" * 32))  # a device that went back, or says so: the summary says what it said
+    summary = run.summary(4, HASH, 10)["devices"]["dev-a"]
+    assert (summary["final_version"], summary["weights_hash"], summary["hash_matches_server"]) == (1, "cd" * 32, False)
 
 
 def test_a_missing_report_counts_as_missed_only_when_something_was_sent() -> None:
@@ -53,6 +61,7 @@ def test_a_missing_report_counts_as_missed_only_when_something_was_sent() -> Non
 
 def test_summary_keeps_its_fields_and_the_device_standings() -> None:
     run = records()
+    run.note_report(report(1))
     run.device_record(0, outcome(1), "dev-a", report(1), HASH)
     run.rounds.append(RoundRecord(round=0, version=1, sent=True, base_version=None, reinitialised=False,
                                   server_accuracy=0.8, validation_accuracy=0.79, update_bytes=10, full_model_bytes=100,
@@ -63,7 +72,8 @@ def test_summary_keeps_its_fields_and_the_device_standings() -> None:
                              "server"]
     assert summary["devices"]["dev-a"] == {"profile": "rpi4", "final_version": 1, "final_accuracy": 0.75,
                                            "energy_joules": 4.0, "bytes_received": 1000, "weights_hash": HASH,
-                                           "rounds_missed": 0, "hash_matches_server": True}
+                                           "rounds_missed": 0, "rejected_updates": 1, "rejected_by_reason": {},
+                                           "hash_matches_server": True}
     assert summary["devices"]["dev-b"]["hash_matches_server"] is False
     assert summary["pushgateway"] is None
     assert summary["server"] == {"final_version": 1, "final_accuracy": 0.8, "weights_hash": HASH, "published_bytes": 10}

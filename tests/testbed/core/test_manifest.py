@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.core.manifest import ManifestError, UpdateManifest, payload_digest
+from testbed.core.manifest import ManifestError, UpdateManifest, chunk_digest, payload_digest
 
 FIELDS = sorted(UpdateManifest.__dataclass_fields__)
 
@@ -17,10 +17,20 @@ def _good(**changes) -> dict:
     data = {
         "run_id": "r1", "round_index": 2, "key": "3", "target_version": 3, "base_version": None,
         "total_bytes": 2500, "chunk_count": 3, "chunk_size": 1024,
-        "payload_sha256": payload_digest(b"x"), "published_at": 1700000000.5,
+        "payload_sha256": payload_digest(b"x"), "chunk_sha256": [chunk_digest(bytes([i])) for i in range(3)],
+        "model_fingerprint": "ab" * 16, "post_apply_sha256": payload_digest(b"y"),
+        "published_at": 1700000000.5, "expires_at": 1700003600.5, "signature": "",
     }
     data.update(changes)
+    if "chunk_count" in changes and "chunk_sha256" not in changes and isinstance(data["chunk_count"], int):
+        data["chunk_sha256"] = [chunk_digest(b"c")] * min(max(data["chunk_count"], 0), 100)
     return data
+
+
+def _manifest(**changes) -> UpdateManifest:
+    data = _good(**changes)
+    data["chunk_sha256"] = tuple(data["chunk_sha256"])
+    return UpdateManifest(**data)
 
 
 def _encode(data) -> bytes:
@@ -29,7 +39,7 @@ def _encode(data) -> bytes:
 
 def test_good_manifest_parses():
     manifest = UpdateManifest.from_json(_encode(_good()))
-    assert manifest == UpdateManifest(**_good())
+    assert manifest == _manifest()
 
 
 def test_payload_digest_is_hex_sha256():
@@ -39,18 +49,30 @@ def test_payload_digest_is_hex_sha256():
 @st.composite
 def manifests(draw) -> UpdateManifest:
     chunk_size = draw(st.integers(min_value=1, max_value=2**20))
-    total_bytes = draw(st.integers(min_value=0, max_value=2**31))
+    chunk_count = draw(st.integers(min_value=1, max_value=40))
+    total_bytes = draw(st.integers(min_value=0 if chunk_count == 1 else (chunk_count - 1) * chunk_size + 1,
+                                   max_value=chunk_count * chunk_size))
+    target = draw(st.integers(min_value=1, max_value=0xFFFFFFFE))
+    base = draw(st.none() | st.integers(min_value=0, max_value=0xFFFFFFFE))
+    published_at = draw(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15)
+                        | st.integers(0, 2**40))
     return UpdateManifest(
-        run_id=draw(st.text()),
-        round_index=draw(st.integers(min_value=0, max_value=2**63)),
-        key=draw(st.text()),
-        target_version=draw(st.integers(min_value=0, max_value=2**32)),
-        base_version=draw(st.none() | st.integers(min_value=0, max_value=2**32)),
+        run_id=draw(st.text(min_size=1, max_size=40).filter(lambda text: not set(text) & set("/+#\x00"))),
+        round_index=draw(st.integers(min_value=0, max_value=2**31)),
+        key=str(target) if base is None else f"{target}-from-{base}",
+        target_version=target,
+        base_version=base,
         total_bytes=total_bytes,
-        chunk_count=max(1, -(-total_bytes // chunk_size)),
+        chunk_count=chunk_count,
         chunk_size=chunk_size,
         payload_sha256=draw(st.binary(max_size=64).map(payload_digest)),
-        published_at=draw(st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40)),
+        chunk_sha256=tuple(draw(st.lists(st.binary(max_size=8).map(chunk_digest), min_size=chunk_count,
+                                         max_size=chunk_count))),
+        model_fingerprint=draw(st.binary(min_size=16, max_size=16)).hex(),
+        post_apply_sha256=draw(st.binary(max_size=8).map(payload_digest)),
+        published_at=published_at,
+        expires_at=published_at + draw(st.integers(0, 10**6)),
+        signature=draw(st.sampled_from(["", "A" * 88])),
     )
 
 
@@ -84,7 +106,7 @@ def test_extra_field():
 
 
 @pytest.mark.parametrize("name", ["round_index", "target_version", "total_bytes", "chunk_count", "chunk_size"])
-@pytest.mark.parametrize("value", [-1, True, False, 1.5, 2.0, "3", None, [1], {"n": 1}])
+@pytest.mark.parametrize("value", [-1, True, False, 1.5, 2.0, "3", None, [1], {"n": 1}, 10**4000])
 def test_bad_integer_fields(name, value):
     with pytest.raises(ManifestError):
         UpdateManifest.from_json(_encode(_good(**{name: value})))
@@ -123,7 +145,8 @@ def test_chunk_count_edges_accepted(total_bytes, chunk_size, chunk_count):
     assert manifest.chunk_count == chunk_count
 
 
-@pytest.mark.parametrize("name", ["run_id", "key", "payload_sha256"])
+@pytest.mark.parametrize("name", ["run_id", "key", "payload_sha256", "model_fingerprint", "post_apply_sha256",
+                                  "signature"])
 @pytest.mark.parametrize("value", [1, None, True, ["a"], {"a": 1}])
 def test_bad_string_fields(name, value):
     with pytest.raises(ManifestError, match=name):
@@ -136,6 +159,7 @@ def test_bad_string_fields(name, value):
 def test_non_finite_published_at(payload):
     data = _good()
     del data["published_at"]
+    data = {name: value for name, value in data.items()}
     text = json.dumps(data)[:-1] + ", " + payload.decode()[1:]
     with pytest.raises(ManifestError, match="published_at"):
         UpdateManifest.from_json(text.encode())
@@ -190,3 +214,22 @@ def test_one_field_replaced_by_anything(manifest, name, value):
     data = json.loads(manifest.to_json())
     data[name] = value
     _parse_or_manifest_error(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("key", "3/4"), ("key", "x"), ("key", "1" * 11), ("key", "3-from-"), ("run_id", "a/b"), ("run_id", "a+"),
+    ("run_id", ""), ("run_id", "r" * 257), ("payload_sha256", "AB" * 32), ("payload_sha256", "ab"),
+    ("model_fingerprint", "zz" * 16), ("chunk_sha256", ["00" * 16] * 2), ("chunk_sha256", ["0" * 31] * 3),
+    ("chunk_sha256", "00"), ("signature", "s" * 129), ("target_version", 0), ("target_version", 2**32 - 1),
+    ("chunk_count", 2**17 + 1),
+])
+def test_bounded_fields(name, value):
+    with pytest.raises(ManifestError, match=name if name != "chunk_count" else "chunk"):
+        UpdateManifest.from_json(_encode(_good(**{name: value})))
+
+
+def test_oversized_manifest_is_refused_before_parsing():
+    from testbed.core.manifest import MAX_MANIFEST_BYTES
+
+    with pytest.raises(ManifestError, match="exceeds"):
+        UpdateManifest.from_json(b" " * (MAX_MANIFEST_BYTES + 1))

@@ -120,9 +120,11 @@ def test_delivery_seconds_defaults_to_zero_for_a_board_that_leaves_it_to_the_bri
 
 
 def test_run_config_gives_each_board_its_config() -> None:
-    config = RunConfig(run="r1", started_at=1.0, init_seed=7, scenario={"name": "x"}, devices={"a": 0, "b": 1})
+    key = "ed25519:" + "A" * 43 + "="
+    config = RunConfig(run="r1", started_at=1.0, init_seed=7, public_key=key, scenario={"name": "x"},
+                       devices={"a": 0, "b": 1})
     assert config.board_config("b") == BoardConfig(run="r1", device="b", device_index=1, init_seed=7,
-                                                   scenario={"name": "x"})
+                                                   public_key=key, scenario={"name": "x"})
     with pytest.raises(MessageError, match="run r1 has no device 'c'"):
         config.board_config("c")
 
@@ -169,7 +171,8 @@ def test_oversized_payloads_are_refused_before_parsing() -> None:
     with pytest.raises(MessageError, match=f"exceeds the {MAX_CONFIG_MESSAGE_BYTES}-byte limit"):
         RunConfig.decode(b" " * (MAX_CONFIG_MESSAGE_BYTES + 1))
     with pytest.raises(MessageError, match="exceeds"):
-        DeviceNack(device="d", version=0, reason="x" * MAX_DEVICE_MESSAGE_BYTES).encode()
+        DeviceHello(device="d", profile="p", version=0, kind="emulated",
+                    capabilities=["x" * 1000] * (MAX_DEVICE_MESSAGE_BYTES // 1000 + 1)).encode()
 
 
 def test_deeply_nested_json_is_a_message_error() -> None:
