@@ -31,7 +31,7 @@ from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
 from testbed.core.manifest import RejectReason, UpdateRejected
-from testbed.core.messages import BoardConfig, DeviceNack, DeviceReport, MessageError
+from testbed.core.messages import MAX_CONFIG_MESSAGE_BYTES, BoardConfig, DeviceNack, DeviceReport, MessageError
 from testbed.core.signing import SigningKeyError, TrustedKey
 from testbed.core.wire import weights_hash
 
@@ -50,10 +50,18 @@ def board_config_payload(config: BoardConfig) -> bytes:
 
 def board_config_from_payload(payload: bytes) -> BoardConfig:
     """The BoardConfig in a CONFIG frame's payload; SerialFrameError saying what is wrong otherwise."""
+    inflater = zlib.decompressobj()
     try:
-        return BoardConfig.decode(zlib.decompress(payload))
+        # Bounded: a small frame must not inflate to more than a config may hold.
+        data = inflater.decompress(payload, MAX_CONFIG_MESSAGE_BYTES + 1)
     except zlib.error as error:
         raise SerialFrameError(f"config is not zlib-compressed JSON: {error}") from None
+    if len(data) > MAX_CONFIG_MESSAGE_BYTES or inflater.unconsumed_tail:
+        raise SerialFrameError(f"config inflates beyond the {MAX_CONFIG_MESSAGE_BYTES}-byte limit")
+    if not inflater.eof:
+        raise SerialFrameError("config is not zlib-compressed JSON: the stream is truncated")
+    try:
+        return BoardConfig.decode(data)
     except MessageError as error:
         raise SerialFrameError(str(error)) from None
 

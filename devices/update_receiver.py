@@ -50,7 +50,8 @@ class UpdateReceiver:
     its target is newer than the version held and its base is held (testbed.core.manifest); chunks are
     checked against the manifest's digests as they arrive. `verify` computes the new weights on a copy and
     checks them against the signed post-apply hash; only `commit` changes what the device holds, so a bad
-    update is never half-applied. Every refusal raises UpdateRejected and is counted in `rejections`.
+    update is never half-applied. Every refusal is counted in `rejections`; each raises UpdateRejected,
+    except chunks held before their manifest came and found not to match it (counted as bad_chunk).
     """
 
     def __init__(self, architecture_weights: Mapping[str, np.ndarray], init_seed: int, trust: UpdateTrust) -> None:

@@ -382,6 +382,8 @@ def join_chunks(chunks: Mapping[int, bytes], chunk_count: int, total_bytes: int)
     """Reassemble chunks 0..chunk_count-1; a missing or extra index or a wrong total is a WireError."""
     if isinstance(chunk_count, bool) or not isinstance(chunk_count, (int, np.integer)) or chunk_count < 1:
         raise WireError(f"chunk_count must be >= 1, got {chunk_count}")
+    if len(chunks) < chunk_count:  # before building anything of size chunk_count (which may be huge)
+        raise WireError(f"missing chunks: only {len(chunks)} of {chunk_count} are there")
     expected = set(range(chunk_count))
     missing = sorted(expected - set(chunks))
     if missing:

@@ -384,6 +384,11 @@ async def test_frames_before_the_config_are_ignored_and_a_bad_config_is_answered
         board_config_from_payload(zlib.compress(json.dumps({"run": "r"}).encode()))
     with pytest.raises(SerialFrameError, match="config is not zlib-compressed JSON"):
         board_config_from_payload(b'{"run": "r"}')
+    with pytest.raises(SerialFrameError, match="truncated"):
+        board_config_from_payload(zlib.compress(json.dumps({"run": "r"}).encode())[:-6])
+    bomb = zlib.compress(b" " * (8 * 1024 * 1024), 9)  # 8 KiB that would inflate to 8 MiB
+    with pytest.raises(SerialFrameError, match="inflates beyond"):
+        board_config_from_payload(bomb)
 
 
 async def test_a_rebooted_board_resumes_from_its_saved_version(board, trained) -> None:
