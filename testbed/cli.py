@@ -27,6 +27,7 @@ COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.chann
                    "keygen": "testbed.key_commands"}
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 EXIT_BAD_SCENARIO = 2
 
 
@@ -174,6 +175,9 @@ class _RichProgress:
         elif event == "catch-up":
             self.console.print(f"  catch-up for {data['device']} from v{data['from']} ({data['bytes']} B): "
                                f"{data['reason']}")
+        elif event == "interrupting":
+            self.console.print("[yellow]Ctrl-C[/]: ending the round in progress, then writing the summary "
+                               "(Ctrl-C again to abort without it)")
         elif event == "round":
             record = data["record"]
             self.progress.advance(self.task)
@@ -281,10 +285,10 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     started = time.monotonic()
     try:
         result = asyncio.run(run_scenario(scenario, out_dir, progress, signing_key))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: no summary
         progress.stop()
-        console.print("[yellow]interrupted[/]; results so far are in " + str(out_dir))
-        return EXIT_RUN_FAILED
+        console.print("[yellow]aborted[/] (second Ctrl-C); results so far are in " + str(out_dir))
+        return EXIT_INTERRUPTED
     except TestbedError as error:  # something the user can act on: one line (exit 2 when the scenario is to fix)
         progress.stop()
         logging.getLogger("testbed").debug("run failed", exc_info=True)
@@ -302,6 +306,11 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     console.print(_device_table(result.summary))
     _write_run_report(out_dir, console)
     missing = [d for d, s in result.summary["devices"].items() if not s["hash_matches_server"]]
+    if result.summary["interrupted"]:
+        console.print(f"[yellow]interrupted[/] after {len(result.summary['rounds'])} of "
+                      f"{result.summary['rounds_planned']} rounds in {time.monotonic() - started:.1f} s; "
+                      f"summary.json and the report are in {out_dir}", highlight=False, soft_wrap=True)
+        return EXIT_INTERRUPTED
     console.print(f"done in {time.monotonic() - started:.1f} s; results in {out_dir}")
     if missing:
         console.print(f"[red]devices not on the server's final model:[/] {', '.join(missing)}")

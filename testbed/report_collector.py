@@ -86,7 +86,8 @@ class ReportCollector:
     def __init__(self, messages: DeviceMessages, pump: asyncio.Task[None], fleet: EmulatedFleet,
                  publisher: UpdatePublisher, metrics: RunMetrics, profiles: dict[str, str],
                  held_version: Callable[[str], int], round_timeout_s: float,
-                 progress: ProgressCallback, note_report: ReportCallback = lambda report: None) -> None:
+                 progress: ProgressCallback, note_report: ReportCallback = lambda report: None,
+                 stop: asyncio.Event | None = None) -> None:
         self.messages = messages
         self.pump = pump
         self.fleet = fleet
@@ -97,6 +98,8 @@ class ReportCollector:
         self.round_timeout_s = round_timeout_s
         self.progress = progress
         self.note_report = note_report
+        self.stop = stop
+        """When set (Ctrl-C), a round's wait ends within a second with the reports so far."""
         self.coalesced_nacks = 0
 
     async def collect(self, round_index: int, version: int) -> dict[str, DeviceReport]:
@@ -106,7 +109,7 @@ class ReportCollector:
         catch_ups: dict[str, list[tuple[int, int | None]]] = {}
         while len(reports) < len(self.profiles):
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (self.stop is not None and self.stop.is_set()):
                 break
             report_wait = asyncio.create_task(self.messages.reports.get())
             nack_wait = asyncio.create_task(self.messages.nacks.get())
@@ -115,6 +118,8 @@ class ReportCollector:
             for task in (report_wait, nack_wait):
                 if task not in done:
                     task.cancel()
+                    if task.done() and not task.cancelled():
+                        done.add(task)  # it took its message just before the cancel: keep it
             if self.pump in done:
                 raise RunError(f"lost the connection to the broker: {self.pump.exception()!r}")
             self.fleet.raise_if_failed()

@@ -119,8 +119,10 @@ class RunRecords:
         record["hash_matches_server"] = report.weights_hash == expected_hash
         return record
 
-    def summary(self, final_version: int, final_hash: str, published_bytes: int) -> dict[str, Any]:
-        """summary.json: the scenario, every round, every device's standing, pushes and the server's final model."""
+    def summary(self, final_version: int, final_hash: str, published_bytes: int, interrupted: bool = False,
+                rounds_planned: int | None = None) -> dict[str, Any]:
+        """summary.json: the scenario, every round, every device's standing, pushes and the server's final model;
+        `interrupted` when Ctrl-C ended the run after the rounds recorded (of `rounds_planned`)."""
         scenario = self.scenario
         return {
             "scenario": scenario.name,
@@ -143,4 +145,6 @@ class RunRecords:
                 "weights_hash": final_hash,
                 "published_bytes": published_bytes,
             },
+            "interrupted": interrupted,
+            "rounds_planned": len(self.rounds) if rounds_planned is None else rounds_planned,
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -64,6 +66,14 @@ class ScenarioRun:
         self.boards_seen_online: set[str] = set()
         self.board_devices = [device_id for device_id, entry in scenario.device_entries().items()
                               if entry.kind != "emulated"]
+        self.stop_requested = asyncio.Event()
+        """Set by Ctrl-C (or `request_stop`): the round in progress ends, the summary is written, the run returns."""
+
+    def request_stop(self) -> None:
+        """End the run after the round in progress (its wait for reports ends within a second)."""
+        if not self.stop_requested.is_set():
+            self.stop_requested.set()
+            self.progress("interrupting", {})
 
     @property
     def metrics_url(self) -> str | None:
@@ -77,6 +87,22 @@ class ScenarioRun:
         self.progress(event, data)  # looked up on each event: callers may set `progress` after construction
 
     async def execute(self) -> RunResult:
+        """Run every round (or until a stop is requested); a first Ctrl-C requests the stop, a second one aborts."""
+        loop = asyncio.get_running_loop()
+        handles_sigint = threading.current_thread() is threading.main_thread()
+        if handles_sigint:
+            def on_sigint() -> None:
+                loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C is a KeyboardInterrupt, as usual
+                self.request_stop()
+
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await self._execute()
+        finally:
+            if handles_sigint:
+                loop.remove_signal_handler(signal.SIGINT)
+
+    async def _execute(self) -> RunResult:
         scenario = check_scenario(self.scenario)
         assembly = self.assembly
         self.progress("preparing", {"run_id": self.run_id})
@@ -104,12 +130,15 @@ class ScenarioRun:
                                         server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
                                         self.records.held_version, scenario.round_timeout_s, self._progress,
-                                        note_report=self._note_report)
+                                        note_report=self._note_report, stop=self.stop_requested)
             for round_index in range(server.rounds):
+                if self.stop_requested.is_set():
+                    break
                 await self._round(round_index, server, publisher, collector, results)
             collector.drain_reports()
             final_hash = weights_hash(publisher.versions[publisher.latest_version]).hex()
-            summary = self.records.summary(publisher.latest_version, final_hash, publisher.published_bytes)
+            summary = self.records.summary(publisher.latest_version, final_hash, publisher.published_bytes,
+                                           interrupted=self.stop_requested.is_set(), rounds_planned=server.rounds)
             results.write_summary(summary)
         return RunResult(self.out_dir, summary, self.metrics_url, self.records.rounds)
 
@@ -117,6 +146,8 @@ class ScenarioRun:
                      collector: ReportCollector, results: ResultsWriter) -> None:
         self.progress("training", {"round": round_index})
         outcome: RoundOutcome = await asyncio.to_thread(server.run_round, round_index)
+        if self.stop_requested.is_set():
+            return  # stopped while training: this round's result is neither sent nor recorded
         started = time.monotonic()
         full_model_bytes = wire_full_model_bytes(outcome.weights)
         reports: dict[str, DeviceReport] = {}

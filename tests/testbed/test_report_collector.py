@@ -176,6 +176,20 @@ async def test_a_reconnected_device_gets_a_new_catch_up_up_to_the_bound(wiring: 
     assert [data["reason"] for event, data in events if event == "catch-up"] == ["reconnected"] * MAX_CATCH_UPS_PER_ROUND
 
 
+async def test_a_stop_ends_the_wait_with_the_reports_so_far(wiring: Wiring) -> None:
+    stop = asyncio.Event()
+    wait = ReportCollector(wiring.messages, wiring.pump, HealthyFleet(), FakePublisher(), FakeMetrics(),  # type: ignore[arg-type]
+                           PROFILES, lambda device_id: 0, 60.0, lambda event, data: None, stop=stop)
+    await wiring.send("dev-a", "report", report("dev-a", 1).encode())
+    collecting = asyncio.create_task(wait.collect(0, 1))
+    await asyncio.sleep(0.5)
+    stop.set()
+    started = time.monotonic()
+    reports = await asyncio.wait_for(collecting, 30)  # the round's own timeout is 60 s
+    assert time.monotonic() - started < 10  # the wait wakes at least once a second to look
+    assert list(reports) == ["dev-a"]
+
+
 async def test_a_lost_broker_connection_ends_the_round_with_run_error(wiring: Wiring) -> None:
     async def lost() -> None:
         raise aiomqtt.MqttError("connection lost")

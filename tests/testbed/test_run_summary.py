@@ -69,7 +69,8 @@ def test_summary_keeps_its_fields_and_the_device_standings() -> None:
                                   training_seconds=0.5))
     summary = run.summary(1, HASH, 10)
     assert list(summary) == ["scenario", "run_id", "seed", "strategy", "ratio", "rounds", "devices", "pushgateway",
-                             "server"]
+                             "server", "interrupted", "rounds_planned"]
+    assert (summary["interrupted"], summary["rounds_planned"]) == (False, 1)
     assert summary["devices"]["dev-a"] == {"profile": "rpi4", "final_version": 1, "final_accuracy": 0.75,
                                            "energy_joules": 4.0, "bytes_received": 1000, "weights_hash": HASH,
                                            "rounds_missed": 0, "rejected_updates": 1, "rejected_by_reason": {},
