@@ -124,6 +124,7 @@ class RunMetrics:
         self.server_full_model_bytes = Gauge("testbed_server_full_model_bytes", "Bytes of the full model encoded densely", server_labels, registry=r)
         self.server_published = Counter("testbed_server_published_bytes_total", "Update bytes published (broadcasts and catch-ups)", server_labels, registry=r)
         self.server_rounds = Counter("testbed_server_rounds_total", "Rounds the server completed", server_labels, registry=r)
+        self.events = Counter("testbed_events_total", "Scenario events that fired, by action (link, outage, broker_restart, ...)", ("run", "action"), registry=r)
         self.links = _LinkCollector(run_id)
         r.register(self.links)
         self._rejections_seen: dict[str, dict[str, int]] = {}
@@ -183,6 +184,10 @@ class RunMetrics:
         self.device_delivery.labels(**labels).observe(report.delivery_seconds)
         self.device_last_delivery.labels(**labels).set(report.delivery_seconds)
         self.record_rejections(report)  # idempotent: counts only what the running totals add
+
+    def record_event(self, action: str) -> None:
+        """A scenario event fired (testbed.events); `action` is one of testbed.core.events.EVENT_ACTIONS."""
+        self.events.labels(run=self.run_id, action=action).inc()
 
     def record_nack(self, device_id: str, profile: str) -> None:
         self.device_nacks.labels(**self._device(device_id, profile)).inc()

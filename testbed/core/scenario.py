@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -38,6 +38,9 @@ from testbed.core.plugins import (
     STRATEGIES,
     VALUE_CODECS,
 )
+
+if TYPE_CHECKING:
+    from testbed.core.events import ScenarioEvent
 
 
 class ScenarioError(TestbedError):
@@ -444,6 +447,7 @@ class Scenario(SectionModel):
     devices: list[DeviceGroup] = Field(min_length=1)
     broker: Annotated[BrokerSpec, BeforeValidator(_broker_from_shorthand)] = Field(default_factory=BrokerSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    events: list[ScenarioEvent] = Field(default_factory=list)  # timed faults (testbed.core.events)
 
     @field_validator("devices")
     @classmethod
@@ -483,6 +487,13 @@ class Scenario(SectionModel):
                                  loc=problem.location, input=problem.value) for problem in problems
             ])
         return self
+
+    @model_validator(mode="after")
+    def _events_fit_the_scenario(self) -> Scenario:
+        """Rounds, devices, cells and boards the events name are the scenario's (testbed.core.events)."""
+        from testbed.core.event_checks import check_events
+
+        return check_events(self)
 
     def device_ids(self) -> list[str]:
         """Every device id of the run, in scenario order."""
@@ -589,3 +600,7 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     except ScenarioYamlError as error:
         raise ScenarioError(f"{path}: {error}") from None
     return parse_scenario(raw, str(path), overrides)
+
+
+# The events section builds on the sections above; importing it completes Scenario (its `events` field).
+import testbed.core.events  # noqa: E402,F401
