@@ -17,7 +17,7 @@ from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
 from testbed.core.manifest import UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
-from testbed.core.mqtt import MqttEndpoint
+from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
 from testbed.core.wire import weights_hash
@@ -123,6 +123,8 @@ class DeviceAgent:
         self.accounting = RoundAccounting(started_at=time.monotonic())
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.unacknowledged_report: DeviceReport | None = None
+        """A report whose PUBACK never came (the connection dropped): sent again on the next connection."""
 
     @property
     def device_id(self) -> str:
@@ -146,6 +148,11 @@ class DeviceAgent:
             await self._publish(client, self.topics.device(self.device_id, "status"), DeviceStatus(online=True),
                                 retain=True)
             await self._publish(client, self.topics.device(self.device_id, "hello"), self._hello())
+            if self.unacknowledged_report is not None:
+                # The connection dropped before the broker acknowledged it: the run never saw it (a report
+                # it did see twice is still one record: the run keeps one report per device and round).
+                await self._publish(client, self.topics.device(self.device_id, "report"), self.unacknowledged_report)
+                self.unacknowledged_report = None
             if self.reconnects > 0:
                 # Chunks in flight when the connection dropped are gone (clean session): ask for a
                 # catch-up from the version held; the server ignores it if nothing newer exists.
@@ -163,7 +170,7 @@ class DeviceAgent:
     async def _publish(self, client: aiomqtt.Client, topic: str, message: Message, retain: bool = False) -> None:
         payload = message.encode()
         self.accounting.transmitted_bytes += mqtt_publish_wire_bytes(topic, len(payload), qos=1)
-        await client.publish(topic, payload, qos=1, retain=retain, timeout=60.0)
+        await publish_until_disconnected(client, topic, payload, qos=1, retain=retain, timeout=60.0)
 
     async def _handle_contained(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
         """Handle one message; whatever it raises costs only that message (the connection's errors excepted)."""
@@ -226,10 +233,10 @@ class DeviceAgent:
         started = time.perf_counter()
         accuracy = self.inference.accuracy()
         evaluate_host_s = time.perf_counter() - started
-        await self._publish(
-            client, self.topics.device(self.device_id, "report"),
-            self._report(manifest, accuracy, delivered_at, len(completed.payload), apply_host_s, evaluate_host_s),
-        )
+        self.unacknowledged_report = self._report(manifest, accuracy, delivered_at, len(completed.payload),
+                                                  apply_host_s, evaluate_host_s)
+        await self._publish(client, self.topics.device(self.device_id, "report"), self.unacknowledged_report)
+        self.unacknowledged_report = None
 
     def _report(
         self, manifest: UpdateManifest, accuracy: float, delivered_at: float, update_bytes: int,

@@ -39,7 +39,7 @@ from devices.serial_link import (
 from devices.task_groups import run_together
 from testbed.core.manifest import ManifestError, UpdateManifest, UpdateRejected, verify_manifest
 from testbed.core.messages import BoardConfig, DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
-from testbed.core.mqtt import MqttEndpoint
+from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
 from devices.errors import DeviceError
@@ -173,7 +173,7 @@ class SerialBridge:
             message = self._unsent or await self._outbox.get()
             self._unsent = message
             topic, body, retain = message
-            await client.publish(topic, body.encode(), qos=1, retain=retain, timeout=60.0)
+            await publish_until_disconnected(client, topic, body.encode(), qos=1, retain=retain, timeout=60.0)
             self._unsent = None
 
     async def _receive_mqtt(self, client: aiomqtt.Client) -> None:

@@ -172,6 +172,9 @@ class _RichProgress:
             self.progress.update(self.task, status=f"round {data['round']}: nothing sent")
         elif event == "push-failed":
             self.console.print(f"[yellow]warning:[/] {data['error']}", highlight=False)
+        elif event == "broker-reconnected":
+            self.console.print(f"  [yellow]the run reconnected to the broker[/] ({data['reconnects']} "
+                               f"reconnect(s) so far); devices that lost updates in flight get catch-ups")
         elif event == "catch-up":
             self.console.print(f"  catch-up for {data['device']} from v{data['from']} ({data['bytes']} B): "
                                f"{data['reason']}")

@@ -44,17 +44,27 @@ class DeviceMessages:
         self.malformed_messages = 0
         self.failed_messages = 0
 
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topics the run reads its devices' messages from."""
+        return [self.topics.devices(kind) for kind in DEVICE_MESSAGE_KINDS]
+
     async def subscribe(self, client: aiomqtt.Client) -> None:
-        for kind in DEVICE_MESSAGE_KINDS:
-            await client.subscribe(self.topics.devices(kind), qos=1)
+        for topic in self.subscriptions:
+            await client.subscribe(topic, qos=1)
 
     async def pump(self, client: aiomqtt.Client) -> None:
+        """Take every message of `client` (one session; testbed.control_connection keeps sessions up)."""
         async for message in client.messages:
-            try:
-                await self._take(str(message.topic), bytes(message.payload))
-            except Exception:  # noqa: BLE001 — one message the run cannot handle must not end the run
-                self.failed_messages += 1
-                logger.exception("dropped a message on %.200s that failed to be handled", message.topic)
+            await self.take(str(message.topic), bytes(message.payload))
+
+    async def take(self, topic: str, payload: bytes) -> None:
+        """One message from the broker; whatever handling it raises costs only this message."""
+        try:
+            await self._take(topic, payload)
+        except Exception:  # noqa: BLE001 — one message the run cannot handle must not end the run
+            self.failed_messages += 1
+            logger.exception("dropped a message on %.200s that failed to be handled", topic)
 
     async def _take(self, topic: str, payload: bytes) -> None:
         parsed = self.topics.parse_device_topic(topic)
@@ -101,12 +111,18 @@ class ReportCollector:
         self.stop = stop
         """When set (Ctrl-C), a round's wait ends within a second with the reports so far."""
         self.coalesced_nacks = 0
+        self.stale_nacks = 0
 
     async def collect(self, round_index: int, version: int) -> dict[str, DeviceReport]:
         """Wait until every device reports `version` (or the round times out); the reports by device."""
         deadline = time.monotonic() + self.round_timeout_s
         reports: dict[str, DeviceReport] = {}
         catch_ups: dict[str, list[tuple[int, int | None]]] = {}
+        while not self.messages.nacks.empty():
+            # Sent before this version was published: its broadcast answers them, and a device it does not
+            # fit (a base it lacks) nacks again, in this round.
+            self.messages.nacks.get_nowait()
+            self.stale_nacks += 1
         while len(reports) < len(self.profiles):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.stop is not None and self.stop.is_set()):

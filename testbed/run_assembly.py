@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 
@@ -31,6 +31,8 @@ from testbed.core.topics import Topics
 from testbed.inference import TorchInference
 from testbed.links import DeviceLinks
 from testbed.metrics import MetricsExporter, RunMetrics
+from testbed.control_connection import ControlConnection
+from testbed.report_collector import DeviceMessages
 from testbed.run_summary import RunError
 
 logger = logging.getLogger("testbed.runner")
@@ -172,16 +174,35 @@ class RunAssembly:
                          scenario=scenario_without_secrets(self.scenario),
                          devices={device_id: index for index, device_id in enumerate(self.profiles)})
 
-    async def control_client(self, stack: AsyncExitStack, endpoint: MqttEndpoint, init_seed: int) -> aiomqtt.Client:
-        """The run's own client; it publishes the retained run config now and ends it when the run closes."""
-        control = await stack.enter_async_context(endpoint.client(f"{self.run_id}-server"))
-        await control.publish(self.topics.config, self.run_config(init_seed).encode(), qos=1, retain=True)
-        stack.push_async_callback(_end_run_config, control, endpoint, self.run_id, self.topics.config,
+    async def control_connection(self, stack: AsyncExitStack, endpoint: MqttEndpoint, init_seed: int,
+                                 messages: DeviceMessages) -> tuple[ControlConnection, asyncio.Task[None]]:
+        """The run's own session (kept up across broker restarts, see testbed.control_connection) feeding
+        `messages`, and its task; the retained run config is published now and ended when the run closes."""
+        connection = ControlConnection(endpoint, f"{self.run_id}-server", messages.subscriptions, messages.take,
+                                       on_connected=self._on_control_connected)
+        task = await connection.start()
+        stack.push_async_callback(_cancel_task, task)
+        await connection.publish(self.topics.config, self.run_config(init_seed).encode(), qos=1, retain=True)
+        stack.push_async_callback(_end_run_config, connection, endpoint, self.run_id, self.topics.config,
                                   EXTERNAL_GOODBYE_S if self.external_devices else 0.0)
-        return control
+        return connection, task
+
+    def _on_control_connected(self, connections: int) -> None:
+        if connections > 1:
+            self.progress("broker-reconnected", {"reconnects": connections - 1})
 
 
-async def _end_run_config(client: aiomqtt.Client, endpoint: MqttEndpoint, run_id: str, topic: str,
+async def _cancel_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+class _Publishes(Protocol):
+    async def publish(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ...,
+                      timeout: float = ...) -> Any: ...
+
+
+async def _end_run_config(client: _Publishes, endpoint: MqttEndpoint, run_id: str, topic: str,
                           goodbye_s: float) -> None:
     """Tell `testbed attach` bridges the run is over, then delete the retained config (an empty retained payload).
 

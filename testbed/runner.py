@@ -13,8 +13,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from devices.fleet import EmulatedFleet
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.core.messages import DeviceReport, DeviceStatus
@@ -115,11 +113,8 @@ class ScenarioRun:
             endpoint = await assembly.broker(stack)
             await assembly.exporter(stack)
             members = await assembly.fleet_members(stack, endpoint, links, server)
-            control = await assembly.control_client(stack, endpoint, server.seed)
             messages = DeviceMessages(self.topics, self._record_status)
-            await messages.subscribe(control)
-            pump = asyncio.create_task(messages.pump(control), name="device-messages")
-            stack.push_async_callback(_cancel, pump)
+            control, pump = await assembly.control_connection(stack, endpoint, server.seed, messages)
             fleet = await stack.enter_async_context(EmulatedFleet(members))
             self.progress("starting", {"devices": len(members), "broker": f"{endpoint.host}:{endpoint.port}",
                                        "signing_key": self.signing_key.trusted_key.text,
@@ -212,14 +207,6 @@ class ScenarioRun:
         if device_id in self.board_devices and (status.online or device_id in self.boards_seen_online):
             self.boards_seen_online.add(device_id)  # "offline" before the board was ever ready is no news
             self.progress("board-status", {"device": device_id, "online": status.online})
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, aiomqtt.MqttError):
-        pass
 
 
 async def run_scenario(scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None,

@@ -158,3 +158,25 @@ async def _close_unfinished_connect(client: aiomqtt.Client) -> None:
         if not misc_task.done():
             misc_task.cancel()
             await asyncio.wait({misc_task}, timeout=CLEANUP_TIMEOUT_S)
+
+
+async def publish_until_disconnected(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int = 1,
+                                     retain: bool = False, timeout: float = MQTT_TIMEOUT_S) -> None:
+    """Publish, failing with MqttError as soon as the connection is lost.
+
+    aiomqtt 2.5 leaves a QoS 1 publish waiting for its PUBACK until `timeout` even after the connection
+    dropped (a minute on a slow link), so a device or a run would sit out a broker restart that long.
+    """
+    disconnected: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
+    publish = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout))
+    if disconnected is None:
+        await publish
+        return
+    done, _ = await asyncio.wait({publish, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    if publish in done:
+        publish.result()
+        return
+    publish.cancel()
+    await asyncio.gather(publish, return_exceptions=True)
+    reason = disconnected.exception() if not disconnected.cancelled() else None
+    raise aiomqtt.MqttError(f"connection lost while publishing on {topic[:200]}: {reason or 'disconnected'}")

@@ -151,14 +151,16 @@ async def test_collects_the_version_sent_from_every_device(wiring: Wiring) -> No
 async def test_nacks_for_the_same_version_and_connection_coalesce_into_one_catch_up(wiring: Wiring) -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     publisher = FakePublisher()
+    wait = collector(wiring, publisher, events, held={"dev-a": 1, "dev-b": 1}, timeout_s=3.0)
+    collecting = asyncio.create_task(wait.collect(2, 3))  # nacks queued before the round's wait are stale
+    await asyncio.sleep(0)
     await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=3, reason="already there").encode())
     await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=0, reason="older than held").encode())
     for _ in range(5):  # a device nacking the same thing again, or a third party nacking in its name
         await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="bad hash", session=0).encode())
         await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="no session").encode())
     await wiring.send("dev-b", "nack", DeviceNack(device="dev-b", version=1, reason="bad hash", session=0).encode())
-    wait = collector(wiring, publisher, events, held={"dev-a": 1, "dev-b": 1}, timeout_s=2.0)
-    reports = await wait.collect(2, 3)
+    reports = await asyncio.wait_for(collecting, 30)
     assert reports == {}  # nobody reported: the round timed out
     assert publisher.catch_ups == [(2, "dev-a", 1), (2, "dev-b", 1)]
     assert wait.coalesced_nacks == 9
@@ -167,13 +169,28 @@ async def test_nacks_for_the_same_version_and_connection_coalesce_into_one_catch
 async def test_a_reconnected_device_gets_a_new_catch_up_up_to_the_bound(wiring: Wiring) -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     publisher = FakePublisher()
+    collecting = asyncio.create_task(collector(wiring, publisher, events, held={"dev-a": 1}, timeout_s=3.0).collect(2, 3))
+    await asyncio.sleep(0)
     for session in range(MAX_CATCH_UPS_PER_ROUND + 2):  # each connection lost the catch-up in flight
         await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="reconnected",
                                                       session=session).encode())
-    reports = await collector(wiring, publisher, events, held={"dev-a": 1}, timeout_s=2.0).collect(2, 3)
+    reports = await asyncio.wait_for(collecting, 30)
     assert reports == {}
     assert publisher.catch_ups == [(2, "dev-a", 1)] * MAX_CATCH_UPS_PER_ROUND
     assert [data["reason"] for event, data in events if event == "catch-up"] == ["reconnected"] * MAX_CATCH_UPS_PER_ROUND
+
+
+async def test_nacks_queued_before_the_round_are_answered_by_its_broadcast_not_a_catch_up(wiring: Wiring) -> None:
+    publisher = FakePublisher()
+    await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="reconnected", session=1).encode())
+    await wiring.send("dev-a", "status", DeviceStatus(online=True).encode())  # a marker: the nack is queued by now
+    for _ in range(100):
+        if wiring.statuses:
+            break
+        await asyncio.sleep(0.05)
+    wait = collector(wiring, publisher, [], held={"dev-a": 1}, timeout_s=1.0)
+    assert await wait.collect(2, 3) == {}
+    assert publisher.catch_ups == [] and wait.stale_nacks == 1
 
 
 async def test_a_stop_ends_the_wait_with_the_reports_so_far(wiring: Wiring) -> None:
