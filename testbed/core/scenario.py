@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -112,7 +113,7 @@ class UpdateSpec(SectionModel):
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     strategy: str = "dpu"
-    ratio: float = Field(0.05, gt=0.0, le=1.0)
+    ratio: Fraction = Field(0.05, gt=0.0, le=1.0)  # 0.05 or 5%
     epochs: int = Field(20, ge=1, le=10_000)
     lr: float = Field(0.005, gt=0.0)
     batch_size: int = Field(64, ge=1)
@@ -145,11 +146,16 @@ class UpdateSpec(SectionModel):
         if unknown:
             # Raised as a ValidationError located at the key, so the path reads update.<key>.
             takes = ", ".join(declared) or "no settings of its own"
-            error = PydanticCustomError("unknown_setting", "unknown field for strategy {strategy} (it takes {takes})",
-                                        {"strategy": self.strategy, "takes": takes})
-            raise ValidationError.from_exception_data(type(self).__name__, [
-                InitErrorDetails(type=error, loc=(key,), input=self.settings[key]) for key in unknown
-            ])
+            fields = [*declared, *(info.alias or name for name, info in type(self).model_fields.items())]
+            details = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                error = PydanticCustomError("unknown_setting",
+                                            "unknown field for strategy {strategy} (it takes {takes}){hint}",
+                                            {"strategy": self.strategy, "takes": takes, "hint": hint})
+                details.append(InitErrorDetails(type=error, loc=(key,), input=self.settings[key]))
+            raise ValidationError.from_exception_data(type(self).__name__, details)
         return self
 
     @property
@@ -527,6 +533,32 @@ def _shown(value: Any) -> str:
     return text if len(text) <= SHOWN_VALUE_CHARS else f"{text[:SHOWN_VALUE_CHARS]}… ({len(text):,} characters)"
 
 
+def _fields_at(location: tuple[Any, ...]) -> list[str]:
+    """The field names (aliases) the scenario accepts beside the last part of `location` ([] if unknown)."""
+    model: Any = Scenario
+    for part in location[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = next((info for name, info in model.model_fields.items() if part in (name, info.alias)), None)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation holds (through Optional, list, dict values, Annotated), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid scenario"]
     for detail in error.errors():
@@ -534,8 +566,13 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         message = detail["msg"].removeprefix("Value error, ")
         if detail["type"] == "extra_forbidden":
             message = "unknown field"
+            close = difflib.get_close_matches(str(detail["loc"][-1]), _fields_at(tuple(detail["loc"])), n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
         value = detail.get("input")
         shown = "" if detail["type"] == "missing" or isinstance(value, dict) else f" (got {_shown(value)})"
+        if shown and isinstance(value, str) and repr(value) in message:
+            shown = ""  # the message already shows the value
         # a whole-scenario check names its own field path in the message
         lines.append(f"  {location}: {message}{shown}" if detail["loc"] else f"  {message}")
     return "\n".join(lines)

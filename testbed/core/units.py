@@ -6,7 +6,8 @@ import math
 import re
 from testbed.core.errors import TestbedError
 
-_NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z%/\u00b5\u03bc]*)\s*$")
+# A sign is parsed so that `-50kbit` is told it must be positive, not that it is no rate at all.
+_NUMBER_WITH_UNIT = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z%/\u00b5\u03bc]*)\s*$")
 
 _RATE_FACTORS_BPS = {
     "bit": 1.0, "bps": 1.0, "bit/s": 1.0, "b/s": 1.0,

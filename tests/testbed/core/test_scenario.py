@@ -385,3 +385,42 @@ def test_any_override_is_a_scenario_or_one_scenario_error(assignments):
         parse_scenario(raw(), "x.yaml", assignments)
     except ScenarioError:
         pass
+
+
+# --- errors that say what to write instead (issue 15) -------------------------------------------------------
+
+def _error_of(changes: dict) -> str:
+    raw = {"name": "e", "rounds": 2, "devices": [{"profile": "rpi4"}], **changes}
+    with pytest.raises(ScenarioError) as failure:
+        parse_scenario(raw)
+    return str(failure.value)
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"update": {"stratgy": "dpu"}}, "update.stratgy: unknown field for strategy dpu (it takes lambda, reinit, "
+                                     "skip_if_worse); did you mean 'strategy'?"),
+    ({"chanel": {}}, "chanel: unknown field; did you mean 'channel'?"),
+    ({"devices": [{"profle": "rpi4"}]}, "devices.0.profle: unknown field; did you mean 'profile'?"),
+    ({"channel": {"downlink": {"dealy": "10ms"}}}, "channel.downlink.dealy: unknown field; did you mean 'delay'?"),
+    ({"channel": {"downlink": {"rate": "-50kbit"}}}, "rate must be positive and finite, got '-50kbit'"),
+    ({"channel": {"downlink": {"delay": "-5ms"}}}, "duration must not be negative, got '-5ms'"),
+])
+def test_errors_name_the_fix(changes: dict, expected: str) -> None:
+    assert expected in _error_of(changes)
+
+
+def test_a_value_the_message_already_shows_is_not_shown_twice() -> None:
+    message = _error_of({"channel": {"downlink": {"loss": "150%"}}})
+    assert message.count("'150%'") == 1
+
+
+def test_unknown_fields_far_from_any_name_get_no_guess() -> None:
+    assert "did you mean" not in _error_of({"zzzzqqq": 1})
+
+
+@pytest.mark.parametrize(("written", "ratio"), [("5%", 0.05), (0.05, 0.05), ("0.5 %", 0.005), (1, 1.0)])
+def test_the_update_ratio_takes_a_percentage_as_every_fraction_does(written: object, ratio: float) -> None:
+    scenario = parse_scenario({"name": "r", "rounds": 2, "devices": [{"profile": "rpi4"}],
+                               "update": {"ratio": written}})
+    assert scenario.update.ratio == pytest.approx(ratio)
+    assert "must be between 0% and 100%" in _error_of({"update": {"ratio": "150%"}})
