@@ -559,7 +559,16 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def _override_of(location: str, overrides: list[str]) -> str | None:
+    """The last `--set` that wrote `location` (or a section holding it), if one did."""
+    for assignment in reversed(overrides):
+        path = assignment.partition("=")[0].strip()
+        if location == path or location.startswith(path + ".") or path.startswith(location + "."):
+            return assignment
+    return None
+
+
+def _format_validation_error(error: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     lines = [f"{source}: invalid scenario"]
     for detail in error.errors():
         location = _format_location(tuple(detail["loc"]))
@@ -571,8 +580,11 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
                 message += f"; did you mean {close[0]!r}?"
         value = detail.get("input")
         shown = "" if detail["type"] == "missing" or isinstance(value, dict) else f" (got {_shown(value)})"
-        if shown and isinstance(value, str) and repr(value) in message:
+        if shown and f"got {value!r}" in message:
             shown = ""  # the message already shows the value
+        override = _override_of(location, overrides or []) if detail["loc"] else None
+        if override is not None:
+            shown += f" (set by --set {override})"
         # a whole-scenario check names its own field path in the message
         lines.append(f"  {location}: {message}{shown}" if detail["loc"] else f"  {message}")
     return "\n".join(lines)
@@ -620,7 +632,7 @@ def parse_scenario(raw: Any, source: str = "<scenario>", overrides: list[str] | 
     try:
         return Scenario.model_validate(raw)
     except ValidationError as error:
-        raise ScenarioError(_format_validation_error(error, source)) from None
+        raise ScenarioError(_format_validation_error(error, source, overrides or [])) from None
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

@@ -424,3 +424,15 @@ def test_the_update_ratio_takes_a_percentage_as_every_fraction_does(written: obj
                                "update": {"ratio": written}})
     assert scenario.update.ratio == pytest.approx(ratio)
     assert "must be between 0% and 100%" in _error_of({"update": {"ratio": "150%"}})
+
+
+def test_an_error_from_an_override_names_the_override() -> None:
+    raw = {"name": "o", "rounds": 2, "devices": [{"profile": "rpi4"}], "update": {"ratio": 0.1}}
+    with pytest.raises(ScenarioError) as failure:
+        parse_scenario(raw, "s.yaml", ["update.ratio=7", "channel.downlink={rate: -3kbit}"])
+    message = str(failure.value)
+    assert "update.ratio: must be between 0% and 100%, got 7 (set by --set update.ratio=7)" in message
+    assert "(set by --set channel.downlink={rate: -3kbit})" in message
+    with pytest.raises(ScenarioError) as failure:
+        parse_scenario({**raw, "update": {"ratio": 7}}, "s.yaml", ["rounds=3"])
+    assert "--set" not in str(failure.value)  # the file's own mistake is not blamed on an override
