@@ -5,12 +5,15 @@ importing any plugin; what only the plugins can tell (a profile's rate under a q
 does not parse, a value the strategy's own Settings model rejects) is checked here, with the same
 one-error-per-field format, before any data is loaded. So is what depends on this host: the sample
 counts again with the sizes of MNIST files on disk (validation assumes the official ones), and the
-memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``.
+memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``,
+and whether the metrics port can be bound now.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from dataclasses import replace
 
 from channel.errors import ChannelError
@@ -89,10 +92,33 @@ def _host_memory_problems(scenario: Scenario) -> list[str]:
     return [problem.describe() for problem in memory_problems(scenario, host, budget, raisable=False)]
 
 
+def _port_problems(scenario: Scenario) -> list[str]:
+    """``metrics.port: ...`` when the exporter's port cannot be bound on this host now (another run holds it, say):
+    found before any data is loaded, not after round 0's training."""
+    metrics = scenario.metrics
+    if not metrics.enabled or metrics.port == 0:
+        return []
+    try:
+        infos = socket.getaddrinfo(metrics.host, metrics.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        return [f"metrics.host: cannot resolve {metrics.host!r}: {error.strerror}"]
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter binds (TIME_WAIT is fine)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return [f"metrics.port: {metrics.host}:{metrics.port} is in use on this host (another run?); "
+                        f"choose another with --set metrics.port=N (0 picks a free one) or metrics.enabled: false"]
+            return [f"metrics.host: cannot listen on {metrics.host}:{metrics.port}: {error.strerror or error}"]
+    return []
+
+
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
     problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _broker_problems(scenario)
-                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario))
+                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario) + _port_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
     return scenario

@@ -80,3 +80,19 @@ def test_resolve_holds_the_estimate_to_the_hosts_memory(monkeypatch, capsys):
     assert main(["validate", str(LOWBAND), *wide, "--resolve"]) == EXIT_BAD_SCENARIO
     line = _error_line(capsys, "model.hidden")
     assert "above this host's memory (2.0 GiB)" in line and "memory_budget" not in line
+
+
+def test_a_metrics_port_in_use_is_refused_before_any_data_is_loaded(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        out = tmp_path / "results"
+        assert main(["run", str(LOWBAND), "--set", f"metrics.port={port}", "--out", str(out)]) == EXIT_BAD_SCENARIO
+        assert f"127.0.0.1:{port} is in use on this host" in _error_line(capsys, "metrics.port")
+        assert not out.exists()  # refused before the run began: no data loaded, no training
+        assert main(["validate", str(LOWBAND), "--set", f"metrics.port={port}"]) == EXIT_OK  # the file is fine
+        capsys.readouterr()
+        assert main(["validate", "--resolve", str(LOWBAND), "--set", f"metrics.port={port}"]) == EXIT_BAD_SCENARIO
