@@ -360,7 +360,7 @@ class Corpus:
             ("unsigned", dataclasses.replace(manifest, signature="")),
             ("relabelled", dataclasses.replace(manifest, target_version=manifest.target_version + 999)),
             ("garbage-signature", dataclasses.replace(manifest, signature="A" * 86 + "==")),
-            ("expired", dataclasses.replace(manifest, expires_at=NOW - 1).signed(self.key)),
+            ("expired", dataclasses.replace(manifest, expires_at_ms=int((NOW - 1) * 1000)).signed(self.key)),
             ("wrong-run", dataclasses.replace(manifest, run_id="other-run").signed(self.key)),
             ("wrong-model", dataclasses.replace(manifest, model_fingerprint="00" * 16).signed(self.key)),
             ("wrong-digest", dataclasses.replace(manifest, payload_sha256=payload_digest(b"other")).signed(self.key)),

@@ -2,7 +2,9 @@
 
 A manifest names one encoded update (run, round, topic key, base and target version, size, chunking), binds
 its content (SHA-256 of the payload and of every chunk, the model fingerprint and the hash of the weights
-after applying it) and says how long it is valid (issued at `published_at`, valid until `expires_at`). The
+after applying it) and says how long it is valid (issued at `published_at_ms`, valid until `expires_at_ms`,
+whole milliseconds of Unix time: fixed-width, so a manifest's size, and the bytes a device is charged for,
+do not depend on when it was published). The
 run's Ed25519 key signs all of that (`signed_bytes`), so a device holding the run's public key can tell a
 genuine update from a forged, relabelled, rolled back or foreign one before it assembles anything.
 """
@@ -13,7 +15,6 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -28,6 +29,7 @@ MAX_CHUNKS = 1 << 17
 MAX_VERSION = 0xFFFFFFFE  # versions are u32 on the wire; 0xFFFFFFFF marks a snapshot's base
 MAX_ROUND = 1 << 31
 MAX_BYTES = 1 << 40
+MAX_TIME_MS = 10**13 - 1  # 13 digits: until the year 2286
 MAX_RUN_ID_CHARS = 256
 DEFAULT_LIFETIME_S = 3600.0
 """How long a manifest stays valid after it is issued; a device that gets it later asks for a fresh one."""
@@ -95,9 +97,19 @@ class UpdateManifest:
     chunk_sha256: tuple[str, ...]
     model_fingerprint: str
     post_apply_sha256: str
-    published_at: float
-    expires_at: float
+    published_at_ms: int
+    expires_at_ms: int
     signature: str = ""
+
+    @property
+    def published_at(self) -> float:
+        """Issue time, seconds of Unix time."""
+        return self.published_at_ms / 1000.0
+
+    @property
+    def expires_at(self) -> float:
+        """End of validity, seconds of Unix time."""
+        return self.expires_at_ms / 1000.0
 
     @classmethod
     def for_payload(cls, payload: bytes, *, run_id: str, round_index: int, key: str, base_version: int | None,
@@ -110,7 +122,7 @@ class UpdateManifest:
             base_version=base_version, total_bytes=len(payload), chunk_count=len(chunks), chunk_size=chunk_size,
             payload_sha256=payload_digest(payload), chunk_sha256=tuple(chunk_digest(chunk) for chunk in chunks),
             model_fingerprint=header.fingerprint.hex(), post_apply_sha256=header.post_apply_hash.hex(),
-            published_at=published_at, expires_at=published_at + lifetime_s,
+            published_at_ms=round(published_at * 1000), expires_at_ms=round((published_at + lifetime_s) * 1000),
         )
 
     def signed_bytes(self) -> bytes:
@@ -178,11 +190,8 @@ class UpdateManifest:
             if not _is_hex(digest, CHUNK_DIGEST_CHARS):
                 raise ManifestError(f"manifest field chunk_sha256 lists {CHUNK_DIGEST_CHARS} lowercase hex characters per chunk, "
                                     f"got {str(digest)[:80]!r}")
-        for name in ("published_at", "expires_at"):
-            value = data[name]
-            if isinstance(value, bool) or not (
-                    isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))):
-                raise ManifestError(f"manifest field {name} must be a finite number, got {str(value)[:80]!r}")
+        _check_integer(data, "published_at_ms", 0, MAX_TIME_MS)
+        _check_integer(data, "expires_at_ms", 0, MAX_TIME_MS)
         signature = data["signature"]
         if not isinstance(signature, str) or len(signature) > 128:
             raise ManifestError(f"manifest field signature must be base64 text, got {str(signature)[:80]!r}")

@@ -187,7 +187,7 @@ def _forgeries(harness: Harness, payload: bytes) -> dict[str, UpdateManifest]:
         "unsigned": dataclasses.replace(genuine, signature=""),
         "bad_signature": dataclasses.replace(genuine, target_version=1000),  # relabelled after signing
         "wrong_run": harness.manifest(payload, None, key="5", run_id="another-run"),
-        "expired": harness.manifest(payload, None, key="5", expires_at=time.time() - 1),
+        "expired": harness.manifest(payload, None, key="5", expires_at_ms=int((time.time() - 1) * 1000)),
         "wrong_model": harness.manifest(payload, None, key="5", model_fingerprint="00" * 16),
         "other key": dataclasses.replace(genuine, signature="").signed(other_key),
     }

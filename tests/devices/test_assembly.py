@@ -19,7 +19,7 @@ def manifest_for(payload: bytes, chunk_size: int, key: str = "3", payload_sha256
         total_bytes=len(payload), chunk_count=len(chunks), chunk_size=chunk_size,
         payload_sha256=payload_sha256 or payload_digest(payload),
         chunk_sha256=tuple(chunk_digest(chunk) for chunk in chunks), model_fingerprint="00" * 16,
-        post_apply_sha256="00" * 32, published_at=0.0, expires_at=60.0,
+        post_apply_sha256="00" * 32, published_at_ms=0, expires_at_ms=60_000,
     )
 
 
