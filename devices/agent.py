@@ -130,6 +130,20 @@ class DeviceAgent:
     def device_id(self) -> str:
         return self.config.device_id
 
+    def rebooted(self) -> DeviceAgent:
+        """A new agent for this device after a crash, from what a reboot keeps: the deployed version and weights
+        and the refusal counts (its UpdateReceiver, as if in flash), its counters, and a report the broker never
+        acknowledged (an outbox in flash). Updates in flight are gone; on connecting it nacks for a catch-up."""
+        agent = DeviceAgent(self.config, self.topics, self.endpoint, self.inference, self.receiver.trust.trusted_key,
+                            self.clock)
+        self.receiver.drop_transfers()
+        agent.receiver = self.receiver
+        agent.state = self.state
+        agent.inference.load_weights(self.receiver.weights)
+        agent.unacknowledged_report = self.unacknowledged_report
+        agent.reconnects = self.reconnects + 1  # a new connection: ask for what was lost
+        return agent
+
     async def run(self) -> None:
         """Stay connected (reconnecting after broker or link failures) until cancelled."""
         while True:

@@ -11,6 +11,8 @@ from devices.errors import DeviceError
 
 logger = logging.getLogger("devices.fleet")
 
+CRASH_WAIT_S = 10.0  # how long a crashed member's task may take to end
+
 
 class FleetMember(Protocol):
     """A device the run waits for: an emulated DeviceAgent, a SerialBridge, or an ExternalDevice."""
@@ -67,6 +69,36 @@ class EmulatedFleet:
         if pending:
             missing = [agent.device_id for agent in self.agents if not agent.connected.is_set()]
             raise FleetError(f"devices not online after {timeout_s:.0f} s: {', '.join(missing)}")
+
+    def member(self, device_id: str) -> FleetMember:
+        """The member standing for `device_id` (FleetError if the fleet has none)."""
+        return self.agents[self._index(device_id)]
+
+    def _index(self, device_id: str) -> int:
+        for index, agent in enumerate(self.agents):
+            if agent.device_id == device_id:
+                return index
+        raise FleetError(f"no device {device_id!r} in the fleet")
+
+    async def crash(self, device_id: str, timeout_s: float = CRASH_WAIT_S) -> None:
+        """Cancel the member's task, as a crash: what it held in memory is gone with it (bounded wait)."""
+        task = self._tasks[self._index(device_id)]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not task.done():  # a cancelled client may wait for its DISCONNECT to be acknowledged: cancel again
+            task.cancel()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise FleetError(f"device {device_id} did not stop within {timeout_s:.0f} s of its crash")
+            await asyncio.wait([task], timeout=min(remaining, 1.0))
+        self.agents[self._index(device_id)].connected.clear()
+
+    def restart(self, device_id: str, member: FleetMember) -> None:
+        """Run `member` (e.g. the device rebooted) in place of the crashed member of `device_id`."""
+        index = self._index(device_id)
+        if not self._tasks[index].done():
+            raise FleetError(f"device {device_id} is still running; crash it first")
+        self.agents[index] = member
+        self._tasks[index] = asyncio.create_task(member.run(), name=f"device-{device_id}")
 
     def raise_if_failed(self) -> None:
         """Surface the first agent that died with an error (agents never end on their own)."""

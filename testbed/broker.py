@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
@@ -15,6 +16,10 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from testbed.broker_access import BrokerAccess, Identity
 from testbed.errors import OrchestrationError
+
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
 
 
 class BrokerError(OrchestrationError):
@@ -120,28 +125,50 @@ class EmbeddedBroker:
             broker_logger.addFilter(_PubackTimeoutFilter())
         if self.port == 0:
             self.port = free_tcp_port(self.host)
+        await self.start()
+        return self
+
+    async def start(self) -> None:
+        """Start amqtt on host:port (again, after `stop`: a restarted broker keeps its address, not its sessions)."""
+        if self._broker is not None:
+            raise BrokerError("the embedded broker is already running")
         plugins: dict[str, Any] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         if self.access is not None:
             plugins = {f"{__name__}.RunAuthPlugin": _access_config(self.access),
                        f"{__name__}.RunTopicPlugin": _access_config(self.access)}
         config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}, "plugins": plugins}
-        self._broker = Broker(config)
+        broker = Broker(config)
         try:
-            await self._broker.start()
+            await asyncio.wait_for(broker.start(), START_TIMEOUT_S)
         except Exception as error:  # amqtt raises its own BrokerError or OSError subclasses
             raise BrokerError(f"embedded MQTT broker failed to start on {self.host}:{self.port}: {error}") from error
-        return self
+        self._broker = broker
+
+    async def stop(self) -> None:
+        """Stop amqtt: every client's connection drops (a broker restart's first half; `start` is the second)."""
+        if self._broker is None:
+            return
+        # Clients that left without DISCONNECT (cancelled devices) make amqtt log one error per
+        # message still awaiting its PUBACK while it shuts down; they say nothing about the run.
+        broker_logger = logging.getLogger("amqtt")
+        broker_logger.setLevel(logging.CRITICAL)
+        try:
+            await asyncio.wait_for(self._broker.shutdown(), STOP_TIMEOUT_S)
+        finally:
+            broker_logger.setLevel(logging.ERROR)
+            self._broker = None
+
+    @property
+    def running(self) -> bool:
+        return self._broker is not None
+
+    async def restart(self, down_s: float) -> None:
+        """Stop the broker, wait `down_s`, start it again on the same host and port."""
+        await self.stop()
+        await asyncio.sleep(down_s)
+        await self.start()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._broker is not None:
-            # Clients that left without DISCONNECT (cancelled devices) make amqtt log one error per
-            # message still awaiting its PUBACK while it shuts down; they say nothing about the run.
-            broker_logger = logging.getLogger("amqtt")
-            broker_logger.setLevel(logging.CRITICAL)
-            try:
-                await self._broker.shutdown()
-            finally:
-                broker_logger.setLevel(logging.ERROR)
-                self._broker = None
+        await self.stop()

@@ -175,6 +175,8 @@ class _RichProgress:
         elif event == "broker-reconnected":
             self.console.print(f"  [yellow]the run reconnected to the broker[/] ({data['reconnects']} "
                                f"reconnect(s) so far); devices that lost updates in flight get catch-ups")
+        elif event == "event":  # a scenario event fired or ended (testbed.run_events)
+            self.console.print(f"  [magenta]event[/] {data['description']}", highlight=False)
         elif event == "catch-up":
             self.console.print(f"  catch-up for {data['device']} from v{data['from']} ({data['bytes']} B): "
                                f"{data['reason']}")

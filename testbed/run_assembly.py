@@ -83,6 +83,7 @@ class RunAssembly:
         self.external_devices: dict[str, ExternalDevice] = {}
         self.metrics_url: str | None = None
         self.access: BrokerAccess | None = None  # the run's broker identities, once broker() has read them
+        self.embedded_broker: EmbeddedBroker | None = None  # the broker broker() started, if the run started one
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
         """The embedded broker (started here, checking the run's identities if it has any) or the scenario's
@@ -91,6 +92,7 @@ class RunAssembly:
         self.access = broker_access(self.scenario)
         if spec.embedded:
             broker = await stack.enter_async_context(EmbeddedBroker(access=self.access))
+            self.embedded_broker = broker
             endpoint = MqttEndpoint(broker.host, broker.port)
             server = self.access.server if self.access is not None else None
             return endpoint if server is None else endpoint.with_credentials(server.username, server.password)

@@ -15,6 +15,7 @@ from typing import Any
 
 from devices.fleet import EmulatedFleet
 from server.update_server import RoundOutcome, UpdateServer
+from testbed.core.events import Phase
 from testbed.core.messages import DeviceReport, DeviceStatus
 from testbed.core.scenario import Scenario
 from testbed.core.signing import SigningKey
@@ -27,7 +28,9 @@ from testbed.preflight import check_scenario
 from testbed.publisher import UpdatePublisher
 from testbed.report_collector import DeviceMessages, ReportCollector
 from testbed.results import ResultsWriter
+from testbed.event_actions import register_actions
 from testbed.run_assembly import RunAssembly
+from testbed.run_events import RunEvents
 from testbed.run_summary import RoundRecord, RunError, RunRecords, RunResult
 
 __all__ = ["ProgressCallback", "RoundRecord", "RunError", "RunResult", "ScenarioRun", "new_run_id", "run_scenario"]
@@ -64,6 +67,9 @@ class ScenarioRun:
         self.boards_seen_online: set[str] = set()
         self.board_devices = [device_id for device_id, entry in scenario.device_entries().items()
                               if entry.kind != "emulated"]
+        self.events: RunEvents | None = None
+        """The scenario's events (testbed.run_events), from when every device is online to the end of the run."""
+        self.current_round: int | None = None
         self.stop_requested = asyncio.Event()
         """Set by Ctrl-C (or `request_stop`): the round in progress ends, the summary is written, the run returns."""
 
@@ -83,6 +89,12 @@ class ScenarioRun:
 
     def _progress(self, event: str, data: dict[str, Any]) -> None:
         self.progress(event, data)  # looked up on each event: callers may set `progress` after construction
+        if event == "device" and data.get("round") == self.current_round:
+            self._phase_reached(data["round"], "report")  # the round's first report: its report phase
+
+    def _phase_reached(self, round_index: int, phase: Phase) -> None:
+        if self.events is not None:
+            self.events.phase_reached(round_index, phase)
 
     async def execute(self) -> RunResult:
         """Run every round (or until a stop is requested); a first Ctrl-C requests the stop, a second one aborts."""
@@ -121,6 +133,9 @@ class ScenarioRun:
                                        "metrics": self.metrics_url, "downlink": downlink.description,
                                        "uplink": uplink.description, "rounds": server.rounds})
             await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices else ONLINE_TIMEOUT_S)
+            self.events = await stack.enter_async_context(RunEvents(scenario, self.out_dir, self.metrics,
+                                                                    self._progress))
+            register_actions(self.events, scenario, assembly.embedded_broker, fleet)
             publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, self.signing_key,
                                         server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
@@ -144,18 +159,23 @@ class ScenarioRun:
         if self.stop_requested.is_set():
             return  # stopped while training: this round's result is neither sent nor recorded
         started = time.monotonic()
+        self.current_round = round_index
         full_model_bytes = wire_full_model_bytes(outcome.weights)
         reports: dict[str, DeviceReport] = {}
         update_bytes = index_bits = 0
         if outcome.sent:
+            self._phase_reached(round_index, "publish")
             published = await publisher.publish_version(round_index, outcome.version, outcome.weights,
                                                         outcome.base_version, outcome.payload)
             update_bytes, index_bits = published.payload_bytes, published.index_bits
             self.metrics.record_published(update_bytes)
             self.progress("publishing", {"round": round_index, "version": outcome.version,
                                          "update_bytes": update_bytes, "full_model_bytes": full_model_bytes})
+            self._phase_reached(round_index, "delivery")
             reports = await collector.collect(round_index, outcome.version)
+            self._phase_reached(round_index, "report")  # also when no device reported
         else:
+            self._phase_reached(round_index, "report")  # nothing to publish: the round passes its phases
             self.progress("skipped", {"round": round_index, "version": outcome.version,
                                       "validation_accuracy": outcome.validation_accuracy})
         self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy, update_bytes, full_model_bytes,

@@ -1,0 +1,73 @@
+"""A run with scenario events fires each at its time or round phase, records it in events.jsonl, counts it, and says
+which actions it does not emulate yet."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.core.scenario import parse_scenario
+from testbed.events import read_events
+from testbed.runner import ScenarioRun
+
+pytestmark = pytest.mark.timeout(240)
+
+ROUNDS = 2
+
+
+async def test_a_run_fires_records_and_counts_its_events_in_order(tmp_path: Path) -> None:
+    scenario = parse_scenario({
+        "name": "events", "seed": 3, "rounds": ROUNDS, "round_timeout": "90s",
+        "data": {"initial_samples": 200, "new_samples_per_round": 60},
+        "update": {"epochs": 2, "ratio": 0.1}, "model": {"hidden": [16]},
+        "devices": [{"profile": "rpi4", "count": 2}],
+        "metrics": {"enabled": False},
+        "events": [
+            {"at": "0s", "action": "corrupt", "device": "rpi4-1", "chunks": 1},
+            {"round": 0, "action": "link", "device": "rpi4-0", "set": {"delay": "10ms"}, "for": "500ms"},
+            {"round": 1, "phase": "report", "action": "partition", "all": True, "for": "10min"},
+        ],
+    })
+    progress: list[tuple[str, dict[str, Any]]] = []
+    run = ScenarioRun(scenario, tmp_path / "out", lambda event, data: progress.append((event, data)))
+    result = await asyncio.wait_for(run.execute(), 200)
+
+    records = read_events(tmp_path / "out")
+    fires_and_ends = [(record["index"], record["kind"]) for record in records]
+    assert sorted(fires_and_ends) == [(0, "fire"), (1, "end"), (1, "fire"), (2, "end"), (2, "fire")]
+    assert fires_and_ends[0] == (0, "fire")  # due at 0 s, before round 0 publishes
+    assert fires_and_ends.index((1, "fire")) < fires_and_ends.index((1, "end"))
+    assert fires_and_ends[-1] == (2, "end")  # the partition lasts to the end of the run
+    assert fires_and_ends.index((2, "fire")) < fires_and_ends.index((2, "end"))
+    link_fire = records[fires_and_ends.index((1, "fire"))]
+    assert (link_fire["round"], link_fire["phase"], link_fire["target"]) == (0, "publish", {"device": "rpi4-0"})
+    partition_fire = records[fires_and_ends.index((2, "fire"))]
+    assert (partition_fire["round"], partition_fire["phase"]) == (1, "report")
+    assert [record["t"] for record in records] == sorted(record["t"] for record in records)
+
+    lines = [data["description"] for event, data in progress if event == "event"]
+    assert len(lines) == len(records) and lines[-1].endswith("ends")
+    for action in ("corrupt", "link", "partition"):
+        assert run.metrics.registry.get_sample_value(
+            "testbed_events_total", {"run": run.run_id, "action": action}) == 1.0
+    warnings = [data["message"] for event, data in progress if event == "warning"]
+    assert sorted(message.split(":")[0] for message in warnings if "not emulated yet" in message) == [
+        "event corrupt", "event link", "event partition"]  # once per action, fire and end alike
+
+    summary = result.summary
+    for device_id, state in summary["devices"].items():
+        assert (state["final_version"], state["hash_matches_server"]) == (summary["server"]["final_version"], True), \
+            device_id
+
+
+async def test_a_run_without_events_writes_an_empty_record(tmp_path: Path) -> None:
+    scenario = parse_scenario({
+        "name": "no-events", "seed": 3, "rounds": 1, "data": {"initial_samples": 200, "new_samples_per_round": 60},
+        "update": {"epochs": 1}, "model": {"hidden": [16]}, "devices": [{"profile": "rpi4", "count": 1}],
+        "metrics": {"enabled": False},
+    })
+    await asyncio.wait_for(ScenarioRun(scenario, tmp_path / "out").execute(), 200)
+    assert read_events(tmp_path / "out") == []
