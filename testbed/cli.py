@@ -351,7 +351,14 @@ def _parse_compare_grid(args: argparse.Namespace, console: Console) -> tuple[lis
 
 def _command_compare(args: argparse.Namespace, console: Console) -> int:
     from server.update_server import UpdateServer
-    from testbed.compare import markdown_table, paper_reference_table, run_comparison, runs_needed, write_report
+    from testbed.compare import (
+        CellStore,
+        markdown_table,
+        paper_reference_table,
+        run_comparison,
+        runs_needed,
+        write_report,
+    )
 
     scenario = _load(args.scenario, args.overrides, console)
     grid = None if scenario is None else _parse_compare_grid(args, console)
@@ -363,22 +370,69 @@ def _command_compare(args: argparse.Namespace, console: Console) -> int:
     rounds = UpdateServer(scenario).rounds
     total = runs_needed(strategies, ratios, seeds) * rounds
     console.print(f"[bold]compare {scenario.name}[/]: {', '.join(strategies)} at k = {', '.join(map(str, ratios))}, "
-                  f"{len(seeds)} seed(s), {rounds} rounds each; results in {out_dir}")
+                  f"{len(seeds)} seed(s), {rounds} rounds each ({total} rounds); results in {out_dir} "
+                  "(finished cells are kept in cells/: run again with the same --out to go on)",
+                  highlight=False, soft_wrap=True)
     started = time.monotonic()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), console=console) as progress:
-        task = progress.add_task("rounds", total=total, status="")
-
-        def advance(strategy: str, ratio: float, seed: int, outcome: Any) -> None:
-            progress.update(task, advance=1, status=(
-                f"{strategy} k={ratio:g} seed {seed} round {outcome.round_index}: acc {outcome.server_accuracy:.3f}"))
-
-        rows = run_comparison(scenario, strategies, ratios, seeds, advance)
+    store = CellStore(out_dir, scenario)
+    progress = _CompareProgress(console, total)
+    with progress:
+        rows = run_comparison(scenario, strategies, ratios, seeds, progress.round_done, store, progress.cell_skipped)
     summaries = write_report(rows, out_dir, f"{scenario.name}: strategies compared")
-    console.print(markdown_table(summaries), markup=False, highlight=False)
-    console.print(paper_reference_table(), markup=False, highlight=False)
-    console.print(f"done in {time.monotonic() - started:.1f} s; compare.csv, compare.md, compare.png in {out_dir}")
+    console.print(markdown_table(summaries), markup=False, highlight=False, soft_wrap=True)
+    console.print(paper_reference_table(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"done in {time.monotonic() - started:.1f} s; compare.csv, compare.md, compare.png in {out_dir}",
+                  highlight=False, soft_wrap=True)
     return EXIT_OK
+
+
+class _CompareProgress:
+    """Progress of a comparison: a rich bar on a terminal, otherwise one line per round with an ETA."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.total = total
+        self.done = 0
+        self.trained = 0  # rounds trained in this invocation (the ETA's basis; stored cells cost nothing)
+        self.started = time.monotonic()
+        self.bar: Progress | None = None
+        self.task: Any = None
+        if console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+                                TextColumn("{task.fields[status]}"), console=console)
+
+    def __enter__(self) -> _CompareProgress:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("rounds", total=self.total, status="", eta="?")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def _eta(self) -> str:
+        if self.trained == 0:
+            return "?"
+        left = (time.monotonic() - self.started) / self.trained * (self.total - self.done)
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+    def _show(self, status: str, advance: int) -> None:
+        self.done += advance
+        if self.bar is not None:
+            self.bar.update(self.task, advance=advance, status=status, eta=self._eta())
+        else:
+            self.console.print(f"[{self.done}/{self.total} rounds, ETA {self._eta()}] {status}",
+                               markup=False, highlight=False, soft_wrap=True)
+
+    def round_done(self, strategy: str, ratio: float, seed: int, outcome: Any) -> None:
+        self.trained += 1
+        self._show(f"{strategy} k={ratio:g} seed {seed} round {outcome.round_index}: "
+                   f"acc {outcome.server_accuracy:.3f}", 1)
+
+    def cell_skipped(self, strategy: str, ratio: float, seed: int, rounds: int) -> None:
+        self._show(f"{strategy} k={ratio:g} seed {seed}: finished before, taken from cells/", rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,22 +96,86 @@ def runs_needed(strategies: Sequence[str], ratios: Sequence[float], seeds: Seque
     return per_seed * len(seeds)
 
 
+class CompareError(ScenarioError):
+    """A comparison that cannot go on as asked (an --out folder holding another comparison's cells)."""
+
+
+class CellStore:
+    """Finished (strategy, ratio, seed) cells of a comparison, one JSON file each under `<out>/cells/`.
+
+    A cell is written atomically as soon as its rounds are done, so an interrupted comparison keeps
+    them, and a re-run with the same --out takes them instead of training again. Each cell names the
+    scenario it was run with (a hash of the resolved scenario, seed aside): cells of another scenario are
+    refused, not mixed in.
+    """
+
+    def __init__(self, out_dir: Path, scenario: Scenario) -> None:
+        self.folder = Path(out_dir) / "cells"
+        raw = scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
+        raw.pop("seed", None)
+        raw["update"] = {key: value for key, value in raw.get("update", {}).items() if key not in ("strategy", "ratio")}
+        self.scenario_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _path(self, strategy: str, ratio: float, seed: int) -> Path:
+        return self.folder / f"{strategy}_k{ratio:g}_seed{seed}.json"
+
+    def load(self, strategy: str, ratio: float, seed: int) -> list[CompareRow] | None:
+        """The rows of a finished cell, or None if it was not run (or not finished)."""
+        path = self._path(strategy, ratio, seed)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise CompareError(f"{path}: not a finished comparison cell ({error}); remove it to run it again") from None
+        if data.get("scenario") != self.scenario_hash:
+            raise CompareError(f"{path.parent.parent} holds cells of another scenario (or other settings); "
+                               "choose another --out, or remove its cells/ folder")
+        return [CompareRow(**row) for row in data["rows"]]
+
+    def save(self, strategy: str, ratio: float, seed: int, rows: Sequence[CompareRow]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(strategy, ratio, seed)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"scenario": self.scenario_hash, "rows": [asdict(row) for row in rows]}),
+                             encoding="utf-8")
+        os.replace(temporary, path)
+
+
+SkipCallback = Callable[[str, float, int, int], None]
+"""Called for a cell taken from the store: strategy, ratio, seed, its rounds."""
+
+
 def run_comparison(scenario: Scenario, strategies: Sequence[str], ratios: Sequence[float], seeds: Sequence[int],
-                   progress: ProgressCallback | None = None) -> list[CompareRow]:
-    """Every strategy × ratio × seed on the server only; `full` runs once per seed (it ignores the ratio)."""
+                   progress: ProgressCallback | None = None, store: CellStore | None = None,
+                   skipped: SkipCallback | None = None) -> list[CompareRow]:
+    """Every strategy × ratio × seed on the server only; `full` runs once per seed (it ignores the ratio).
+
+    With a `store`, finished cells are taken from it and each new cell is saved as it finishes.
+    """
     rows: list[CompareRow] = []
     for seed in seeds:
         for strategy in strategies:
             for ratio in ([ratios[0]] if strategy == REFERENCE_STRATEGY else ratios):
+                stored = None if store is None else store.load(strategy, ratio, seed)
+                if stored is not None:
+                    rows += stored
+                    if skipped is not None:
+                        skipped(strategy, ratio, seed, len(stored))
+                    continue
                 server = UpdateServer(variant(scenario, strategy, ratio, seed))
+                cell: list[CompareRow] = []
 
                 def record(outcome: RoundOutcome, strategy: str = strategy, ratio: float = ratio,
-                           seed: int = seed) -> None:
-                    rows.append(rows_from_outcome(strategy, ratio, seed, outcome))
+                           seed: int = seed, cell: list[CompareRow] = cell) -> None:
+                    cell.append(rows_from_outcome(strategy, ratio, seed, outcome))
                     if progress is not None:
                         progress(strategy, ratio, seed, outcome)
 
                 server.run_all(record)
+                rows += cell
+                if store is not None:
+                    store.save(strategy, ratio, seed, cell)
     return rows
 
 

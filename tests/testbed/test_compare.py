@@ -79,8 +79,39 @@ def test_cli_compare_writes_its_files(tmp_path: Path) -> None:
     code = main(["compare", str(scenario), "--strategies", "dpu,magnitude", "--ratios", "0.05",
                  "--set", "rounds=2", "--out", str(tmp_path / "out")])
     assert code == EXIT_OK
-    assert {path.name for path in (tmp_path / "out").iterdir()} == {"compare.csv", "compare.md", "compare.png"}
+    assert {path.name for path in (tmp_path / "out").iterdir()} == {"compare.csv", "compare.md", "compare.png",
+                                                                     "cells"}
     assert "| any | full |" in (tmp_path / "out" / "compare.md").read_text()  # full is added as the reference
+
+
+def test_cli_compare_shows_progress_keeps_cells_and_a_rerun_skips_them(tmp_path: Path, capsys, monkeypatch) -> None:
+    import yaml
+
+    from testbed import compare
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(SMALL))
+    arguments = ["compare", str(scenario), "--strategies", "dpu", "--ratios", "0.05", "--set", "rounds=2",
+                 "--out", str(tmp_path / "out")]
+    assert main(arguments) == EXIT_OK
+    first = capsys.readouterr().out
+    # not a terminal: one line per round, counting up to the total, with an ETA
+    assert "[1/4 rounds, ETA ?]" not in first and "[4/4 rounds, ETA 0m00s] dpu k=0.05 seed 5 round 1" in first
+    assert sorted(path.name for path in (tmp_path / "out" / "cells").iterdir()) == [
+        "dpu_k0.05_seed5.json", "full_k0.05_seed5.json"]
+    table = (tmp_path / "out" / "compare.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(compare, "UpdateServer", no_training)
+    assert main(arguments) == EXIT_OK
+    again = capsys.readouterr().out
+    assert "dpu k=0.05 seed 5: finished before, taken from cells/" in again
+    assert (tmp_path / "out" / "compare.md").read_text() == table  # the same result from the kept cells
+    monkeypatch.undo()
+    assert main([*arguments, "--set", "update.epochs=3"]) == EXIT_BAD_SCENARIO  # other settings: cells refused
+    assert "holds cells of another scenario" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("arguments, message", [
