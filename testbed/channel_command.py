@@ -103,10 +103,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     channel.add_argument("--delay", type=_duration, default=None, help="downlink one-way delay, e.g. 100ms")
     channel.add_argument("--jitter", type=_duration, default=None, help="downlink delay jitter (±), e.g. 10ms")
     channel.add_argument("--loss", type=_loss, default=None, help="downlink segment loss, e.g. 1%% or 0.01")
-    channel.add_argument("--uplink-rate", type=_rate_or_unlimited, default=None)
-    channel.add_argument("--uplink-delay", type=_duration, default=None)
-    channel.add_argument("--uplink-jitter", type=_duration, default=None)
-    channel.add_argument("--uplink-loss", type=_loss, default=None)
+    channel.add_argument("--uplink-rate", type=_rate_or_unlimited, default=None,
+                         help="uplink rate if it differs from --rate (or 'unlimited')")
+    channel.add_argument("--uplink-delay", type=_duration, default=None, help="uplink delay if it differs from --delay")
+    channel.add_argument("--uplink-jitter", type=_duration, default=None, help="uplink jitter if it differs from --jitter")
+    channel.add_argument("--uplink-loss", type=_loss, default=None, help="uplink loss if it differs from --loss")
     channel.add_argument("--seed", type=_seed, default=0, help="seed of the link's randomness (default 0)")
     channel.add_argument("-v", "--verbose", action="store_true", help="log every connection, with tracebacks")
     bench = commands.add_parser("bench", help="run a benchmark from bench/ (e.g. `testbed bench channel --quick`)")
@@ -115,7 +116,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "channel", help="fidelity and overhead of the link emulator (runs bench/link_fidelity.py)",
         description="Fidelity of the proxy link emulator (goodput, delay, loss vs configured) and its overhead.")
     bench_channel.add_argument("--quick", action="store_true", help="a few cases, under a minute")
-    bench_channel.add_argument("--seed", type=int, default=1)
+    bench_channel.add_argument("--seed", type=int, default=1, help="seed of the links' randomness (default 1)")
     bench_channel.add_argument("--backend", choices=("proxy", "tun", "all"), default="all",
                                help="link backend(s) to measure (default all; tun needs Linux and root)")
     bench_channel.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")

@@ -31,6 +31,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 EXIT_BAD_SCENARIO = 2
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge-testbed")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
+
+
 def _command_word(argv: list[str]) -> str | None:
     """The command the arguments name, or None when they name none (help, or a typo: then every command is built)."""
     for word in argv:
@@ -44,6 +53,8 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="testbed",
         description="Hardware-in-the-loop testbed for deep partial updating of neural networks over MQTT.",
     )
+    parser.add_argument("--version", action="version", version=f"testbed {_version()}",
+                        help="print the version of edge-testbed and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run a scenario end to end")
     run.add_argument("scenario", type=Path, help="scenario YAML file")
@@ -60,10 +71,12 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--ratios", default="0.005,0.01,0.05", help="comma-separated update ratios k")
     compare.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1 and average")
     compare.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare-<name>-<time>)")
-    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                         help="override a scenario field, as for run (repeatable)")
     validate = commands.add_parser("validate", help="check a scenario file and print it resolved")
-    validate.add_argument("scenario", type=Path)
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    validate.add_argument("scenario", type=Path, help="scenario YAML file")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                          help="override a scenario field, as for run (repeatable)")
     validate.add_argument("--resolve", action="store_true",
                           help="also load the plugins the scenario names and let them check it (link profiles and "
                                "trace files, strategy settings); without it only testbed.core is imported")

@@ -60,7 +60,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     board.add_argument("--trust", metavar="PUBKEY", default=None,
                        help="apply only updates signed by this key (ed25519:<base64>, or a file holding it, as "
                             "`testbed keygen` prints); without it the board trusts the key the host's config names")
-    board.add_argument("-v", "--verbose", action="store_true")
+    board.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     attach = commands.add_parser(
         "attach", help="bridge a serial-attached board into a running scenario as one of its devices",
         description="Host side of a board in the loop, for a scenario device with `external: true`: finds the run "
@@ -80,7 +80,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     attach.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
                         help="CA certificate of a TLS broker (mqtts://): TLS runs through the run's link to the broker")
     attach.add_argument("--out", type=Path, default=Path("."), help="folder for serial/NAME.log (default .)")
-    attach.add_argument("-v", "--verbose", action="store_true")
+    attach.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
 
 def run(args: argparse.Namespace) -> int:
