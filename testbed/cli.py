@@ -24,7 +24,8 @@ from testbed.core.scenario import Scenario, ScenarioError, load_scenario
 COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.channel_command",
                    "board": "testbed.hil_commands", "attach": "testbed.hil_commands",
                    "broker-config": "testbed.broker_config",
-                   "keygen": "testbed.key_commands"}
+                   "keygen": "testbed.key_commands",
+                   "data": "testbed.data_commands"}
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
