@@ -307,6 +307,17 @@ class LinkModel:
             return None
         return self._outages.outage_at(t)
 
+    def add_outage(self, start_s: float, end_s: float) -> None:
+        """The link is down over ``[start_s, end_s)`` (the clock ``transmit`` is given), besides its own outages.
+
+        Segments handed over from then on wait for it as for any outage; a delivery time given out before is kept.
+        """
+        self._begin(start_s)
+        if self._outages is None:
+            assert self._epoch is not None
+            self._outages = OutageTimeline(self._epoch, (), None, None)
+        self._outages.add(start_s, end_s)
+
     def _begin(self, now_s: float) -> None:
         if self._epoch is not None:
             return

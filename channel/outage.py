@@ -119,6 +119,14 @@ class OutageTimeline:
         self._horizon = target
         self._rebuild()
 
+    def add(self, start_s: float, end_s: float) -> None:
+        """The link is also down over ``[start_s, end_s)`` (absolute times): an outage added while the link runs."""
+        if not (math.isfinite(start_s) and math.isfinite(end_s) and end_s > start_s):
+            raise ChannelError(f"OutageTimeline.add({start_s!r}, {end_s!r}) is invalid: expected finite start < end")
+        self._scheduled = sorted([*self._scheduled, (start_s, end_s)])
+        self._scheduled_end = max(self._scheduled_end, end_s)
+        self._rebuild()
+
     def _rebuild(self) -> None:
         merged: list[tuple[float, float]] = []
         for start, end in sorted(self._scheduled + self._random_intervals):

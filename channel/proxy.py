@@ -368,6 +368,20 @@ class LinkProxy:
                 return window
         return None
 
+    def add_outage(self, duration_s: float, downlink: bool = True, uplink: bool = True) -> None:
+        """Take the link down from now for ``duration_s`` (one direction or both), as a scheduled outage would;
+        one longer than ``outage_reset_after_s`` resets the connections. ChannelError if a direction's model
+        (e.g. a cell's shared flow) cannot take an outage."""
+        now = asyncio.get_running_loop().time()
+        models = [model for model, chosen in ((self.downlink_model, downlink), (self.uplink_model, uplink)) if chosen]
+        for model in models:
+            if not isinstance(model, LinkModel):
+                raise ChannelError(f"{self.name}: a {type(model).__name__} link cannot take an outage at run time")
+        for model in models:
+            model.add_outage(now, now + duration_s)
+        if self.outage_reset_after_s is not None and self._outage_watch is None and not self._closing:
+            self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
+
     async def _watch_outages(self) -> None:
         """Reset every connection once an outage has lasted the threshold, as a real link's peers would
         time out; until it ends, new connections are closed at once (see `_serve_client`)."""

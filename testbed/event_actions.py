@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from channel.link import LinkModel
+from channel.proxy import LinkProxy
 
 from devices.agent import DeviceAgent
 from devices.fleet import EmulatedFleet
 from testbed.broker import EmbeddedBroker
 from testbed.core.event_checks import target_device_ids
+from testbed.core.events import OutageEvent
 from testbed.core.scenario import Scenario
 from testbed.events import FiredEvent
 from testbed.run_events import RunEvents
 
 logger = logging.getLogger("testbed.events")
 
-EMULATED_ACTIONS = ("broker_restart", "device_crash")
+EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage")
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
 Action = Callable[[], Awaitable[None]]
 
 
 def register_actions(events: RunEvents, scenario: Scenario, broker: EmbeddedBroker | None,
-                     fleet: EmulatedFleet) -> None:
-    """Perform broker restarts on `broker` (None: an external broker) and device crashes in `fleet`."""
+                     fleet: EmulatedFleet, device_links: Mapping[str, Any]) -> None:
+    """Perform broker restarts on `broker` (None: an external broker), device crashes in `fleet` and outages on
+    `device_links` (each device's open link)."""
     events.on("broker_restart", BrokerRestarts(broker, scenario.broker.url))
     events.on("device_crash", DeviceCrashes(events, scenario, fleet))
+    events.on("outage", Outages(events, scenario, device_links))
 
 
 class BrokerRestarts:
@@ -93,3 +100,37 @@ class DeviceCrashes:
             await crash()
             await reboot()
         return both
+
+
+class Outages:
+    """`outage` on the proxy backend: each target's link is down from when the event fires for `for` (its end is
+    the outage ending by itself); longer than `channel.reset_after`, the link resets its connections."""
+
+    def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
+        self.events = events
+        self.scenario = scenario
+        self.device_links = device_links
+
+    def __call__(self, fired: FiredEvent) -> Action | None:
+        event = fired.event
+        if fired.kind == "end" or not isinstance(event, OutageEvent):
+            return None
+        proxies: list[LinkProxy] = []
+        for device_id in target_device_ids(event, self.scenario):
+            link = self.device_links.get(device_id)
+            if isinstance(link, LinkProxy) and all(isinstance(model, LinkModel)
+                                                   for model in (link.downlink_model, link.uplink_model)):
+                proxies.append(link)
+            elif isinstance(link, LinkProxy):
+                self.events.warn_not_emulated(fired, "not emulated yet on a cell's shared link")
+            else:
+                self.events.warn_not_emulated(fired, f"not emulated yet on the {self.scenario.channel.backend!r} "
+                                                     "link backend (the proxy backend emulates it)")
+        if not proxies:
+            return None
+        downlink, uplink = event.direction in ("both", "downlink"), event.direction in ("both", "uplink")
+
+        async def take_down() -> None:
+            for proxy in proxies:
+                proxy.add_outage(event.for_s, downlink=downlink, uplink=uplink)
+        return take_down

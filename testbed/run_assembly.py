@@ -84,6 +84,7 @@ class RunAssembly:
         self.metrics_url: str | None = None
         self.access: BrokerAccess | None = None  # the run's broker identities, once broker() has read them
         self.embedded_broker: EmbeddedBroker | None = None  # the broker broker() started, if the run started one
+        self.device_links: dict[str, Any] = {}  # each device's open link (its backend's EmulatedLink), by device id
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
         """The embedded broker (started here, checking the run's identities if it has any) or the scenario's
@@ -144,6 +145,7 @@ class RunAssembly:
             except ChannelError as error:  # e.g. a kernel without sch_netem: one clear line, not a traceback
                 raise RunError(f"channel backend {self.scenario.channel.backend!r} cannot open the link of "
                                f"{device_id}: {error}") from error
+            self.device_links[device_id] = link
             self.metrics.add_device(device_id, profile_name, link)
             via = self.device_endpoint(endpoint, device_id).via(*link.address)
             members.append(self._member(entries[device_id], device_id, profile_name, index, via, links, server))

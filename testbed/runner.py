@@ -135,7 +135,7 @@ class ScenarioRun:
             await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices else ONLINE_TIMEOUT_S)
             self.events = await stack.enter_async_context(RunEvents(scenario, self.out_dir, self.metrics,
                                                                     self._progress))
-            register_actions(self.events, scenario, assembly.embedded_broker, fleet)
+            register_actions(self.events, scenario, assembly.embedded_broker, fleet, assembly.device_links)
             publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, self.signing_key,
                                         server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,

@@ -115,3 +115,20 @@ def test_random_outages_drop_packets_and_same_seed_same_fates() -> None:
 def test_bad_outage_parameters_name_the_field(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ChannelError, match=message):
         LinkParameters(rate_bps=None, **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_outage_added_while_the_link_runs_holds_segments_until_it_ends() -> None:
+    model = LinkModel(LinkParameters(rate_bps=None, delay_s=0.01), np.random.default_rng(1))
+    assert model.transmit(100.0, 500) == pytest.approx(100.01)
+    model.add_outage(101.0, 104.0)
+    assert model.outage_at(102.0) == (101.0, 104.0) and model.outage_at(104.5) is None
+    assert model.transmit(102.0, 500) >= 104.0  # handed over in the outage: resent after it
+    assert model.transmit(105.0, 500) == pytest.approx(105.01)
+
+
+def test_an_outage_is_added_to_a_link_that_never_ran_and_bad_ones_are_refused() -> None:
+    model = LinkModel(LinkParameters(rate_bps=None, delay_s=0.0), np.random.default_rng(1))
+    model.add_outage(5.0, 6.0)
+    assert model.outage_at(5.5) == (5.0, 6.0)
+    with pytest.raises(ChannelError):
+        model.add_outage(7.0, 7.0)

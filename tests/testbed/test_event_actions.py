@@ -21,14 +21,15 @@ DEVICES = 3
 ROUNDS = 3
 
 
-def fault_scenario(events: list[dict[str, Any]], broker: str = "embedded", rounds: int = ROUNDS) -> Any:
+def fault_scenario(events: list[dict[str, Any]], broker: str = "embedded", rounds: int = ROUNDS,
+                   reset_after: str = "10s") -> Any:
     return parse_scenario({
         "name": "fault", "seed": 6, "rounds": rounds, "round_timeout": "90s",
         "data": {"initial_samples": 200, "new_samples_per_round": 60},
         "update": {"epochs": 2, "ratio": 0.1}, "model": {"hidden": [16]},
         "devices": [{"profile": "rpi4", "count": DEVICES}],
         # round 0's snapshot (about 5 kB) takes about 2 s at 20 kbit/s: events 0.5 s into it hit a transfer
-        "channel": {"downlink": {"rate": "20kbit", "delay": "50ms"}},
+        "channel": {"downlink": {"rate": "20kbit", "delay": "50ms"}, "reset_after": reset_after},
         "broker": broker, "metrics": {"enabled": False}, "events": events,
     })
 
@@ -91,4 +92,18 @@ async def test_devices_crashed_mid_transfer_reboot_from_their_saved_state_and_ca
                for data in catch_ups)
     records = read_events(tmp_path / "out")
     assert [(record["index"], record["kind"]) for record in records] == [(0, "fire"), (0, "end"), (1, "fire")]
+    assert_converged(result, tmp_path / "out")
+
+
+async def test_an_outage_longer_than_reset_after_resets_the_link_and_the_device_catches_up(tmp_path: Path) -> None:
+    scenario = fault_scenario([{"round": 0, "phase": "delivery", "after": "300ms", "action": "outage",
+                                "device": "rpi4-1", "for": "3s"}], reset_after="1s")
+    progress: list[tuple[str, dict[str, Any]]] = []
+    run_ = ScenarioRun(scenario, tmp_path / "out", lambda event, data: progress.append((event, data)))
+    result = await asyncio.wait_for(run_.execute(), 240)
+    assert not [data for event, data in progress if event == "warning"]
+    assert run_.assembly.device_links["rpi4-1"].outage_resets >= 1
+    assert run_.assembly.device_links["rpi4-0"].outage_resets == 0
+    assert any(data["device"] == "rpi4-1" and "reconnected" in data["reason"]
+               for event, data in progress if event == "catch-up")
     assert_converged(result, tmp_path / "out")
