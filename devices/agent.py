@@ -44,6 +44,10 @@ class InferenceModel(Protocol):
         """Accuracy on the device's local test split with the loaded weights."""
         ...
 
+    def evaluation_macs(self) -> int:
+        """Multiply-accumulates of one evaluation of the local test split (the modelled compute work)."""
+        ...
+
 
 @dataclass(frozen=True)
 class DeviceConfig:
@@ -54,6 +58,8 @@ class DeviceConfig:
     downlink_rate_bps: float | None
     uplink_rate_bps: float | None
     init_seed: int = 0
+    round_period_s: float = 60.0
+    """Modelled time between rounds: idle energy is counted over it (never over the host's wall time)."""
 
 
 @dataclass
@@ -121,6 +127,9 @@ class DeviceAgent:
         self.state = DeviceState(self.receiver)
         inference.load_weights(self.receiver.weights)
         self.accounting = RoundAccounting(started_at=time.monotonic())
+        self._last_reported_round = -1  # round 0's report covers one round period
+        self._apply_operations = sum(int(np.asarray(array).size) for array in self.receiver.initial_weights.values())
+        """Modelled work of an apply: one operation per weight of the copy the update is applied to."""
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.unacknowledged_report: DeviceReport | None = None
@@ -207,9 +216,7 @@ class DeviceAgent:
             completed = self._receive(topic, payload)
             if completed is not None:
                 delivered_at = self.clock()
-                started = time.perf_counter()
                 version, new_weights = self.receiver.verify(completed)
-                verify_host_s = time.perf_counter() - started
         except UpdateRejected as error:
             # Counted by the receiver. Only a genuine update the device could not use asks for a catch-up;
             # anything else (forged, replayed, foreign, a stray chunk) gets no answer, so it costs no traffic.
@@ -219,7 +226,7 @@ class DeviceAgent:
                 await self._publish(client, self.topics.device(self.device_id, "nack"), self._nack(str(error)))
             return
         if completed is not None:
-            await self._apply_and_report(client, completed, version, new_weights, delivered_at, verify_host_s)
+            await self._apply_and_report(client, completed, version, new_weights, delivered_at)
 
     def _receive(self, topic: str, payload: bytes) -> CompletedUpdate | None:
         chunk = self.topics.parse_update_chunk(topic)
@@ -236,34 +243,31 @@ class DeviceAgent:
                           session=self.reconnects)
 
     async def _apply_and_report(self, client: aiomqtt.Client, completed: CompletedUpdate, version: int,
-                                new_weights: dict[str, np.ndarray], delivered_at: float, verify_host_s: float) -> None:
-        """Swap in verified weights, evaluate, report; apply time counts the verification (decode and apply)."""
-        manifest = completed.manifest
-        started = time.perf_counter() - verify_host_s
+                                new_weights: dict[str, np.ndarray], delivered_at: float) -> None:
+        """Swap in verified weights, evaluate, report."""
         self.inference.load_weights(new_weights)
         self.receiver.commit(version, new_weights)
         self.state.applied_updates += 1
-        apply_host_s = time.perf_counter() - started
-        started = time.perf_counter()
         accuracy = self.inference.accuracy()
-        evaluate_host_s = time.perf_counter() - started
-        self.unacknowledged_report = self._report(manifest, accuracy, delivered_at, len(completed.payload),
-                                                  apply_host_s, evaluate_host_s)
+        self.unacknowledged_report = self._report(completed.manifest, accuracy, delivered_at, len(completed.payload))
         await self._publish(client, self.topics.device(self.device_id, "report"), self.unacknowledged_report)
         self.unacknowledged_report = None
 
-    def _report(
-        self, manifest: UpdateManifest, accuracy: float, delivered_at: float, update_bytes: int,
-        apply_host_s: float, evaluate_host_s: float,
-    ) -> DeviceReport:
+    def _report(self, manifest: UpdateManifest, accuracy: float, delivered_at: float, update_bytes: int) -> DeviceReport:
+        """The report of an applied update. Its energy comes from the model alone (profile, bytes, the model's
+        work, the scenario's round period), so the same scenario and seed give the same joules on any host;
+        the host's apply and evaluate times are not used for it."""
         profile = self.config.profile
         now = time.monotonic()
-        compute_s = (apply_host_s + evaluate_host_s) * profile.compute_slowdown
+        apply_s = self._apply_operations / profile.macs_per_s
+        evaluate_s = self.inference.evaluation_macs() / profile.macs_per_s
+        rounds_covered = max(0, manifest.round_index - self._last_reported_round)
+        self._last_reported_round = max(self._last_reported_round, manifest.round_index)
         times = phase_times(
-            round_seconds=now - self.accounting.started_at,
+            round_seconds=rounds_covered * self.config.round_period_s,
             receive_s=radio_seconds(self.accounting.received_bytes, self.config.downlink_rate_bps),
             transmit_s=radio_seconds(self.accounting.transmitted_bytes, self.config.uplink_rate_bps),
-            compute_s=compute_s,
+            compute_s=apply_s + evaluate_s,
         )
         energy = energy_by_phase(profile, times)
         round_energy = sum(energy.values())
@@ -282,8 +286,8 @@ class DeviceAgent:
             transmitted_bytes=self.accounting.transmitted_bytes,
             total_received_bytes=self.state.total_received_bytes,
             delivery_seconds=max(0.0, delivered_at - manifest.published_at),
-            apply_seconds=apply_host_s * profile.compute_slowdown,
-            evaluate_seconds=evaluate_host_s * profile.compute_slowdown,
+            apply_seconds=apply_s,
+            evaluate_seconds=evaluate_s,
             energy_joules=round_energy,
             energy_joules_by_phase=energy,
             phase_seconds={

@@ -11,21 +11,23 @@ from testbed.core.plugins import DEVICE_PROFILES, register_device_profile
 class DeviceProfile:
     """Compute speed and power states of one kind of edge device.
 
-    `compute_slowdown` scales compute time measured on the testbed host to the device (device seconds
-    per host second). Powers are whole-board watts in each state; the radio figures are the board's
-    draw while the radio receives / transmits, so energy = sum(power(state) * time(state)).
+    `macs_per_s` is the multiply-accumulates per second the device sustains on small dense fp32 inference
+    (one thread): a device's modelled compute time is the work of an apply and an evaluation divided by
+    it, so it does not depend on the testbed host. Powers are whole-board watts in each state; the radio
+    figures are the board's draw while the radio receives / transmits, so energy = sum(power(state) *
+    time(state)).
     """
 
     name: str
     description: str
-    compute_slowdown: float
+    macs_per_s: float
     idle_power_w: float
     compute_power_w: float
     radio_rx_power_w: float
     radio_tx_power_w: float
 
     def __post_init__(self) -> None:
-        for field_name in ("compute_slowdown", "idle_power_w", "compute_power_w", "radio_rx_power_w", "radio_tx_power_w"):
+        for field_name in ("macs_per_s", "idle_power_w", "compute_power_w", "radio_rx_power_w", "radio_tx_power_w"):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"device profile {self.name!r}: {field_name} must be positive")
 
@@ -33,9 +35,9 @@ class DeviceProfile:
 register_device_profile("jetson-nano", DeviceProfile(
     name="jetson-nano",
     description="NVIDIA Jetson Nano 4GB dev kit, 5 W mode, Wi-Fi (Intel 8265 M.2)",
-    # CPU inference of a small MLP on the quad Cortex-A57 @ 1.43 GHz: about 4x a desktop x86 core
-    # (order of magnitude from public MLPerf-style CPU comparisons; an approximation, measure yours).
-    compute_slowdown=4.0,
+    # One Cortex-A57 core @ 1.43 GHz, 128-bit NEON: 4 fp32 FMA per cycle = 5.7 GMAC/s peak; small dense
+    # layers reach about a quarter of peak in single-threaded PyTorch (an approximation, measure yours).
+    macs_per_s=1.4e9,
     # Idle ~1.25 W and ~5 W at the 5 W power mode cap: NVIDIA Jetson Nano Developer Kit user guide
     # (power modes) and tegrastats readings widely reported on the NVIDIA developer forum.
     idle_power_w=1.25,
@@ -49,9 +51,9 @@ register_device_profile("jetson-nano", DeviceProfile(
 register_device_profile("rpi4", DeviceProfile(
     name="rpi4",
     description="Raspberry Pi 4 Model B, on-board Wi-Fi (CYW43455)",
-    # Quad Cortex-A72 @ 1.5 GHz: roughly 3x slower than a desktop x86 core on small dense kernels
-    # (an approximation, measure yours).
-    compute_slowdown=3.0,
+    # One Cortex-A72 core @ 1.5 GHz, 128-bit NEON: 4 fp32 FMA per cycle = 6 GMAC/s peak; about a third of
+    # it on small dense layers in single-threaded PyTorch (an approximation, measure yours).
+    macs_per_s=2.0e9,
     # Idle 2.7 W, full CPU load 6.4 W: Raspberry Pi 4 power measurements published by
     # Tom's Hardware and the Pi Dramble project (5.1 V supply, 540 mA idle / 1.25 A load).
     idle_power_w=2.7,

@@ -19,6 +19,7 @@ class TorchInference:
         self.model = model
         self.test_split = test_split
         self._initial = get_weights(model)
+        self._evaluation_macs: int | None = None
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         return {name: array.copy() for name, array in self._initial.items()}
@@ -28,6 +29,34 @@ class TorchInference:
 
     def accuracy(self) -> float:
         return evaluate_accuracy(self.model, self.test_split)
+
+    def evaluation_macs(self) -> int:
+        """Multiply-accumulates of one evaluation of the local test split (counted on one sample's forward
+        pass through the linear and convolution layers; activations and pooling are not counted)."""
+        if self._evaluation_macs is None:
+            per_sample = 0
+
+            def count(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                nonlocal per_sample
+                if isinstance(module, torch.nn.Linear):
+                    per_sample += module.in_features * module.out_features
+                elif isinstance(module, torch.nn.Conv2d):
+                    kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+                    per_sample += int(output[0].numel()) * kernel
+
+            hooks = [module.register_forward_hook(count) for module in self.model.modules()
+                     if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+            try:
+                with torch.no_grad():
+                    was_training = self.model.training
+                    self.model.eval()
+                    self.model(torch.as_tensor(self.test_split.x[:1]))
+                    self.model.train(was_training)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._evaluation_macs = per_sample * len(self.test_split.y)
+        return self._evaluation_macs
 
 
 def device_inference(scenario: Scenario, device_index: int) -> TorchInference:

@@ -158,6 +158,7 @@ class RunAssembly:
             inference = TorchInference(server.build_device_model(), server.device_test_split(index))
             downlink, uplink = links.parameters(device_id)
             config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
+                                  round_period_s=self.scenario.round_period_s,
                                   init_seed=server.seed)
             return DeviceAgent(config, self.topics, via, inference, self.trusted_key)
         if entry.kind == "serial":

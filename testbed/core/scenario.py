@@ -445,6 +445,8 @@ class Scenario(SectionModel):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     rounds: int = Field(ge=1, le=10_000)
     round_timeout_s: DurationSeconds = Field(300.0, alias="round_timeout")
+    round_period_s: DurationSeconds = Field(60.0, alias="round_period", gt=0)
+    """Modelled time between two rounds (how often new data arrive): a device's idle energy is counted over it."""
     memory_budget: SizeBytes = DEFAULT_MEMORY_BUDGET_BYTES  # what the run may hold (testbed.core.capacity)
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
