@@ -7,9 +7,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # torch first, pinned to the CPU build file this kind of machine carries, so that the
 # package's own range (torch>=2.1) installs nothing more.
+# PIP_TORCH_INDEX=https://download.pytorch.org/whl/cpu takes it from the CPU index instead (where the
+# default index would pull a CUDA build).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet $(if $(PIP_TORCH_INDEX),--index-url $(PIP_TORCH_INDEX)) torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
