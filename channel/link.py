@@ -307,6 +307,29 @@ class LinkModel:
             return None
         return self._outages.outage_at(t)
 
+    def reconfigure(self, params: LinkParameters, now_s: float) -> None:
+        """Carry what is handed over from ``now_s`` with ``params`` (a link changed while it runs).
+
+        The rate (a full bucket, or the trace from ``now_s``), loss process and delay law start afresh; the random
+        streams go on; outages are rebuilt from ``now_s`` only if the new parameters change them. Segments
+        already given a delivery time keep it.
+        """
+        self._begin(now_s)
+        old = self.params
+        self.params = params
+        self._loss = params.loss_process.fresh()
+        self._sample_delay = get_delay_distribution(params.delay_distribution).sample
+        self._shaper = (make_shaper(params.rate_bps, params.trace, params.bucket_depth_bytes, now_s)
+                        if params.trace is not None else TokenBucket(params.rate_bps, params.bucket_depth_bytes))
+        self._queue_capacity = params.queue_capacity_bytes
+        self._queue.clear()
+        self._queued_bytes = 0
+        if (params.outages, params.random_outages) != (old.outages, old.random_outages):
+            if params.random_outages is not None and self._outage_rng is None:
+                self._outage_rng = np.random.default_rng(int(self._rng.integers(2**63)))
+            self._outages = (OutageTimeline(now_s, params.outages, params.random_outages, self._outage_rng)
+                             if params.outages or params.random_outages is not None else None)
+
     def add_outage(self, start_s: float, end_s: float) -> None:
         """The link is down over ``[start_s, end_s)`` (the clock ``transmit`` is given), besides its own outages.
 

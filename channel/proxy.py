@@ -382,6 +382,23 @@ class LinkProxy:
         if self.outage_reset_after_s is not None and self._outage_watch is None and not self._closing:
             self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
 
+    def reconfigure(self, downlink: LinkParameters | None = None, uplink: LinkParameters | None = None) -> None:
+        """From now on, carry a direction given with its new parameters (LinkModel.reconfigure); ChannelError if
+        its model (e.g. a cell's shared flow) cannot be changed."""
+        now = asyncio.get_running_loop().time()
+        changes = [(model, params) for model, params in ((self.downlink_model, downlink), (self.uplink_model, uplink))
+                   if params is not None]
+        for model, _ in changes:
+            if not isinstance(model, LinkModel):
+                raise ChannelError(f"{self.name}: a {type(model).__name__} link cannot be changed at run time")
+        for model, params in changes:
+            assert isinstance(model, LinkModel)
+            model.reconfigure(params, now)
+        self.downlink, self.uplink = self.downlink_model.params, self.uplink_model.params
+        if self.outage_reset_after_s is not None and self._outage_watch is None and not self._closing and any(
+                params.outages or params.random_outages is not None for params in (self.downlink, self.uplink)):
+            self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
+
     async def _watch_outages(self) -> None:
         """Reset every connection once an outage has lasted the threshold, as a real link's peers would
         time out; until it ends, new connections are closed at once (see `_serve_client`)."""

@@ -13,14 +13,16 @@ from devices.agent import DeviceAgent
 from devices.fleet import EmulatedFleet
 from testbed.broker import EmbeddedBroker
 from testbed.core.event_checks import target_device_ids
-from testbed.core.events import OutageEvent
+from testbed.core.events import LinkEvent, OutageEvent
+from testbed.core.plugins import LINK_PROFILES
+from testbed.links import link_parameters
 from testbed.core.scenario import Scenario
 from testbed.events import FiredEvent
 from testbed.run_events import RunEvents
 
 logger = logging.getLogger("testbed.events")
 
-EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage")
+EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage", "link")
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
 Action = Callable[[], Awaitable[None]]
@@ -33,6 +35,7 @@ def register_actions(events: RunEvents, scenario: Scenario, broker: EmbeddedBrok
     events.on("broker_restart", BrokerRestarts(broker, scenario.broker.url))
     events.on("device_crash", DeviceCrashes(events, scenario, fleet))
     events.on("outage", Outages(events, scenario, device_links))
+    events.on("link", LinkChanges(events, scenario, device_links))
 
 
 class BrokerRestarts:
@@ -102,6 +105,63 @@ class DeviceCrashes:
         return both
 
 
+def _proxies(events: RunEvents, fired: FiredEvent, scenario: Scenario,
+             device_links: Mapping[str, Any]) -> list[LinkProxy]:
+    """The links of the event's targets that can change at run time (a device's own link on the proxy backend);
+    the others are warned about as not emulated yet."""
+    proxies: list[LinkProxy] = []
+    for device_id in target_device_ids(fired.event, scenario):
+        link = device_links.get(device_id)
+        if isinstance(link, LinkProxy) and all(isinstance(model, LinkModel)
+                                               for model in (link.downlink_model, link.uplink_model)):
+            proxies.append(link)
+        elif isinstance(link, LinkProxy):
+            events.warn_not_emulated(fired, "not emulated yet on a cell's shared link")
+        else:
+            events.warn_not_emulated(fired, f"not emulated yet on the {scenario.channel.backend!r} link backend "
+                                            "(the proxy backend emulates it)")
+    return proxies
+
+
+class LinkChanges:
+    """`link` on the proxy backend: the written fields of the chosen directions change when the event fires (over
+    `profile`'s link if it names one) and the link's previous parameters come back when it ends."""
+
+    def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
+        self.events = events
+        self.scenario = scenario
+        self.device_links = device_links
+        self.saved: dict[int, list[tuple[LinkProxy, Any, Any]]] = {}  # event index → (link, downlink, uplink) before
+
+    def __call__(self, fired: FiredEvent) -> Action | None:
+        event = fired.event
+        if not isinstance(event, LinkEvent):
+            return None
+        if fired.kind == "end":
+            async def restore() -> None:  # performed after the change (actions run in order), so it finds it saved
+                for proxy, downlink, uplink in self.saved.pop(fired.index, []):
+                    proxy.reconfigure(downlink, uplink)
+            return restore
+        proxies = _proxies(self.events, fired, self.scenario, self.device_links)
+        if not proxies:
+            return None
+        profile = LINK_PROFILES.get(event.set.profile) if event.set.profile is not None else None
+        chosen = {"downlink": event.direction in ("both", "downlink"), "uplink": event.direction in ("both", "uplink")}
+
+        async def change() -> None:
+            saved = []
+            for proxy in proxies:
+                new = {direction: link_parameters(event.set, getattr(profile, direction) if profile is not None
+                                                  else getattr(proxy, direction))
+                       for direction, on in chosen.items() if on}
+                saved.append((proxy, proxy.downlink if chosen["downlink"] else None,
+                              proxy.uplink if chosen["uplink"] else None))
+                proxy.reconfigure(new.get("downlink"), new.get("uplink"))
+            if event.duration_s is not None:
+                self.saved[fired.index] = saved
+        return change
+
+
 class Outages:
     """`outage` on the proxy backend: each target's link is down from when the event fires for `for` (its end is
     the outage ending by itself); longer than `channel.reset_after`, the link resets its connections."""
@@ -115,17 +175,7 @@ class Outages:
         event = fired.event
         if fired.kind == "end" or not isinstance(event, OutageEvent):
             return None
-        proxies: list[LinkProxy] = []
-        for device_id in target_device_ids(event, self.scenario):
-            link = self.device_links.get(device_id)
-            if isinstance(link, LinkProxy) and all(isinstance(model, LinkModel)
-                                                   for model in (link.downlink_model, link.uplink_model)):
-                proxies.append(link)
-            elif isinstance(link, LinkProxy):
-                self.events.warn_not_emulated(fired, "not emulated yet on a cell's shared link")
-            else:
-                self.events.warn_not_emulated(fired, f"not emulated yet on the {self.scenario.channel.backend!r} "
-                                                     "link backend (the proxy backend emulates it)")
+        proxies = _proxies(self.events, fired, self.scenario, self.device_links)
         if not proxies:
             return None
         downlink, uplink = event.direction in ("both", "downlink"), event.direction in ("both", "uplink")

@@ -132,3 +132,12 @@ def test_an_outage_is_added_to_a_link_that_never_ran_and_bad_ones_are_refused() 
     assert model.outage_at(5.5) == (5.0, 6.0)
     with pytest.raises(ChannelError):
         model.add_outage(7.0, 7.0)
+
+
+def test_a_link_reconfigured_while_it_runs_carries_what_follows_with_its_new_parameters() -> None:
+    model = LinkModel(LinkParameters(rate_bps=8_000, delay_s=0.0, overhead_bytes=0), np.random.default_rng(1))
+    model.transmit(0.0, 1000)  # 1 s at 8 kbit/s (after the bucket's depth)
+    model.reconfigure(LinkParameters(rate_bps=None, delay_s=0.5), 10.0)
+    assert model.transmit(10.0, 1000) == pytest.approx(10.5)
+    model.reconfigure(LinkParameters(rate_bps=None, delay_s=0.0, outages=[{"at_s": 1.0, "duration_s": 2.0}]), 20.0)
+    assert model.outage_at(21.5) == (21.0, 23.0)

@@ -107,3 +107,22 @@ async def test_an_outage_longer_than_reset_after_resets_the_link_and_the_device_
     assert any(data["device"] == "rpi4-1" and "reconnected" in data["reason"]
                for event, data in progress if event == "catch-up")
     assert_converged(result, tmp_path / "out")
+
+
+async def test_link_changes_apply_to_the_targets_and_come_back_after_their_for(tmp_path: Path) -> None:
+    scenario = fault_scenario([
+        {"round": 0, "action": "link", "device": "rpi4-0", "direction": "downlink", "set": {"rate": "200kbit"}},
+        {"round": 0, "phase": "delivery", "action": "link", "device": "rpi4-1", "set": {"delay": "300ms",
+                                                                                        "loss": "2%"}, "for": "1s"},
+    ])
+    progress: list[tuple[str, dict[str, Any]]] = []
+    run_ = ScenarioRun(scenario, tmp_path / "out", lambda event, data: progress.append((event, data)))
+    result = await asyncio.wait_for(run_.execute(), 240)
+    assert not [data for event, data in progress if event == "warning"]
+    links = run_.assembly.device_links
+    assert links["rpi4-0"].downlink.rate_bps == 200_000 and links["rpi4-0"].uplink.rate_bps is None
+    assert links["rpi4-1"].downlink.delay_s == 0.05 and links["rpi4-1"].downlink.loss == 0.0  # back after 1 s
+    assert links["rpi4-2"].downlink.rate_bps == 20_000
+    assert [(record["index"], record["kind"]) for record in read_events(tmp_path / "out")] == [
+        (0, "fire"), (1, "fire"), (1, "end")]
+    assert_converged(result, tmp_path / "out")

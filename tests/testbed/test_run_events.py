@@ -27,7 +27,7 @@ async def test_a_run_fires_records_and_counts_its_events_in_order(tmp_path: Path
         "metrics": {"enabled": False},
         "events": [
             {"at": "0s", "action": "corrupt", "device": "rpi4-1", "chunks": 1},
-            {"round": 0, "action": "link", "device": "rpi4-0", "set": {"delay": "10ms"}, "for": "500ms"},
+            {"round": 0, "action": "partition", "device": "rpi4-0", "for": "500ms"},
             {"round": 1, "phase": "report", "action": "partition", "all": True, "for": "10min"},
         ],
     })
@@ -42,20 +42,20 @@ async def test_a_run_fires_records_and_counts_its_events_in_order(tmp_path: Path
     assert fires_and_ends.index((1, "fire")) < fires_and_ends.index((1, "end"))
     assert fires_and_ends[-1] == (2, "end")  # the partition lasts to the end of the run
     assert fires_and_ends.index((2, "fire")) < fires_and_ends.index((2, "end"))
-    link_fire = records[fires_and_ends.index((1, "fire"))]
-    assert (link_fire["round"], link_fire["phase"], link_fire["target"]) == (0, "publish", {"device": "rpi4-0"})
+    first_partition = records[fires_and_ends.index((1, "fire"))]
+    assert (first_partition["round"], first_partition["phase"], first_partition["target"]) == (0, "publish", {"device": "rpi4-0"})
     partition_fire = records[fires_and_ends.index((2, "fire"))]
     assert (partition_fire["round"], partition_fire["phase"]) == (1, "report")
     assert [record["t"] for record in records] == sorted(record["t"] for record in records)
 
     lines = [data["description"] for event, data in progress if event == "event"]
     assert len(lines) == len(records) and lines[-1].endswith("ends")
-    for action in ("corrupt", "link", "partition"):
+    for action, fires in (("corrupt", 1), ("partition", 2)):
         assert run.metrics.registry.get_sample_value(
-            "testbed_events_total", {"run": run.run_id, "action": action}) == 1.0
+            "testbed_events_total", {"run": run.run_id, "action": action}) == fires
     warnings = [data["message"] for event, data in progress if event == "warning"]
     assert sorted(message.split(":")[0] for message in warnings if "not emulated yet" in message) == [
-        "event corrupt", "event link", "event partition"]  # once per action, fire and end alike
+        "event corrupt", "event partition"]  # once per action, fire and end alike
 
     summary = result.summary
     for device_id, state in summary["devices"].items():
