@@ -274,6 +274,8 @@ class LinkProxy:
         self.outage_resets = 0
         self.refused_during_outage = 0
         self._outage_watch: asyncio.Task[None] | None = None
+        self._partitioned_until = float("-inf")  # loop time until which new connections are refused (partition)
+        self.partitions = 0
         self.connections_accepted = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -399,6 +401,16 @@ class LinkProxy:
                 params.outages or params.random_outages is not None for params in (self.downlink, self.uplink)):
             self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
 
+    async def partition(self, duration_s: float) -> None:
+        """Cut the device off for ``duration_s``: every connection is reset now and new ones are refused until then."""
+        if not duration_s > 0:
+            raise ChannelError(f"{self.name}: partition duration {duration_s!r} is invalid: expected > 0 seconds")
+        self._partitioned_until = asyncio.get_running_loop().time() + duration_s
+        self.partitions += 1
+        logger.info("%s: partitioned for %.1f s; resetting %d connection(s)", self.name, duration_s,
+                    len(self._connection_tasks))
+        await _stop(list(self._connection_tasks), self, "connection")
+
     async def _watch_outages(self) -> None:
         """Reset every connection once an outage has lasted the threshold, as a real link's peers would
         time out; until it ends, new connections are closed at once (see `_serve_client`)."""
@@ -428,7 +440,8 @@ class LinkProxy:
         if self._closing:  # accepted just as the proxy was shutting down
             await _close_writer(client_writer, self)
             return
-        if self.long_outage_at(asyncio.get_running_loop().time()) is not None:
+        now = asyncio.get_running_loop().time()
+        if self.long_outage_at(now) is not None or now < self._partitioned_until:
             # Reset (RST), as a connection attempt into a dead link ends for the client: a plain close
             # (FIN) leaves some MQTT clients waiting for their CONNACK until they time out.
             self.refused_during_outage += 1

@@ -13,7 +13,7 @@ from devices.agent import DeviceAgent
 from devices.fleet import EmulatedFleet
 from testbed.broker import EmbeddedBroker
 from testbed.core.event_checks import target_device_ids
-from testbed.core.events import LinkEvent, OutageEvent
+from testbed.core.events import LinkEvent, OutageEvent, PartitionEvent
 from testbed.core.plugins import LINK_PROFILES
 from testbed.links import link_parameters
 from testbed.core.scenario import Scenario
@@ -22,7 +22,7 @@ from testbed.run_events import RunEvents
 
 logger = logging.getLogger("testbed.events")
 
-EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage", "link")
+EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage", "link", "partition")
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
 Action = Callable[[], Awaitable[None]]
@@ -36,6 +36,7 @@ def register_actions(events: RunEvents, scenario: Scenario, broker: EmbeddedBrok
     events.on("device_crash", DeviceCrashes(events, scenario, fleet))
     events.on("outage", Outages(events, scenario, device_links))
     events.on("link", LinkChanges(events, scenario, device_links))
+    events.on("partition", Partitions(events, scenario, device_links))
 
 
 class BrokerRestarts:
@@ -184,3 +185,30 @@ class Outages:
             for proxy in proxies:
                 proxy.add_outage(event.for_s, downlink=downlink, uplink=uplink)
         return take_down
+
+
+class Partitions:
+    """`partition` (both directions) on the proxy backend: the target's connections are reset when the event fires
+    and new ones refused for `for` (its end is the partition ending by itself); one direction: not emulated yet."""
+
+    def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
+        self.events = events
+        self.scenario = scenario
+        self.device_links = device_links
+
+    def __call__(self, fired: FiredEvent) -> Action | str | None:
+        event = fired.event
+        if fired.kind == "end" or not isinstance(event, PartitionEvent):
+            return None
+        if event.direction != "both":
+            return "a partition of one direction is not emulated yet (direction: both is)"
+        proxies = [link for device_id in target_device_ids(event, self.scenario)
+                   if isinstance(link := self.device_links.get(device_id), LinkProxy)]
+        if not proxies:
+            return (f"not emulated yet on the {self.scenario.channel.backend!r} link backend "
+                    "(the proxy backend emulates it)")
+
+        async def cut_off() -> None:
+            for proxy in proxies:
+                await proxy.partition(event.for_s)
+        return cut_off

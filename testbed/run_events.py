@@ -102,7 +102,7 @@ class RunEvents:
             return
         self.not_emulated[key] = why
         message = f"event {fired.action}: {why}; recorded in events.jsonl, the run goes on without it"
-        logger.warning("%s", message)
+        logger.info("%s", message)  # the console shows the progress warning; the log keeps it too
         self.progress("warning", {"message": message})
 
     async def _perform(self) -> None:

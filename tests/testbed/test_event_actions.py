@@ -126,3 +126,18 @@ async def test_link_changes_apply_to_the_targets_and_come_back_after_their_for(t
     assert [(record["index"], record["kind"]) for record in read_events(tmp_path / "out")] == [
         (0, "fire"), (1, "fire"), (1, "end")]
     assert_converged(result, tmp_path / "out")
+
+
+async def test_a_partitioned_device_is_cut_off_then_reconnects_and_catches_up(tmp_path: Path) -> None:
+    scenario = fault_scenario([{"round": 0, "phase": "delivery", "after": "300ms", "action": "partition",
+                                "device": "rpi4-2", "for": "3s"}])
+    progress: list[tuple[str, dict[str, Any]]] = []
+    run_ = ScenarioRun(scenario, tmp_path / "out", lambda event, data: progress.append((event, data)))
+    result = await asyncio.wait_for(run_.execute(), 240)
+    assert not [data for event, data in progress if event == "warning"]
+    links = run_.assembly.device_links
+    assert links["rpi4-2"].partitions == 1 and links["rpi4-0"].partitions == 0
+    assert links["rpi4-2"].refused_during_outage >= 1  # it tried to come back while cut off
+    assert any(data["device"] == "rpi4-2" and "reconnected" in data["reason"]
+               for event, data in progress if event == "catch-up")
+    assert_converged(result, tmp_path / "out")

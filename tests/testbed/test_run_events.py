@@ -27,8 +27,9 @@ async def test_a_run_fires_records_and_counts_its_events_in_order(tmp_path: Path
         "metrics": {"enabled": False},
         "events": [
             {"at": "0s", "action": "corrupt", "device": "rpi4-1", "chunks": 1},
-            {"round": 0, "action": "partition", "device": "rpi4-0", "for": "500ms"},
-            {"round": 1, "phase": "report", "action": "partition", "all": True, "for": "10min"},
+            # partitions of one direction are not emulated yet: recorded and warned about
+            {"round": 0, "action": "partition", "device": "rpi4-0", "direction": "uplink", "for": "500ms"},
+            {"round": 1, "phase": "report", "action": "partition", "all": True, "direction": "uplink", "for": "10min"},
         ],
     })
     progress: list[tuple[str, dict[str, Any]]] = []
