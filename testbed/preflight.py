@@ -5,8 +5,8 @@ importing any plugin; what only the plugins can tell (a profile's rate under a q
 does not parse, a value the strategy's own Settings model rejects) is checked here, with the same
 one-error-per-field format, before any data is loaded. So is what depends on this host: the sample
 counts again with the sizes of MNIST files on disk (validation assumes the official ones), and the
-memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``,
-and whether the metrics port can be bound now.
+memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``.
+``check_ports`` tells a run, before it loads any data, whether the metrics port can be bound now.
 """
 
 from __future__ import annotations
@@ -115,10 +115,21 @@ def _port_problems(scenario: Scenario) -> list[str]:
     return []
 
 
+def check_ports(scenario: Scenario, source: str = "<scenario>") -> None:
+    """ScenarioError if a port the run must listen on is taken now; a run checks this before loading any data.
+
+    Not part of `check_scenario` (nor of `validate --resolve`): whether a port is free is a fact of this host
+    at this moment, not of the scenario.
+    """
+    problems = _port_problems(scenario)
+    if problems:
+        raise ScenarioError("\n".join([f"{source}: cannot run here now", *(f"  {problem}" for problem in problems)]))
+
+
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
     problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _broker_problems(scenario)
-                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario) + _port_problems(scenario))
+                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
     return scenario

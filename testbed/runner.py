@@ -24,7 +24,7 @@ from testbed.core.wire import full_model_bytes as wire_full_model_bytes
 from testbed.core.wire import weights_hash
 from testbed.links import DeviceLinks
 from testbed.metrics import PushError, RunMetrics, push_metrics
-from testbed.preflight import check_scenario
+from testbed.preflight import check_ports, check_scenario
 from testbed.publisher import UpdatePublisher
 from testbed.report_collector import DeviceMessages, ReportCollector
 from testbed.results import ResultsWriter
@@ -114,6 +114,7 @@ class ScenarioRun:
 
     async def _execute(self) -> RunResult:
         scenario = check_scenario(self.scenario)
+        check_ports(scenario)
         assembly = self.assembly
         self.progress("preparing", {"run_id": self.run_id})
         server = await asyncio.to_thread(UpdateServer, scenario)

@@ -91,8 +91,9 @@ def test_a_metrics_port_in_use_is_refused_before_any_data_is_loaded(tmp_path, ca
         port = holder.getsockname()[1]
         out = tmp_path / "results"
         assert main(["run", str(LOWBAND), "--set", f"metrics.port={port}", "--out", str(out)]) == EXIT_BAD_SCENARIO
-        assert f"127.0.0.1:{port} is in use on this host" in _error_line(capsys, "metrics.port")
+        captured = capsys.readouterr()
+        text = " ".join((captured.out + captured.err).split())
+        assert f"metrics.port: 127.0.0.1:{port} is in use on this host" in text and "Traceback" not in text
         assert not out.exists()  # refused before the run began: no data loaded, no training
-        assert main(["validate", str(LOWBAND), "--set", f"metrics.port={port}"]) == EXIT_OK  # the file is fine
-        capsys.readouterr()
-        assert main(["validate", "--resolve", str(LOWBAND), "--set", f"metrics.port={port}"]) == EXIT_BAD_SCENARIO
+        # the scenario is fine: a port taken now is a fact of this host, not of the file
+        assert main(["validate", "--resolve", str(LOWBAND), "--set", f"metrics.port={port}"]) == EXIT_OK
