@@ -200,19 +200,22 @@ class _RichProgress:
         elif event == "round":
             record = data["record"]
             self.progress.advance(self.task)
-            if not record.sent:
-                self.console.print(
-                    f"round {record.round}: server acc {record.server_accuracy:.3f}, nothing sent (the candidate "
-                    f"validated {record.validation_accuracy:.3f}, worse than the deployed v{record.version})")
-                return
-            self.console.print(
-                f"round {record.round}: server acc {record.server_accuracy:.3f}, update {record.update_bytes} B "
-                f"({100 * record.update_bytes / record.full_model_bytes:.1f}% of full), "
-                f"{record.devices_updated}/{self.devices} devices in {record.round_seconds:.1f} s"
-            )
+            self.console.print(_round_line(record, self.devices), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def _round_line(record: Any, devices: int) -> str:
+    """The console line of a finished round; a re-initialisation round (trained from w⁰) says so."""
+    reinit = (" [re-initialisation round: the training set doubled, so it was trained from w⁰]"
+              if record.reinitialised else "")
+    if not record.sent:
+        return (f"round {record.round}: server acc {record.server_accuracy:.3f}, nothing sent (the candidate "
+                f"validated {record.validation_accuracy:.3f}, worse than the deployed v{record.version}){reinit}")
+    return (f"round {record.round}: server acc {record.server_accuracy:.3f}, update {record.update_bytes} B "
+            f"({100 * record.update_bytes / record.full_model_bytes:.1f}% of full), "
+            f"{record.devices_updated}/{devices} devices in {record.round_seconds:.1f} s{reinit}")
 
 
 def _round_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> Table:
