@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
@@ -234,6 +235,31 @@ def _summary_rows(run: RunData) -> dict[str, str]:
     }
 
 
+def _settings_rows(run: RunData) -> dict[str, str]:
+    """What was run: seed, links per direction (from the run's scenario.yaml), date, wall time, host, versions."""
+    summary = run.summary
+    host = summary.get("host") or {}
+    rows = {"seed": str(summary.get("seed", "-"))}
+    try:
+        scenario = yaml.safe_load((run.folder / "scenario.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        scenario = {}
+    channel = scenario.get("channel") or {}
+    for direction in ("downlink", "uplink"):
+        link = channel.get(direction) or {}
+        shown = [f"{key} {value}" for key, value in link.items() if value not in (None, [], {}, 0, 0.0)]
+        rows[f"link {direction} (SI units)"] = ", ".join(shown) if link else "-"
+    rows["backend"] = str(channel.get("backend", "-"))
+    rows["round period (modelled)"] = f"{scenario['round_period']} s" if "round_period" in scenario else "-"
+    rows["started (UTC)"] = str(host.get("started_at", "-"))
+    rows["wall time (host)"] = f"{host['wall_seconds']:.1f} s" if "wall_seconds" in host else "-"
+    rows["host"] = (f"{host.get('hostname', '?')}, {host.get('platform', '?')}, {host.get('cpus', '?')} CPUs"
+                    if host else "-")
+    rows["versions"] = (f"edge-testbed {host.get('edge_testbed', '?')}, torch {host.get('torch', '?')}, "
+                        f"Python {host.get('python', '?')}" if host else "-")
+    return rows
+
+
 def _number(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -273,6 +299,12 @@ def render_html(runs: list[RunData], plot_files: dict[str, Path]) -> str:
     parts.append("<table>" + "".join(
         f"<tr><th>{html.escape(key)}</th>" + "".join(f"<td>{html.escape(s[key])}</td>" for s in summaries) + "</tr>"
         for key in keys) + "</table>")
+    settings = [_settings_rows(run) for run in runs]
+    parts.append("<h2>What was run</h2><table>" + "".join(
+        f"<tr><th>{html.escape(key)}</th>" + "".join(f"<td>{html.escape(s.get(key, '-'))}</td>" for s in settings)
+        + "</tr>" for key in settings[0]) + "</table>"
+        "<p class='note'>Wall time, date, host and delivery times are measured on the host; bytes and energy "
+        "come from the model and the seed.</p>")
     parts.append("<h2>Plots</h2><div class='plots'>")
     for name, path in plot_files.items():
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")

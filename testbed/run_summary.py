@@ -19,6 +19,32 @@ REPORT_FIELDS_IN_RECORDS = (
 """The fields of a device's report copied into its results.jsonl record, in this order."""
 
 
+def host_facts(started_at: float, wall_seconds: float) -> dict[str, Any]:
+    """Where and when the run ran, and with what: summary.json's `host` (every field host-dependent)."""
+    import os
+    import platform
+    import socket
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "wall_seconds": round(wall_seconds, 3),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "edge_testbed": installed("edge-testbed"),
+        "torch": installed("torch"),
+    }
+
+
 class RunError(OrchestrationError):
     """A run that could not complete (devices missing, a broker that went away, ...)."""
 

@@ -31,7 +31,7 @@ from testbed.results import ResultsWriter
 from testbed.event_actions import register_actions
 from testbed.run_assembly import RunAssembly
 from testbed.run_events import RunEvents
-from testbed.run_summary import RoundRecord, RunError, RunRecords, RunResult
+from testbed.run_summary import RoundRecord, RunError, RunRecords, RunResult, host_facts
 
 __all__ = ["ProgressCallback", "RoundRecord", "RunError", "RunResult", "ScenarioRun", "new_run_id", "run_scenario"]
 
@@ -113,6 +113,7 @@ class ScenarioRun:
                 loop.remove_signal_handler(signal.SIGINT)
 
     async def _execute(self) -> RunResult:
+        started_at, started = time.time(), time.monotonic()
         scenario = check_scenario(self.scenario)
         check_ports(scenario)
         assembly = self.assembly
@@ -150,6 +151,7 @@ class ScenarioRun:
             final_hash = weights_hash(publisher.versions[publisher.latest_version]).hex()
             summary = self.records.summary(publisher.latest_version, final_hash, publisher.published_bytes,
                                            interrupted=self.stop_requested.is_set(), rounds_planned=server.rounds)
+            summary["host"] = host_facts(started_at, time.monotonic() - started)
             results.write_summary(summary)
         return RunResult(self.out_dir, summary, self.metrics_url, self.records.rounds)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from testbed.cli import main
 from testbed.report import PLOTS, ReportError, load_run, write_report
@@ -98,6 +99,23 @@ def test_one_run_writes_four_plots_and_a_self_contained_page(tmp_path: Path) -> 
     assert "handmade: dpu k=0.05" in text
     assert "52,000 B" in text  # published incl. catch-ups
     assert "dev-2" in text
+    assert "What was run" in text  # seed, links, date, host, versions (dashes where the run folder lacks them)
+
+
+def test_the_report_shows_what_was_run(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["host"] = {"started_at": "2026-11-29T20:00:00Z", "wall_seconds": 30.2, "hostname": "lab-7",
+                       "platform": "Linux-x86_64", "cpus": 2, "python": "3.11.7", "edge_testbed": "0.1.0",
+                       "torch": "2.13.0+cpu"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "scenario.yaml").write_text(yaml.safe_dump({
+        "round_period": 60.0, "channel": {"backend": "proxy", "downlink": {"rate": 50000.0, "delay": 0.1, "loss": 0.01},
+                                          "uplink": {"rate": 20000.0}}}))
+    text = write_report(run).read_text()
+    for expected in ("delay 0.1, loss 0.01, rate 50000.0", "rate 20000.0", "2026-11-29T20:00:00Z", "30.2 s",
+                     "lab-7, Linux-x86_64, 2 CPUs", "edge-testbed 0.1.0, torch 2.13.0+cpu", "60.0 s"):
+        assert expected in text, expected
 
 
 def test_several_runs_overlay_into_one_report(tmp_path: Path) -> None:
