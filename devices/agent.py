@@ -64,12 +64,10 @@ class DeviceConfig:
 
 @dataclass
 class RoundAccounting:
-    """What a device spent since its last report (`started_at` on the monotonic clock)."""
+    """The bytes a device received and sent since its last report."""
 
-    started_at: float
     received_bytes: int = 0
     transmitted_bytes: int = 0
-    compute_s: float = 0.0
 
 
 @dataclass
@@ -126,7 +124,7 @@ class DeviceAgent:
                                        UpdateTrust(topics.run_id, trusted_key, clock))
         self.state = DeviceState(self.receiver)
         inference.load_weights(self.receiver.weights)
-        self.accounting = RoundAccounting(started_at=time.monotonic())
+        self.accounting = RoundAccounting()
         self._last_reported_round = -1  # round 0's report covers one round period
         self._apply_operations = sum(int(np.asarray(array).size) for array in self.receiver.initial_weights.values())
         """Modelled work of an apply: one operation per weight of the copy the update is applied to."""
@@ -258,7 +256,6 @@ class DeviceAgent:
         work, the scenario's round period), so the same scenario and seed give the same joules on any host;
         the host's apply and evaluate times are not used for it."""
         profile = self.config.profile
-        now = time.monotonic()
         apply_s = self._apply_operations / profile.macs_per_s
         evaluate_s = self.inference.evaluation_macs() / profile.macs_per_s
         rounds_covered = max(0, manifest.round_index - self._last_reported_round)
@@ -298,7 +295,7 @@ class DeviceAgent:
             rejected_updates=self.state.rejected_updates,
             rejected_by_reason={reason.value: count for reason, count in sorted(self.receiver.rejections.items())},
         )
-        self.accounting = RoundAccounting(started_at=now)
+        self.accounting = RoundAccounting()
         return report
 
 
