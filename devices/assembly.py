@@ -33,6 +33,8 @@ class UpdateAssembler:
         self._unannounced_bytes: dict[str, int] = {}  # keys with chunks but no manifest yet, oldest first
         self.received_chunk_bytes = 0
         self.dropped_chunks = 0
+        self.mismatched_chunks = 0
+        """Chunks held before their manifest came that did not match its digests (also in `dropped_chunks`)."""
 
     def expect(self, manifest: UpdateManifest) -> bytes | None:
         """Register a verified manifest; returns the payload if its chunks already all arrived.
@@ -54,6 +56,7 @@ class UpdateAssembler:
                     held[index] = candidate
                 else:
                     self.dropped_chunks += 1
+                    self.mismatched_chunks += 1
         self._arrived(manifest.key)
         return self._complete(manifest.key)
 

@@ -113,14 +113,14 @@ class UpdateReceiver:
                 raise UpdateRejected(RejectReason.WRONG_BASE, f"update {manifest.key} applies to version "
                                      f"{manifest.base_version}, the device holds {self.version}")
             self._manifests[manifest.key] = manifest
-            dropped_before = self.assembler.dropped_chunks
+            mismatched_before = self.assembler.mismatched_chunks
             try:
                 payload = self.assembler.expect(manifest)
             finally:
                 # chunks held before the manifest came that do not match its digests: injected ones
-                self.rejections[RejectReason.BAD_CHUNK] += self.assembler.dropped_chunks - dropped_before
-                if not self.rejections[RejectReason.BAD_CHUNK]:
-                    del self.rejections[RejectReason.BAD_CHUNK]
+                mismatched = self.assembler.mismatched_chunks - mismatched_before
+                if mismatched:
+                    self.rejections[RejectReason.BAD_CHUNK] += mismatched
             completed = self._completed(manifest.key, payload)
             for key in [key for key in self._manifests if not self.assembler.expects(key)]:
                 del self._manifests[key]  # given up by the assembler for newer announcements

@@ -116,6 +116,7 @@ def test_forged_chunks_before_the_manifest_do_not_displace_the_genuine_ones():
     assembler.add_chunk("3", 7, b"stray")  # no manifest yet: cannot tell it is out of range
     assert assembler.expect(manifest_for(PAYLOAD, 1024)) is None  # chunk 2 still missing
     assert assembler.dropped_chunks == 1 + 2 * (MAX_CANDIDATES - 1) + 1
+    assert assembler.mismatched_chunks == 2 * (MAX_CANDIDATES - 1) + 1  # the one refused on arrival is not one
     assert assembler.add_chunk("3", 2, chunks[2]) == PAYLOAD
 
 
@@ -137,6 +138,7 @@ def test_oldest_announced_key_is_dropped():
         assembler.expect(manifest_for(payload, 1024, key=key))
         assembler.add_chunk(key, 0, split_chunks(payload, 1024)[0])
     assert assembler.dropped_chunks == 1  # key 0's chunk, the oldest
+    assert assembler.mismatched_chunks == 0  # given up for newer announcements, not found forged
     for key, payload in list(payloads.items())[1:]:
         assert assembler.add_chunk(key, 1, split_chunks(payload, 1024)[1]) == payload
     assert not assembler.expects("0")
