@@ -11,14 +11,14 @@ fire and end to ``<out>/events.jsonl``, durable before it returns, and tells its
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from testbed.core.events import EVENT_PHASES, EventBase, Phase
+from testbed.results import DurableJsonLines
 
 EventKind = Literal["fire", "end"]
 EVENTS_FILE = "events.jsonl"
@@ -144,30 +144,25 @@ class EventRecorder:
     def __init__(self, out_dir: Path, listeners: Iterable[EventListener] = ()) -> None:
         self.path = Path(out_dir) / EVENTS_FILE
         self._listeners = list(listeners)
-        self._file: IO[str] | None = None
+        self._log = DurableJsonLines(self.path)
 
     def __enter__(self) -> EventRecorder:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._log.open()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._log.close()
 
     def add_listener(self, listener: EventListener) -> None:
         self._listeners.append(listener)
 
     def record(self, fired: FiredEvent) -> None:
         """Append ``fired`` to events.jsonl (durable before this returns), then tell every listener."""
-        if self._file is None:
+        if not self._log.is_open:
             raise RuntimeError("EventRecorder.record outside its `with` block")
-        self._file.write(json.dumps(fired.record(), sort_keys=True) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._log.append(fired.record())
         for listener in self._listeners:
             listener(fired)
 
