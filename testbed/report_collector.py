@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiomqtt
-
 from devices.fleet import EmulatedFleet
 from testbed.core.messages import DeviceNack, DeviceReport, DeviceStatus, MessageError, decode_device_message
 from testbed.core.topics import Topics
@@ -30,7 +28,8 @@ ReportCallback = Callable[[DeviceReport], None]
 
 
 class DeviceMessages:
-    """Reports and nacks from devices, read off the control client into queues; statuses go to a callback.
+    """Reports and nacks from devices, handed over one by one (`take`, by the run's control connection) into
+    queues; statuses go to a callback.
 
     The device named by the topic is the sender (it overrides what the message says); a message that does
     not decode costs only itself: it is logged and dropped.
@@ -48,15 +47,6 @@ class DeviceMessages:
     def subscriptions(self) -> list[str]:
         """The topics the run reads its devices' messages from."""
         return [self.topics.devices(kind) for kind in DEVICE_MESSAGE_KINDS]
-
-    async def subscribe(self, client: aiomqtt.Client) -> None:
-        for topic in self.subscriptions:
-            await client.subscribe(topic, qos=1)
-
-    async def pump(self, client: aiomqtt.Client) -> None:
-        """Take every message of `client` (one session; testbed.control_connection keeps sessions up)."""
-        async for message in client.messages:
-            await self.take(str(message.topic), bytes(message.payload))
 
     async def take(self, topic: str, payload: bytes) -> None:
         """One message from the broker; whatever handling it raises costs only this message."""

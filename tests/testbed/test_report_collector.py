@@ -14,6 +14,7 @@ import pytest
 from testbed.core.messages import DeviceNack, DeviceReport, DeviceStatus
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.topics import Topics
+from testbed.control_connection import ControlConnection
 from testbed.report_collector import MAX_CATCH_UPS_PER_ROUND, DeviceMessages, ReportCollector
 from testbed.run_summary import RunError
 
@@ -46,11 +47,11 @@ async def wiring(mosquitto: tuple[str, int]) -> AsyncIterator[Wiring]:
     endpoint = MqttEndpoint(*mosquitto)
     topics = Topics(f"collector-{time.monotonic_ns()}")
     statuses: list[tuple[str, DeviceStatus]] = []
-    async with endpoint.client(f"{topics.run_id}-server") as control, \
-            endpoint.client(f"{topics.run_id}-device") as device:
+    async with endpoint.client(f"{topics.run_id}-device") as device:
         messages = DeviceMessages(topics, lambda device_id, status: statuses.append((device_id, status)))
-        await messages.subscribe(control)
-        pump = asyncio.create_task(messages.pump(control))
+        # the run's own session, as the runner wires it (testbed.run_assembly.control_connection)
+        control = ControlConnection(endpoint, f"{topics.run_id}-server", messages.subscriptions, messages.take)
+        pump = await control.start()
         try:
             yield Wiring(topics, device, messages, pump, statuses)
         finally:
