@@ -293,7 +293,7 @@ class DeviceAgent:
             },
             total_energy_joules=self.state.total_energy_joules,
             rejected_updates=self.state.rejected_updates,
-            rejected_by_reason={reason.value: count for reason, count in sorted(self.receiver.rejections.items())},
+            rejected_by_reason=self.receiver.rejected_by_reason,
         )
         self.accounting = RoundAccounting()
         return report

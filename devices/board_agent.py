@@ -383,7 +383,7 @@ class BoardAgent:
             evaluate_seconds=evaluate_s,
             **self.energy.report_fields(energy),
             rejected_updates=self.rejected_updates,
-            rejected_by_reason={reason.value: count for reason, count in sorted(deployment.receiver.rejections.items())},
+            rejected_by_reason=deployment.receiver.rejected_by_reason,
             serial_frames_lost=self.frames_resent,  # lost on the line (or their ACK was) and sent again
         )
         self._round_received_from, self._round_sent_from = received_total, sent_total

@@ -88,6 +88,11 @@ class UpdateReceiver:
     def rejected_updates(self) -> int:
         return sum(self.rejections.values())
 
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        """The refusals by reason, as a report carries them (reason names in order)."""
+        return {reason.value: count for reason, count in sorted(self.rejections.items())}
+
     def reject(self, reason: RejectReason, detail: str) -> UpdateRejected:
         """Count a refusal and return the error that says so (for the caller to raise)."""
         self.rejections[reason] += 1
