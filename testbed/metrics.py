@@ -183,7 +183,6 @@ class RunMetrics:
         self.device_transmitted.labels(**labels).inc(report.transmitted_bytes)
         self.device_delivery.labels(**labels).observe(report.delivery_seconds)
         self.device_last_delivery.labels(**labels).set(report.delivery_seconds)
-        self.record_rejections(report)  # idempotent: counts only what the running totals add
 
     def record_event(self, action: str) -> None:
         """A scenario event fired (testbed.events); `action` is one of testbed.core.events.EVENT_ACTIONS."""

@@ -93,11 +93,13 @@ def test_dashboard_uses_only_metrics_the_testbed_defines() -> None:
     metrics = RunMetrics("r", "dpu", "s", 0.05)
     metrics.add_device("d", "rpi4", Link())
     metrics.record_round(0, 1, 0.9, 10, 100, 8)
-    metrics.record_device_report(DeviceReport(
+    report = DeviceReport(
         device="d", profile="rpi4", version=1, weights_hash="ab", accuracy=0.9, update_bytes=10, received_bytes=10,
         transmitted_bytes=5, total_received_bytes=10, delivery_seconds=1.0, apply_seconds=0.1, evaluate_seconds=0.1,
         energy_joules=1.0, energy_joules_by_phase={"receive": 1.0}, phase_seconds={"receive": 0.5},
-        total_energy_joules=1.0, rejected_updates=1, rejected_by_reason={"unsigned": 1}), 0)
+        total_energy_joules=1.0, rejected_updates=1, rejected_by_reason={"unsigned": 1})
+    metrics.record_rejections(report)  # as the run does for every report it receives
+    metrics.record_device_report(report, 0)
     exported = set(re.findall(r"^(testbed_\w+?)[{ ]", generate_latest(metrics.registry).decode(), flags=re.M))
     used = {name for _, expr in panel_queries(dashboard()) for name in re.findall(r"testbed_\w+", expr)}
     assert used and used <= exported, used - exported

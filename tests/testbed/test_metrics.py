@@ -152,3 +152,13 @@ def test_monitoring_guide_names_the_files_and_urls(tmp_path: object) -> None:
     guide = monitoring_guide(exporter_port=9999)
     assert "http://127.0.0.1:9999/metrics" in guide
     assert "compose.yaml" in guide and "prometheus.yml" in guide and "http://127.0.0.1:3000" in guide
+
+
+def test_rejections_by_reason_count_what_the_running_totals_add() -> None:
+    metrics = RunMetrics("r1", "dpu")
+    labels = {"run": "r1", "device": "d0", "profile": "rpi4"}
+    metrics.record_rejections(report(rejected_by_reason={"unsigned": 2, "bad_chunk": 1}))
+    metrics.record_rejections(report(rejected_by_reason={"unsigned": 2, "bad_chunk": 1}))  # the same report again
+    metrics.record_rejections(report(rejected_by_reason={"unsigned": 5, "bad_chunk": 1}))
+    assert value(metrics, "testbed_device_rejected_updates_total", **labels, reason="unsigned") == 5
+    assert value(metrics, "testbed_device_rejected_updates_total", **labels, reason="bad_chunk") == 1
