@@ -45,11 +45,6 @@ class ControlConnection:
         self.retained: dict[str, bytes] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
-        self._closed = False
-
-    @property
-    def reconnects(self) -> int:
-        return max(0, self.connections - 1)
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Until a session is up; RunError after `timeout_s`."""
@@ -73,7 +68,7 @@ class ControlConnection:
         """Keep a session up until cancelled (or RunError once the broker stayed away too long)."""
         delay = FIRST_RETRY_S
         down_since: float | None = None
-        while not self._closed:
+        while True:
             client = self.endpoint.client(self.identifier)
             try:
                 async with client:
@@ -129,7 +124,3 @@ class ControlConnection:
                 logger.info("publish on %.200s interrupted (%s); sending it again once reconnected", topic, error)
                 # the session loop notices the drop and reconnects; wait for that rather than spin
                 await asyncio.sleep(0.1)
-
-    def close(self) -> None:
-        """Stop reconnecting (the task running `run()` is cancelled by its owner)."""
-        self._closed = True
