@@ -107,17 +107,17 @@ def _command_report(args: argparse.Namespace, console: Console) -> int:
     try:
         page = write_report(args.runs, args.out)
     except ReportError as error:
-        console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {error}", highlight=False)
         return EXIT_BAD_SCENARIO
     console.print(f"report: {page} (plots: accuracy.png, bytes.png, energy.png, delivery.png in {page.parent})",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     return EXIT_OK
 
 
 def _command_monitoring(args: argparse.Namespace, console: Console) -> int:
     from testbed.metrics import monitoring_guide
 
-    console.print(monitoring_guide(exporter_port=args.port), highlight=False, markup=False, soft_wrap=True)
+    console.print(monitoring_guide(exporter_port=args.port), highlight=False, markup=False)
     return EXIT_OK
 
 
@@ -126,9 +126,9 @@ def _write_run_report(out_dir: Path, console: Console) -> None:
     from testbed.report import ReportError, write_report
 
     try:
-        console.print(f"report: {write_report(out_dir)}", highlight=False, soft_wrap=True)
+        console.print(f"report: {write_report(out_dir)}", highlight=False)
     except (ReportError, OSError, ValueError) as error:
-        console.print(f"[yellow]report not written:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]report not written:[/] {error}", highlight=False)
 
 # --- end of `testbed report` and `testbed monitoring` --------------------------------------------------------
 
@@ -158,7 +158,7 @@ class _RichProgress:
                 + (f" --username {data['username']} --password-file FILE" if data.get("username") else ""),
                 highlight=False)
         elif event == "warning":  # before the run starts, too (e.g. an exporter reachable from the network)
-            self.console.print(f"[yellow]warning:[/] {data['message']}", highlight=False, soft_wrap=True)
+            self.console.print(f"[yellow]warning:[/] {data['message']}", highlight=False)
         elif event == "board-status":
             self.console.print(f"  board {data['device']} {'online' if data['online'] else '[yellow]offline[/]'}")
         if event == "starting":
@@ -200,7 +200,7 @@ class _RichProgress:
         elif event == "round":
             record = data["record"]
             self.progress.advance(self.task)
-            self.console.print(_round_line(record, self.devices), markup=False, highlight=False, soft_wrap=True)
+            self.console.print(_round_line(record, self.devices), markup=False, highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()
@@ -298,7 +298,7 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     try:
         signing_key = None if args.signing_key is None else SigningKey.load(args.signing_key)
     except SigningKeyError as error:
-        console.print(f"[red]error:[/] --signing-key: {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] --signing-key: {error}", highlight=False)
         return EXIT_BAD_SCENARIO
     out_dir = args.out or _default_out(scenario)
     console.print(f"[bold]{scenario.name}[/]: {scenario.rounds} rounds, strategy {scenario.update.strategy} "
@@ -314,7 +314,7 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     except TestbedError as error:  # something the user can act on: one line (exit 2 when the scenario is to fix)
         progress.stop()
         logging.getLogger("testbed").debug("run failed", exc_info=True)
-        console.print(f"[red]run failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]run failed:[/] {escape(str(error))}", highlight=False)
         return EXIT_BAD_SCENARIO if isinstance(error, ScenarioError) else EXIT_RUN_FAILED
     except Exception as error:  # not one of ours: a bug; still one line, the traceback with -v
         progress.stop()
@@ -331,7 +331,7 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     if result.summary["interrupted"]:
         console.print(f"[yellow]interrupted[/] after {len(result.summary['rounds'])} of "
                       f"{result.summary['rounds_planned']} rounds in {time.monotonic() - started:.1f} s; "
-                      f"summary.json and the report are in {out_dir}", highlight=False, soft_wrap=True)
+                      f"summary.json and the report are in {out_dir}", highlight=False)
         return EXIT_INTERRUPTED
     console.print(f"done in {time.monotonic() - started:.1f} s; results in {out_dir}")
     if missing:
@@ -389,17 +389,17 @@ def _command_compare(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold]compare {scenario.name}[/]: {', '.join(strategies)} at k = {', '.join(map(str, ratios))}, "
                   f"{len(seeds)} seed(s), {rounds} rounds each ({total} rounds); results in {out_dir} "
                   "(finished cells are kept in cells/: run again with the same --out to go on)",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     started = time.monotonic()
     store = CellStore(out_dir, scenario)
     progress = _CompareProgress(console, total)
     with progress:
         rows = run_comparison(scenario, strategies, ratios, seeds, progress.round_done, store, progress.cell_skipped)
     summaries = write_report(rows, out_dir, f"{scenario.name}: strategies compared")
-    console.print(markdown_table(summaries), markup=False, highlight=False, soft_wrap=True)
-    console.print(paper_reference_table(), markup=False, highlight=False, soft_wrap=True)
+    console.print(markdown_table(summaries), markup=False, highlight=False)
+    console.print(paper_reference_table(), markup=False, highlight=False)
     console.print(f"done in {time.monotonic() - started:.1f} s; compare.csv, compare.md, compare.png in {out_dir}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     return EXIT_OK
 
 
@@ -441,7 +441,7 @@ class _CompareProgress:
             self.bar.update(self.task, advance=advance, status=status, eta=self._eta())
         else:
             self.console.print(f"[{self.done}/{self.total} rounds, ETA {self._eta()}] {status}",
-                               markup=False, highlight=False, soft_wrap=True)
+                               markup=False, highlight=False)
 
     def round_done(self, strategy: str, ratio: float, seed: int, outcome: Any) -> None:
         self.trained += 1
@@ -460,14 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except TestbedError as error:  # every package's error family is rooted here: one line, no traceback
-        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False)
         return EXIT_BAD_SCENARIO if isinstance(error, ScenarioError) else EXIT_RUN_FAILED
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in COMMAND_MODULES:
         return int(importlib.import_module(COMMAND_MODULES[args.command]).run(args))
-    console = Console()
+    console = Console(soft_wrap=True)  # full lines: logs and CI read them, a terminal wraps them itself
     if args.command == "validate":
         return _command_validate(args, console)
     if args.command == "compare":

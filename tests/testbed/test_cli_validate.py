@@ -130,3 +130,21 @@ def test_an_error_of_any_package_family_is_one_line(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.err.strip() == "error: data.root /nowhere has no MNIST files"
     assert "Traceback" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: x\nrounds: 1\n  bad: [\n", "not valid YAML: line 3, column 6: mapping values are not allowed here"),
+    ("a: b\n- c\n", "not valid YAML: line 2, column 1: expected <block end>, but found '-'"),
+])
+def test_not_yaml_is_one_full_line_with_line_and_column(tmp_path, text, expected):
+    """Off a terminal (logs, CI) an error is one unwrapped line: file, line, column and what is wrong."""
+    path = tmp_path / ("a-scenario-file-with-a-long-name-so-that-the-line-passes-eighty-columns" + ".yaml")
+    path.write_text(text)
+    script = Path(sys.executable).parent / "testbed"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "testbed.cli"]
+    for verb in ("validate", "run", "compare"):
+        completed = subprocess.run([*command, verb, str(path)], capture_output=True, text=True, timeout=60,
+                                   check=False, env={"PATH": "/usr/bin:/bin", "TERM": "xterm"})
+        assert completed.returncode == EXIT_BAD_SCENARIO, (verb, completed.stderr)
+        lines = (completed.stdout + completed.stderr).splitlines()
+        assert lines == [f"error: {path}: {expected}"], (verb, lines)
