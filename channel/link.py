@@ -11,7 +11,7 @@ import numpy as np
 
 from channel.delay import get_delay_distribution
 from channel.errors import ChannelError
-from testbed.core.units import format_rate
+from testbed.core.units import format_duration, format_rate
 from channel.loss import BernoulliLoss, GilbertElliottLoss, LossModel
 from channel.outage import OutageTimeline, RandomOutages, ScheduledOutage, scheduled_outages
 from channel.shaper import Shaper, TokenBucket, make_shaper
@@ -179,9 +179,9 @@ class LinkParameters:
             rate = self.trace.description
         else:
             rate = "unlimited" if self.rate_bps is None else format_rate(self.rate_bps)
-        delay = f"{self.delay_s * 1e3:g} ms"
+        delay = format_duration(self.delay_s)
         if self.jitter_s > 0:
-            delay += f" ± {self.jitter_s * 1e3:g} ms"
+            delay += f" ± {format_duration(self.jitter_s)}"
             if self.delay_distribution != "uniform":
                 delay += f" ({self.delay_distribution})"
         loss = self.loss_model.description if self.loss_model is not None else f"{self.loss * 100:.2f}% loss"

@@ -109,6 +109,18 @@ def parse_size_bytes(value: str | int) -> int:
     return size
 
 
+def format_duration(seconds: float) -> str:
+    """Human form of a duration in the unit a reader expects, e.g. 0.1 -> '100 ms', 100 -> '100 s'.
+
+    A bare number in a scenario is seconds, so `delay: 100` is echoed back as '100 s', not '100000 ms'.
+    """
+    if seconds >= 1.0:
+        return f"{seconds:g} s"
+    if seconds >= 1e-3 or seconds == 0:
+        return f"{seconds * 1e3:g} ms"
+    return f"{seconds * 1e6:g} us"
+
+
 def format_rate(rate_bps: float) -> str:
     """Human form of a bit rate, e.g. 50000 -> '50 kbit/s'."""
     for factor, unit in ((1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")):

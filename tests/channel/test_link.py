@@ -293,3 +293,9 @@ def test_saturated_goodput_matches_formula() -> None:
         link.transmit(0.0, 1460)
     goodput_bps = link.counters.payload_bytes * 8 / link.last_delivery_s
     assert goodput_bps == pytest.approx(params.goodput_bps, rel=1.5 / n)
+
+
+def test_a_bare_delay_is_echoed_in_seconds_not_a_huge_millisecond_figure() -> None:
+    """`delay: 100` is 100 s (a bare number is seconds): the run's header must make that visible."""
+    assert LinkParameters(rate_bps=50e3, delay_s=100.0).description == "50 kbit/s, 100 s, 0.00% loss"
+    assert LinkParameters(rate_bps=50e3, delay_s=0.0005).description == "50 kbit/s, 500 us, 0.00% loss"

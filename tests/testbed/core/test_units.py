@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from testbed.core.units import (
     UnitError,
+    format_duration,
     format_rate,
     parse_duration_s,
     parse_fraction,
@@ -159,3 +160,9 @@ def test_format_rate_examples():
     assert format_rate(1_500_000) == "1.5 Mbit/s"
     assert format_rate(2e9) == "2 Gbit/s"
     assert format_rate(300) == "300 bit/s"
+
+
+@given(st.floats(min_value=0, max_value=1e6, allow_nan=False))
+def test_a_formatted_duration_parses_back_to_about_the_same_seconds(seconds: float) -> None:
+    """What the run's header echoes is itself a valid scenario value for the same duration (to %g's 6 digits)."""
+    assert math.isclose(parse_duration_s(format_duration(seconds)), seconds, rel_tol=1e-5, abs_tol=1e-12)
