@@ -21,6 +21,7 @@ from server.strategies.dpu import (
     GlobalContributionPartialUpdating,
     LocalContributionPartialUpdating,
 )
+from server.strategies.floors import BiasesOnlyUpdating, NoUpdateAfterRoundZero
 from server.strategies.selection import (
     Masks,
     absolute_change,
@@ -57,12 +58,14 @@ def make_strategy(spec: UpdateSpec) -> Strategy:
 
 
 __all__ = [
+    "BiasesOnlyUpdating",
     "DeepPartialUpdating",
     "FullUpdating",
     "GlobalContributionPartialUpdating",
     "LocalContributionPartialUpdating",
     "MagnitudeUpdating",
     "Masks",
+    "NoUpdateAfterRoundZero",
     "PruningUpdating",
     "RandomPartialUpdating",
     "RoundContext",
