@@ -15,6 +15,7 @@ import numpy as np
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
+from testbed.core.backoff import client_backoff
 from testbed.core.manifest import UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
 from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
@@ -25,7 +26,6 @@ from testbed.core.wire import weights_hash
 logger = logging.getLogger("devices.agent")
 
 PUBACK_BYTES = 4
-RECONNECT_DELAY_S = 1.0
 # aiomqtt 2.5 does not end a connect whose socket was reset before the CONNACK; it waits for this
 # timeout. Short enough to reconnect soon after an outage, long enough for a CONNACK over LoRa SF12.
 MQTT_OPERATION_TIMEOUT_S = 10.0
@@ -152,15 +152,20 @@ class DeviceAgent:
         return agent
 
     async def run(self) -> None:
-        """Stay connected (reconnecting after broker or link failures) until cancelled."""
+        """Stay connected (reconnecting with jittered backoff after broker or link failures) until cancelled."""
+        backoff = client_backoff(self.device_id)
         while True:
             try:
                 await self._session()
             except aiomqtt.MqttError as error:
+                if self.connected.is_set():
+                    backoff.reset()  # a session that came up: the next failure starts the schedule over
                 self.connected.clear()
                 self.reconnects += 1
-                logger.warning("device %s: MQTT connection lost (%s); reconnecting", self.device_id, error)
-                await asyncio.sleep(RECONNECT_DELAY_S)
+                delay = backoff.next_delay()
+                logger.warning("device %s: MQTT connection lost (%s); reconnecting in %.2f s", self.device_id, error,
+                               delay)
+                await asyncio.sleep(delay)
 
     async def _session(self) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:

@@ -37,6 +37,7 @@ from devices.serial_link import (
     line_rate_bytes_per_s,
 )
 from devices.task_groups import run_together
+from testbed.core.backoff import client_backoff
 from testbed.core.manifest import ManifestError, UpdateManifest, UpdateRejected, verify_manifest
 from testbed.core.messages import BoardConfig, DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
 from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
@@ -50,7 +51,6 @@ PING_INTERVAL_S = 2.0
 SILENCE_TIMEOUT_S = 8.0  # no frame for this long (pings unanswered): the board is offline
 HANDSHAKE_TIMEOUT_S = 120.0  # hello -> ready: the board builds its model and test split meanwhile
 REOPEN_DELAY_S = 1.0
-MQTT_RECONNECT_DELAY_S = 1.0
 CHUNK_PIECE_HEADROOM = 16  # frame bytes kept free for the chunk header beyond the key
 
 
@@ -146,14 +146,19 @@ class SerialBridge:
     # --- MQTT side ------------------------------------------------------------------------------------
 
     async def _mqtt_loop(self) -> None:
+        backoff = client_backoff(self.device_id)
         while True:
             try:
                 await self._mqtt_session()
             except aiomqtt.MqttError as error:
+                if self.mqtt_ready.is_set():
+                    backoff.reset()
                 self.mqtt_ready.clear()
                 self._update_connected()
-                logger.warning("bridge %s: MQTT connection lost (%s); reconnecting", self.device_id, error)
-                await asyncio.sleep(MQTT_RECONNECT_DELAY_S)
+                delay = backoff.next_delay()
+                logger.warning("bridge %s: MQTT connection lost (%s); reconnecting in %.2f s", self.device_id, error,
+                               delay)
+                await asyncio.sleep(delay)
 
     async def _mqtt_session(self) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:

@@ -9,13 +9,12 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
+from testbed.core.backoff import client_backoff
 from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
 from testbed.run_summary import RunError
 
 logger = logging.getLogger("testbed.runner")
 
-FIRST_RETRY_S = 0.5
-MAX_RETRY_S = 8.0
 GIVE_UP_AFTER_S = 120.0
 """How long the run waits for its broker to come back before it fails."""
 
@@ -28,8 +27,8 @@ class ControlConnection:
 
     `run()` keeps a session up: it connects, subscribes to `subscriptions`, republishes every retained
     message published through it (a restarted broker may have lost them), then hands each message to
-    `on_message`. When the connection drops it reconnects with exponential backoff (FIRST_RETRY_S doubling
-    to MAX_RETRY_S); after `give_up_after_s` without a broker `run()` raises RunError. `publish` waits for
+    `on_message`. When the connection drops it reconnects with jittered exponential backoff
+    (`testbed.core.backoff.RECONNECT`); after `give_up_after_s` without a broker `run()` raises RunError. `publish` waits for
     a session and sends again if the connection drops before the broker acknowledged (QoS 1: at least once).
     """
 
@@ -66,7 +65,7 @@ class ControlConnection:
 
     async def run(self) -> None:
         """Keep a session up until cancelled (or RunError once the broker stayed away too long)."""
-        delay = FIRST_RETRY_S
+        backoff = client_backoff(self.identifier)
         down_since: float | None = None
         while True:
             client = self.endpoint.client(self.identifier)
@@ -78,7 +77,8 @@ class ControlConnection:
                     for topic, payload in list(self.retained.items()):
                         await client.publish(topic, payload, qos=1, retain=True, timeout=30.0)
                     self.connections += 1
-                    delay, down_since = FIRST_RETRY_S, None
+                    down_since = None
+                    backoff.reset()
                     self._connected.set()
                     if self.on_connected is not None:
                         self.on_connected(self.connections)
@@ -93,10 +93,10 @@ class ControlConnection:
                 if time.monotonic() - down_since > self.give_up_after_s:
                     raise RunError(f"lost the connection to the broker {self.endpoint.address} and it did not "
                                    f"come back within {self.give_up_after_s:g} s: {error}") from error
+                delay = backoff.next_delay()
                 logger.warning("the run's MQTT connection to %s failed (%s); reconnecting in %.1f s",
                                self.endpoint.address, error, delay)
                 await asyncio.sleep(delay)
-                delay = min(MAX_RETRY_S, delay * 2)
             finally:
                 self._connected.clear()
                 self._client = None
