@@ -6,17 +6,25 @@ import asyncio
 import hmac
 import logging
 import socket
+import ssl
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import ListenerType
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from testbed.broker_access import BrokerAccess, Identity
 from testbed.errors import OrchestrationError
 
+
+LISTEN_BACKLOG = 4096
+"""Pending connections the listener queues (Linux caps it at net.core.somaxconn, 4096 by default). asyncio's
+default of 100 overflowed when a thousand devices connected at once, and every dropped SYN cost a device a
+1 s retransmission and then a reconnect: a retry storm (issue 13 measured 4,896 listen-queue overflows)."""
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
@@ -103,6 +111,17 @@ class RunTopicPlugin(BaseTopicPlugin):
         return self.access.allows(session.username, "write" if action == Action.PUBLISH else "read", topic)
 
 
+class _BacklogBroker(Broker):
+    """amqtt's broker with a TCP listener that queues LISTEN_BACKLOG connections instead of asyncio's 100."""
+
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType, address: str | None,
+                                      port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
+                                          reuse_address=True, ssl=ssl_context, backlog=LISTEN_BACKLOG)
+
+
 class EmbeddedBroker:
     """An amqtt broker on 127.0.0.1 (loopback only), owned by an `async with` block.
 
@@ -137,7 +156,7 @@ class EmbeddedBroker:
             plugins = {f"{__name__}.RunAuthPlugin": _access_config(self.access),
                        f"{__name__}.RunTopicPlugin": _access_config(self.access)}
         config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}, "plugins": plugins}
-        broker = Broker(config)
+        broker = _BacklogBroker(config)
         try:
             await asyncio.wait_for(broker.start(), START_TIMEOUT_S)
         except Exception as error:  # amqtt raises its own BrokerError or OSError subclasses
