@@ -38,7 +38,14 @@ __all__ = ["ProgressCallback", "RoundRecord", "RunError", "RunResult", "Scenario
 logger = logging.getLogger("testbed.runner")
 
 ONLINE_TIMEOUT_S = 60.0
+ONLINE_TIMEOUT_PER_DEVICE_S = 0.1
 EXTERNAL_ONLINE_TIMEOUT_S = 600.0  # someone has to start `testbed attach` by hand
+
+
+def online_timeout_s(devices: int) -> float:
+    """How long the run waits for its emulated fleet to connect: 60 s, and 0.1 s more per device beyond 100
+    (a thousand devices connecting at once on two cores took tens of seconds: a fixed 60 s was too short)."""
+    return ONLINE_TIMEOUT_S + ONLINE_TIMEOUT_PER_DEVICE_S * max(0, devices - 100)
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
@@ -134,7 +141,8 @@ class ScenarioRun:
                                        "signing_key": self.signing_key.trusted_key.text,
                                        "metrics": self.metrics_url, "downlink": downlink.description,
                                        "uplink": uplink.description, "rounds": server.rounds})
-            await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices else ONLINE_TIMEOUT_S)
+            await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices
+                                    else online_timeout_s(len(members)))
             self.events = await stack.enter_async_context(RunEvents(scenario, self.out_dir, self.metrics,
                                                                     self._progress))
             register_actions(self.events, scenario, assembly.embedded_broker, fleet, assembly.device_links)
