@@ -12,6 +12,7 @@ from prometheus_client import push_to_gateway, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from testbed.core.events import EVENT_ACTIONS
 from testbed.core.messages import DeviceReport
 from testbed.errors import OrchestrationError
 
@@ -132,6 +133,8 @@ class RunMetrics:
                                                "ratio": "" if ratio is None else f"{ratio:g}"})
         self.server_published.labels(run=run_id, strategy=strategy)
         self.server_rounds.labels(run=run_id, strategy=strategy)
+        for action in EVENT_ACTIONS:  # at 0 from the start, so an action's first firing is a change Grafana marks
+            self.events.labels(run=run_id, action=action)
 
     def _device(self, device_id: str, profile: str) -> dict[str, str]:
         return {"run": self.run_id, "device": device_id, "profile": profile}

@@ -6,13 +6,15 @@ does not parse, a value the strategy's own Settings model rejects) is checked he
 one-error-per-field format, before any data is loaded. So is what depends on this host: the sample
 counts again with the sizes of MNIST files on disk (validation assumes the official ones), and the
 memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``.
-``check_ports`` tells a run, before it loads any data, whether the metrics port can be bound now.
+``check_ports`` tells a run, before it loads any data, whether the metrics port can be bound now. A scenario
+whose file is fine but whose `broker: mosquitto` has no Mosquitto on this host is one line of its own.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 from dataclasses import replace
 
@@ -21,9 +23,17 @@ from server.datasets import dataset_directory, mnist_sample_counts
 from server.errors import ServerError
 from server.strategies import settings_problems, strategy_class
 from testbed.broker_config import CredentialsError, broker_access
-from testbed.core.capacity import DATASETS, data_problems, format_bytes, memory_problems
+from testbed.core.capacity import (
+    DATASETS,
+    data_problems,
+    emulated_device_count,
+    format_bytes,
+    memory_problems,
+    open_files_needed,
+)
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
+from testbed.mosquitto import MISSING as MOSQUITTO_MISSING, find_mosquitto
 
 
 def _strategy_problems(scenario: Scenario) -> list[str]:
@@ -92,6 +102,27 @@ def _host_memory_problems(scenario: Scenario) -> list[str]:
     return [problem.describe() for problem in memory_problems(scenario, host, budget, raisable=False)]
 
 
+def _open_files_problems(scenario: Scenario) -> list[str]:
+    """``devices: ...`` when this process may not open as many files as the fleet needs, even after raising
+    its soft limit to the hard one (which `raise_open_files_limit` does at the start of a run)."""
+    needed = open_files_needed(scenario)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        return []
+    return [f"devices: {emulated_device_count(scenario):,} emulated devices need about {needed:,} open files, and "
+            f"this host allows a process {hard:,} (ulimit -Hn); raise the hard limit (limits.conf, systemd "
+            f"LimitNOFILE, or `ulimit -Hn {needed}` as root) or run fewer emulated devices"]
+
+
+def raise_open_files_limit(scenario: Scenario) -> None:
+    """Raise this process's soft open-files limit towards its hard limit when the fleet needs more than the soft
+    one (commonly 1024, which a few hundred emulated devices exceed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = open_files_needed(scenario)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _port_problems(scenario: Scenario) -> list[str]:
     """``metrics.port: ...`` when the exporter's port cannot be bound on this host now (another run holds it, say):
     found before any data is loaded, not after round 0's training."""
@@ -129,7 +160,9 @@ def check_ports(scenario: Scenario, source: str = "<scenario>") -> None:
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
     problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _broker_problems(scenario)
-                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario))
+                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario) + _open_files_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
+    if scenario.broker.local_mosquitto and find_mosquitto() is None:
+        raise ScenarioError(f"{source}: {MOSQUITTO_MISSING}")
     return scenario

@@ -24,7 +24,7 @@ from testbed.core.wire import full_model_bytes as wire_full_model_bytes
 from testbed.core.wire import weights_hash
 from testbed.links import DeviceLinks
 from testbed.metrics import PushError, RunMetrics, push_metrics
-from testbed.preflight import check_ports, check_scenario
+from testbed.preflight import check_ports, check_scenario, raise_open_files_limit
 from testbed.publisher import UpdatePublisher
 from testbed.report_collector import DeviceMessages, ReportCollector
 from testbed.results import ResultsWriter
@@ -123,6 +123,7 @@ class ScenarioRun:
         started_at, started = time.time(), time.monotonic()
         scenario = check_scenario(self.scenario)
         check_ports(scenario)
+        raise_open_files_limit(scenario)
         assembly = self.assembly
         self.progress("preparing", {"run_id": self.run_id})
         server = await asyncio.to_thread(UpdateServer, scenario)

@@ -331,7 +331,7 @@ def memory_estimate(scenario: Scenario, facts: DatasetFacts | None = None) -> Me
     data = scenario.data
     facts = facts or DATASETS[data.dataset]
     rounds = max(1, min(scenario.rounds, max_rounds(facts, data)))
-    devices = sum(1 for entry in scenario.device_entries().values() if entry.kind == "emulated")
+    devices = emulated_device_count(scenario)
     largest_training_set = max(1, training_samples(facts, data, rounds))
     footprint = model_footprint(scenario.model, facts)
     evaluated = min(EVALUATION_BATCH, max(data.validation_samples, data.test_samples))
@@ -390,3 +390,22 @@ def capacity_problems(scenario: Scenario, budget_bytes: int, budget: str) -> lis
         return problems
     return memory_problems(scenario, budget_bytes, budget)
 
+
+
+# ---------------------------------------------------------------- open files
+
+OPEN_FILES_BASE = 256
+"""The run's own files and sockets: data, results, exporter, broker listener, the run's MQTT session."""
+OPEN_FILES_PER_EMULATED_DEVICE = 8
+"""Per emulated device with the embedded broker, measured (issue 13): 1000 devices held 8,006 descriptors
+(the link's listener, both proxied connections, the device's client socket, and the broker's end of it)."""
+
+
+def emulated_device_count(scenario: Scenario) -> int:
+    """How many devices of the scenario run as agents inside the run's process."""
+    return sum(1 for entry in scenario.device_entries().values() if entry.kind == "emulated")
+
+
+def open_files_needed(scenario: Scenario) -> int:
+    """File descriptors the run needs at its peak, roughly (see OPEN_FILES_PER_EMULATED_DEVICE)."""
+    return OPEN_FILES_BASE + OPEN_FILES_PER_EMULATED_DEVICE * emulated_device_count(scenario)

@@ -316,7 +316,7 @@ class DeviceGroup(SectionModel):
     """
 
     profile: str
-    count: int | None = Field(None, ge=1, le=1000)
+    count: int | None = Field(None, ge=1, le=100_000)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     serial: str | None = Field(None, min_length=1)
     baud: int = Field(115200, ge=50, le=4_000_000)

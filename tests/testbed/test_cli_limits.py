@@ -97,3 +97,34 @@ def test_a_metrics_port_in_use_is_refused_before_any_data_is_loaded(tmp_path, ca
         assert not out.exists()  # refused before the run began: no data loaded, no training
         # the scenario is fine: a port taken now is a fact of this host, not of the file
         assert main(["validate", "--resolve", str(LOWBAND), "--set", f"metrics.port={port}"]) == EXIT_OK
+
+
+def test_a_fleet_past_the_hosts_open_files_limit_is_refused_naming_the_limit(monkeypatch, capsys):
+    """Each emulated device holds about 8 descriptors: a fleet past the hard limit (`ulimit -Hn`) would fail part
+    way through connecting; `validate --resolve` and `run` say so before anything starts."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    many = ["--set", "devices=[{profile: rpi4, count: 600}]"]
+    assert main(["validate", str(LOWBAND), *many]) == EXIT_OK  # the file is fine; this host is not
+    capsys.readouterr()
+    assert main(["validate", str(LOWBAND), *many, "--resolve"]) == EXIT_BAD_SCENARIO
+    line = _error_line(capsys, "devices")
+    assert "600 emulated devices need about 5,056 open files, and this host allows a process 4,096" in line
+    assert main(["validate", str(LOWBAND), "--set", "devices=[{profile: rpi4, count: 400}]", "--resolve"]) == EXIT_OK
+
+
+def test_a_run_raises_its_soft_open_files_limit_to_the_hard_one(monkeypatch):
+    import resource
+
+    from testbed.core.scenario import load_scenario
+    from testbed.preflight import raise_open_files_limit
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 20000))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    raise_open_files_limit(load_scenario(LOWBAND, ["devices=[{profile: rpi4, count: 300}]"]))
+    assert calls == [(20000, 20000)]  # 300 devices need about 2,656: past the soft 1024
+    calls.clear()
+    raise_open_files_limit(load_scenario(LOWBAND))
+    assert calls == []  # five devices fit in the soft limit: left alone

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
 from channel.link import LinkCounters
+from testbed.core.events import EVENT_ACTIONS
 from testbed.core.messages import DeviceReport
 from testbed.metrics import ENERGY_PHASES, MetricsExporter, RunMetrics, monitoring_guide
 
@@ -126,7 +127,7 @@ def test_every_metric_follows_naming_and_label_rules() -> None:
     metrics.add_device("d0", "rpi4", FakeLink())
     metrics.record_device_report(report(), 0)
     metrics.record_round(0, 1, 0.5, 10, 100, 8)
-    allowed_labels = {"run", "device", "profile", "strategy", "phase", "direction", "le", "scenario", "ratio"}
+    allowed_labels = {"run", "device", "profile", "strategy", "phase", "direction", "le", "scenario", "ratio", "action"}
     families = list(text_string_to_metric_families(generate_latest(metrics.registry).decode()))
     assert len(families) >= 25
     for family in families:
@@ -136,6 +137,14 @@ def test_every_metric_follows_naming_and_label_rules() -> None:
         for sample in family.samples:
             assert set(sample.labels) <= allowed_labels, (sample.name, sample.labels)
             assert sample.labels.get("run") == "r1", sample.name
+
+
+def test_every_event_action_is_served_at_zero_before_it_fires() -> None:
+    """So that Grafana's annotation (a change of the counter) marks an action's first firing too."""
+    metrics = RunMetrics("r1", "dpu")
+    metrics.record_event("outage")
+    served = {action: value(metrics, "testbed_events_total", run="r1", action=action) for action in EVENT_ACTIONS}
+    assert served == {**dict.fromkeys(EVENT_ACTIONS, 0.0), "outage": 1.0}
 
 
 async def test_exporter_serves_the_registry_and_frees_the_port() -> None:
