@@ -6,27 +6,29 @@ import base64
 import html
 import json
 import statistics
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-from matplotlib.figure import Figure  # noqa: E402
-
-from testbed.metrics import ENERGY_PHASES  # noqa: E402
+from testbed.core.events import EVENT_PHASES
 from testbed.errors import OrchestrationError
+from testbed.events import EVENTS_FILE
+from testbed.report_plots import PLOT_FUNCTIONS  # chooses matplotlib's Agg backend before pyplot loads
+
+import matplotlib.pyplot as plt  # noqa: E402,I001
 
 PLOTS = {
-    "accuracy.png": "Accuracy per round",
-    "bytes.png": "Cumulative bytes sent vs full updating",
-    "energy.png": "Energy per round by phase",
-    "delivery.png": "Update delivery time",
+    "accuracy.png": "Accuracy per round: server and devices; ✕ a round that sent nothing (its candidate validated "
+                    "no better than the deployed model), ○ a re-initialisation round; dashed lines the scenario's "
+                    "events",
+    "bytes.png": "Cumulative bytes sent vs full updating, with the scenario's events",
+    "energy.png": "Energy per device over the run (active phases, then idle hatched), and each report's active "
+                  "energy per round",
+    "delivery.png": "Update delivery time per round (a column and a marker shape per profile) and its distribution",
 }
-PHASE_COLOURS = {"receive": "#1f77b4", "transmit": "#ff7f0e", "compute": "#2ca02c", "idle": "#bbbbbb"}
 
 
 class ReportError(OrchestrationError):
@@ -35,12 +37,15 @@ class ReportError(OrchestrationError):
 
 @dataclass(frozen=True)
 class RunData:
-    """One run's results as read from its folder."""
+    """One run's results as read from its folder (events.jsonl: none when the run had no events)."""
 
     folder: Path
     summary: dict[str, Any]
     records: list[dict[str, Any]]
     label: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    short_label: str = ""
+    """What tells this run from the others of the report, for plot legends (the label itself for one run)."""
 
     def delivered(self) -> list[dict[str, Any]]:
         return [record for record in self.records if record.get("delivered")]
@@ -49,10 +54,53 @@ class RunData:
         return list(dict.fromkeys(record["device"] for record in self.records))
 
 
+def _read_json_lines(path: Path, check: Callable[[Path, int, dict[str, Any]], None] | None = None
+                     ) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, each passed to `check` with its line number; a last line cut short
+    (a run killed while writing it) is not one."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: cut short
+                continue
+            raise ReportError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{path}:{number}: a record is a JSON object, got {type(record).__name__}")
+        if check is not None:
+            check(path, number, record)
+        records.append(record)
+    return records
+
+
+def _check_event(path: Path, number: int, event: dict[str, Any]) -> None:
+    """A ReportError naming the line when an events.jsonl record lacks what the plots place it by."""
+    problems = []
+    if not isinstance(event.get("action"), str):
+        problems.append(f"'action' must be an action name, got {event.get('action')!r:.40}")
+    if event.get("kind") not in ("fire", "end"):
+        problems.append(f"'kind' must be 'fire' or 'end', got {event.get('kind')!r:.40}")
+    if not isinstance(event.get("index"), int):
+        problems.append(f"'index' must be the event's number, got {event.get('index')!r:.40}")
+    round_index, phase = event.get("round"), event.get("phase")
+    if round_index is not None and (type(round_index) is not int or round_index < 0):
+        problems.append(f"'round' must be a round number or null, got {round_index!r:.40}")
+    if phase is not None and phase not in EVENT_PHASES:
+        problems.append(f"'phase' must be one of {', '.join(EVENT_PHASES)} or null, got {phase!r:.40}")
+    if problems:
+        raise ReportError(f"{path}:{number}: " + "; ".join(problems))
+
+
 def load_run(folder: Path) -> RunData:
-    """Read `folder`/summary.json and results.jsonl; a ReportError says which file is missing or bad."""
+    """Read `folder`/summary.json, results.jsonl and events.jsonl (if any); a ReportError says which file is missing
+    or bad."""
     folder = Path(folder)
-    summary_path, results_path = folder / "summary.json", folder / "results.jsonl"
+    summary_path, results_path, events_path = folder / "summary.json", folder / "results.jsonl", folder / EVENTS_FILE
     for path in (summary_path, results_path):
         if not path.is_file():
             raise ReportError(f"{path} not found: is {folder} the output folder of a finished `testbed run`?")
@@ -60,152 +108,25 @@ def load_run(folder: Path) -> RunData:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ReportError(f"{summary_path}: not valid JSON ({error})") from None
-    records = []
-    for number, line in enumerate(results_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ReportError(f"{results_path}:{number}: not valid JSON ({error})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("rounds"), list):
         raise ReportError(f"{summary_path}: no 'rounds' list; written by an older testbed?")
+    records = _read_json_lines(results_path)
+    events = _read_json_lines(events_path, _check_event) if events_path.is_file() else []
     label = f"{summary.get('scenario', folder.name)}: {summary.get('strategy', '?')} k={summary.get('ratio', '?')}"
-    return RunData(folder, summary, records, label)
+    return RunData(folder, summary, records, label, events, label)
 
 
-def _run_styles(runs: list[RunData]) -> list[str]:
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return [colours[index % len(colours)] for index in range(len(runs))]
-
-
-def plot_accuracy(runs: list[RunData]) -> Figure:
-    """Accuracy vs round: server and every device for one run; server and fleet mean per run for several."""
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    for run, colour in zip(runs, _run_styles(runs)):
-        rounds = run.summary["rounds"]
-        prefix = "" if len(runs) == 1 else f"{run.label} "
-        axes.plot([r["round"] for r in rounds], [r["server_accuracy"] for r in rounds], "o-", color=colour if len(runs) > 1 else "black",
-                  linewidth=2, label=f"{prefix}server")
-        if len(runs) == 1:
-            for device in run.devices():
-                points = [(r["round"], r["accuracy"]) for r in run.delivered() if r["device"] == device]
-                if points:
-                    axes.plot(*zip(*points), ".--", alpha=0.8, label=device)
-        else:
-            by_round: dict[int, list[float]] = {}
-            for record in run.delivered():
-                by_round.setdefault(record["round"], []).append(record["accuracy"])
-            if by_round:
-                xs = sorted(by_round)
-                axes.plot(xs, [statistics.fmean(by_round[x]) for x in xs], "s--", color=colour, alpha=0.7,
-                          label=f"{prefix}device mean")
-    axes.set_xlabel("round")
-    axes.set_ylabel("accuracy")
-    axes.set_title("Accuracy per round")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    return figure
-
-
-def _cumulative(values: list[float]) -> list[float]:
-    total, out = 0.0, []
-    for value in values:
-        total += value
-        out.append(total)
-    return out
-
-
-def plot_bytes(runs: list[RunData]) -> Figure:
-    """Cumulative update bytes sent per run, against sending the full model every round."""
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    full_drawn = False
-    for run, colour in zip(runs, _run_styles(runs)):
-        rounds = run.summary["rounds"]
-        xs = [r["round"] for r in rounds]
-        sent = _cumulative([r["update_bytes"] for r in rounds])
-        axes.plot(xs, sent, "o-", color=colour, label=f"{run.label} ({sent[-1] / 1024:.1f} KiB)" if sent else run.label)
-        if not full_drawn or len({r["full_model_bytes"] for r in rounds}) > 1:
-            full = _cumulative([r["full_model_bytes"] for r in rounds])
-            axes.plot(xs, full, ":", color="black" if not full_drawn else colour,
-                      label=f"full updating ({full[-1] / 1024:.1f} KiB)" if full else "full updating")
-            full_drawn = True
-    axes.set_xlabel("round")
-    axes.set_ylabel("cumulative bytes sent")
-    axes.set_yscale("log")
-    axes.set_title("Update bytes, cumulative (log scale)")
-    axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    return figure
-
-
-def _energy_per_round(run: RunData) -> dict[int, dict[str, float]]:
-    """Fleet mean joules per device, per round and phase, over the devices that reported."""
-    sums: dict[int, dict[str, float]] = {}
-    counts: dict[int, int] = {}
-    for record in run.delivered():
-        phases = record.get("energy_joules_by_phase") or {}
-        row = sums.setdefault(record["round"], dict.fromkeys(ENERGY_PHASES, 0.0))
-        counts[record["round"]] = counts.get(record["round"], 0) + 1
-        for phase in ENERGY_PHASES:
-            row[phase] += float(phases.get(phase, 0.0))
-    return {r: {phase: joules / counts[r] for phase, joules in row.items()} for r, row in sorted(sums.items())}
-
-
-def plot_energy(runs: list[RunData]) -> Figure:
-    """Stacked bars: mean energy per device per round, split by phase; runs side by side."""
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(runs)
-    for position, run in enumerate(runs):
-        energy = _energy_per_round(run)
-        xs = [r + (position - (len(runs) - 1) / 2) * width for r in energy]
-        bottom = [0.0] * len(xs)
-        for phase in ENERGY_PHASES:
-            heights = [energy[r][phase] for r in energy]
-            axes.bar(xs, heights, width=width * 0.95, bottom=bottom, color=PHASE_COLOURS[phase],
-                     label=phase if position == 0 else None, edgecolor="white" if len(runs) > 1 else None)
-            bottom = [b + h for b, h in zip(bottom, heights)]
-        if len(runs) > 1 and xs:
-            axes.annotate(run.label, (xs[-1], bottom[-1]), textcoords="offset points", xytext=(0, 3),
-                          ha="center", fontsize="x-small", rotation=90)
-    axes.set_xlabel("round")
-    axes.set_ylabel("joules per device (fleet mean)")
-    axes.set_title("Energy per round by phase")
-    axes.grid(alpha=0.3, axis="y")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    return figure
-
-
-def plot_delivery(runs: list[RunData]) -> Figure:
-    """Empirical distribution (CDF) of update delivery times, per profile for one run, per run for several."""
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    groups: dict[str, list[float]] = {}
-    for run in runs:
-        for record in run.delivered():
-            key = record.get("profile", "?") if len(runs) == 1 else run.label
-            groups.setdefault(key, []).append(float(record["delivery_seconds"]))
-    for key, values in groups.items():
-        values.sort()
-        fractions = [(index + 1) / len(values) for index in range(len(values))]
-        axes.step(values, fractions, where="post",
-                  label=f"{key} (median {statistics.median(values):.2f} s, n={len(values)})")
-    every = [value for values in groups.values() for value in values]
-    if every and min(every) > 0 and max(every) / min(every) > 10:  # full-model rounds next to sparse ones
-        axes.set_xscale("log")
-    axes.set_xlabel("delivery time (s), publish → device holds the whole update")
-    axes.set_ylabel("fraction of deliveries")
-    axes.set_ylim(0, 1.02)
-    axes.set_title("Update delivery time (CDF)")
-    axes.grid(alpha=0.3)
-    if groups:
-        axes.legend(fontsize="small")
-    else:
-        axes.text(0.5, 0.5, "no update was delivered", ha="center", va="center", transform=axes.transAxes)
-    figure.tight_layout()
-    return figure
+def short_labels(runs: list[RunData]) -> list[str]:
+    """Per run, only what tells it from the others: of scenario, strategy, k and seed the ones that differ between
+    the runs, and the folder name for runs that these leave alike (e.g. "dpu k=0.05", "full k=1.0", "dpu (seed1)")."""
+    if len(runs) == 1:
+        return [runs[0].label]
+    parts = [(str(run.summary.get("scenario", "?")), str(run.summary.get("strategy", "?")),
+              f"k={run.summary.get('ratio', '?')}", f"seed {run.summary.get('seed', '?')}") for run in runs]
+    differing = [index for index in range(4) if len({part[index] for part in parts}) > 1]
+    labels = [" ".join(part[index] for index in differing) for part in parts]
+    return [f"{label} ({run.folder.name})" if label and labels.count(label) > 1 else label or run.folder.name
+            for label, run in zip(labels, runs)]
 
 
 def _summary_rows(run: RunData) -> dict[str, str]:
@@ -278,13 +199,29 @@ def _device_table(run: RunData) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _events_table(run: RunData) -> str:
+    """Every fire and end in the run's events.jsonl: run time, round and phase reached, action, target, settings."""
+    rows = []
+    for event in run.events:
+        target = event.get("target")
+        whom = "-" if not target else "all devices" if "all" in target else ", ".join(
+            f"{key} {value}" for key, value in target.items())
+        settings = ", ".join(f"{key} {value}" for key, value in (event.get("parameters") or {}).items())
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in (
+            _number(event.get("t"), ".1f"), "-" if event["round"] is None else event["round"], event["phase"] or "-",
+            event["action"], event["kind"], whom, settings or "-")) + "</tr>")
+    head = "".join(f"<th>{name}</th>" for name in ("run time (s, measured)", "round", "phase", "action", "fire / end",
+                                                   "target", "settings"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; } th { background: #f3f3f3; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
-.plots { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
+.plots figure { margin: 1.2em 0; }
 .note { color: #666; font-size: 0.85em; }
 """
 
@@ -305,6 +242,10 @@ def render_html(runs: list[RunData], plot_files: dict[str, Path]) -> str:
         + "</tr>" for key in settings[0]) + "</table>"
         "<p class='note'>Wall time, date, host and delivery times are measured on the host; bytes and energy "
         "come from the model and the seed.</p>")
+    if len(runs) > 1:
+        parts.append("<h2>Runs in the plots</h2><table>" + "".join(
+            f"<tr><th>{html.escape(run.short_label)}</th><td>{html.escape(run.label)}</td>"
+            f"<td>{html.escape(str(run.folder))}</td></tr>" for run in runs) + "</table>")
     parts.append("<h2>Plots</h2><div class='plots'>")
     for name, path in plot_files.items():
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -315,20 +256,22 @@ def render_html(runs: list[RunData], plot_files: dict[str, Path]) -> str:
     for run in runs:
         parts.append(f"<h2>Devices: {html.escape(run.label)}</h2>{_device_table(run)}"
                      f"<p class='note'>results: {html.escape(str(run.folder))}</p>")
+        if run.events:
+            parts.append(f"<h2>Events: {html.escape(run.label)}</h2>{_events_table(run)}")
     parts.append("<p class='note'>Regenerate with <code>testbed report "
                  + html.escape(" ".join(str(run.folder) for run in runs)) + "</code>.</p></body></html>\n")
     return "".join(parts)
 
 
 def write_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
-    """Write the four PNG plots into `out_dir`; returns {file name: path}."""
+    """Write the four PNG plots into `out_dir` (the same results give the same bytes); returns {file name: path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, plot in (("accuracy.png", plot_accuracy), ("bytes.png", plot_bytes),
-                       ("energy.png", plot_energy), ("delivery.png", plot_delivery)):
+    for name, plot in PLOT_FUNCTIONS.items():
         figure = plot(runs)
         try:
-            figure.savefig(out_dir / name, dpi=110)
+            # tight: the image grows to hold the legend placed outside the axes
+            figure.savefig(out_dir / name, dpi=110, bbox_inches="tight", pad_inches=0.15)
         finally:
             plt.close(figure)
         written[name] = out_dir / name
@@ -347,6 +290,7 @@ def write_report(run_dirs: Path | list[Path], out_dir: Path | None = None) -> Pa
     runs = [load_run(folder) for folder in folders]
     if len({run.label for run in runs}) < len(runs):  # same scenario and strategy twice (seeds): name the folders
         runs = [replace(run, label=f"{run.label} ({run.folder.name})") for run in runs]
+    runs = [replace(run, short_label=short) for run, short in zip(runs, short_labels(runs))]
     plots = write_plots(runs, Path(out_dir))
     page = Path(out_dir) / "report.html"
     page.write_text(render_html(runs, plots), encoding="utf-8")
