@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from testbed.core.events import EVENT_ACTIONS
 from testbed.core.messages import DeviceReport
 from testbed.errors import OrchestrationError
+from testbed.prometheus_targets import TARGETS_DIRECTORY_VARIABLE, targets_directory
 
 DELIVERY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, float("inf"))
 ENERGY_PHASES = ("receive", "transmit", "compute", "idle")
@@ -250,29 +251,43 @@ class MetricsExporter:
             self._server = None
 
 
-def monitoring_guide(monitoring_dir: Path = MONITORING_DIR, exporter_port: int = 9464) -> str:
+def monitoring_guide(monitoring_dir: Path = MONITORING_DIR, exporter_port: int = 9464,
+                     targets_dir: Path | None = None) -> str:
     """How to start Prometheus + Grafana on this repository's `monitoring/` files, and where to look."""
     folder = monitoring_dir
+    targets = targets_dir or targets_directory()
     return f"""\
 Live monitoring: the run's exporter -> Prometheus -> Grafana (dashboard "edge-testbed").
 
-  exporter    http://127.0.0.1:{exporter_port}/metrics   (while `testbed run` runs; metrics.port in the scenario)
-  Prometheus  http://127.0.0.1:9090                 (scrapes the exporter every 2 s; config {folder}/prometheus.yml)
+  exporter    http://127.0.0.1:{exporter_port}/metrics   (while `testbed run` runs; scenario metrics.port, 0: any)
+  targets     {targets}/<run id>.json
+              (each run registers its exporter there while it serves; metrics.targets_dir or
+              ${TARGETS_DIRECTORY_VARIABLE} choose another folder; a killed run's file shows as a target down)
+  Prometheus  http://127.0.0.1:9090                 (scrapes every registered run every 2 s; {folder}/prometheus.yml)
   Grafana     http://127.0.0.1:3000/d/edge-testbed  (anonymous viewer; admin/admin to edit)
 
-With Docker (Mosquitto on 1883, Prometheus, Grafana, all on the host network):
+With Docker (Mosquitto on 1883, Prometheus, Grafana, all on the host network; Compose 2.18 or later):
+  mkdir -p {targets}   # before `up`: Docker would create it owned by root
   docker compose -f {folder}/compose.yaml up -d
   testbed run scenarios/lowband.yaml            # then open the Grafana URL above
   testbed run scenarios/lowband.yaml --set broker=mqtt://127.0.0.1:1883   # the same over the stack's Mosquitto
   docker compose -f {folder}/compose.yaml down
 
 Without Docker (Debian packages `prometheus`, and Grafana from packages.grafana.com):
+  mkdir -p {targets}
+  ln -sfn {targets} {folder}/targets   # prometheus.yml reads targets/*.json beside itself
   prometheus --config.file={folder}/prometheus.yml --storage.tsdb.path=/tmp/testbed-prometheus \\
       --web.listen-address=127.0.0.1:9090
   GF_PATHS_PROVISIONING={folder}/grafana/provisioning GF_AUTH_ANONYMOUS_ENABLED=true \\
       TESTBED_DASHBOARDS={folder}/grafana/dashboards grafana-server --homepath /usr/share/grafana
 
+Your own Prometheus: add a job that reads the folder (honor_labels keeps the runs' own `run`/`strategy` labels):
+  - job_name: testbed
+    honor_labels: true
+    file_sd_configs: [{{files: ["{targets}/*.json"]}}]
+
 Panels: fleet and per-device accuracy, model versions, update bytes and airtime per round, energy per
-device and phase, delivery-time quantiles, link loss / retransmissions / queueing delay, devices online.
+device and phase, delivery-time quantiles, link loss / retransmissions / queueing delay, devices online;
+scenario events (testbed_events_total) as annotations labelled with their action.
 Pick a run with the `run` variable; after the run, `testbed report runs/<dir>` writes report.html and plots.
 """

@@ -31,6 +31,7 @@ from testbed.core.topics import Topics
 from testbed.inference import TorchInference
 from testbed.links import DeviceLinks
 from testbed.metrics import MetricsExporter, RunMetrics
+from testbed.prometheus_targets import register_run
 from testbed.control_connection import ControlConnection
 from testbed.report_collector import DeviceMessages
 from testbed.run_summary import RunError
@@ -124,7 +125,8 @@ class RunAssembly:
         return endpoint if identity is None else endpoint.with_credentials(identity.username, identity.password)
 
     async def exporter(self, stack: AsyncExitStack) -> None:
-        """The Prometheus exporter, if the scenario enables it; its URL lands in `metrics_url`."""
+        """The Prometheus exporter, if the scenario enables it, registered for Prometheus (testbed.prometheus_targets)
+        while it serves; its URL lands in `metrics_url`."""
         metrics = self.scenario.metrics
         exposure = metrics_exposure_warning(metrics)
         if exposure is not None:
@@ -132,6 +134,8 @@ class RunAssembly:
         if metrics.enabled:
             exporter = await stack.enter_async_context(MetricsExporter(self.metrics.registry, metrics.host, metrics.port))
             self.metrics_url = exporter.url
+            stack.enter_context(register_run(self.scenario, self.run_id, exporter.host, exporter.port,
+                                             lambda message: self.progress("warning", {"message": message})))
 
     async def fleet_members(self, stack: AsyncExitStack, endpoint: MqttEndpoint, links: DeviceLinks,
                             server: UpdateServer) -> list[FleetMember]:

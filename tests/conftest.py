@@ -56,6 +56,17 @@ def debian_tool(binary: str, package: str | None = None) -> str:
     return found
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runs_register_in_a_folder_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Runs under test register their exporter for Prometheus (testbed.prometheus_targets) in a folder of the test
+    session, not in the user's; subprocesses inherit it."""
+    from testbed.prometheus_targets import TARGETS_DIRECTORY_VARIABLE
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TARGETS_DIRECTORY_VARIABLE, str(tmp_path_factory.mktemp("prometheus-targets")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """(host, port) of a Mosquitto broker; fails (never skips) when Mosquitto is not installed."""

@@ -426,6 +426,8 @@ class MetricsSpec(SectionModel):
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
     pushgateway: str | None = None
+    targets_dir: Path | None = None
+    """Where the run registers its exporter for Prometheus (file_sd); None: testbed.prometheus_targets' default."""
 
     @field_validator("pushgateway")
     @classmethod
