@@ -100,7 +100,8 @@ def _fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
 
 # --- board ----------------------------------------------------------------------------------------------
 
-def _setup_inference(config: BoardConfig) -> Any:
+def board_inference(config: BoardConfig) -> Any:
+    """The model and local test split a board runs, from the config the run gave it (BoardSetup)."""
     from testbed.inference import device_inference
 
     return device_inference(parse_scenario(config.scenario, f"config from the host for {config.device}"),
@@ -117,7 +118,7 @@ async def _board(args: argparse.Namespace) -> int:
         trusted_key = None if args.trust is None else TrustedKey.from_argument(args.trust)
     except SigningKeyError as error:
         return _fail("board", f"--trust: {error}", EXIT_BAD_ARGUMENTS)
-    agent = BoardAgent(args.port, board_name=args.name, profile=profile, meter=meter, setup=_setup_inference,
+    agent = BoardAgent(args.port, board_name=args.name, profile=profile, meter=meter, setup=board_inference,
                        baud=args.baud, state=BoardStateStore(args.state_dir / args.name), trusted_key=trusted_key)
     trust = (f"updates signed by {trusted_key.text} only" if trusted_key
              else "updates signed by the key the host's config names (pin one with --trust)")
@@ -220,7 +221,7 @@ async def _attach(args: argparse.Namespace) -> int:
           f"serial log {log_path}", flush=True)
     watcher = asyncio.create_task(_print_board_state(bridge))
     try:
-        await run_together(bridge.run(), _until_run_ends(endpoint, Topics(config.run), args.name))
+        await run_together(bridge.run(), until_run_ends(endpoint, Topics(config.run), args.name))
     except BridgeError as error:
         return _fail("attach", str(error))
     finally:
@@ -229,7 +230,7 @@ async def _attach(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _until_run_ends(endpoint: MqttEndpoint, topics: Topics, device_id: str) -> None:
+async def until_run_ends(endpoint: MqttEndpoint, topics: Topics, device_id: str) -> None:
     """Returns when the run clears its retained config (it ends), or its broker is gone for good."""
     failures = 0
     while failures < RUN_GONE_AFTER_FAILURES:
