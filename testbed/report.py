@@ -264,11 +264,16 @@ def render_html(runs: list[RunData], plot_files: dict[str, Path]) -> str:
 
 
 def write_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
-    """Write the four PNG plots into `out_dir` (the same results give the same bytes); returns {file name: path}."""
+    """Write the four PNG plots into `out_dir` (the same results give the same bytes); returns {file name: path}.
+
+    A value no plot can show (an accuracy outside 0 to 1) is a ReportError naming the plot and the folders."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, plot in PLOT_FUNCTIONS.items():
-        figure = plot(runs)
+        try:
+            figure = plot(runs)
+        except ValueError as error:
+            raise ReportError(f"{name} of {', '.join(str(run.folder) for run in runs)}: {error}") from None
         try:
             # tight: the image grows to hold the legend placed outside the axes
             figure.savefig(out_dir / name, dpi=110, bbox_inches="tight", pad_inches=0.15)

@@ -369,6 +369,19 @@ def test_bad_events_file_says_which_line(tmp_path: Path) -> None:
     assert len(load_run(folder).events) == len(lines)
 
 
+def test_an_accuracy_no_plot_can_show_is_one_line_naming_the_plot(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    folder = make_run(tmp_path / "run")
+    records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    records[0]["accuracy"] = 93.5  # a percentage where a fraction belongs
+    (folder / "results.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(ReportError, match=rf"^accuracy.png of {folder}: an accuracy is a fraction from 0 to 1, "
+                                          r"got 93.5$"):
+        write_report(folder)
+    assert main(["report", str(folder)]) == 2
+    assert capsys.readouterr().out.strip().count("\n") == 0  # one line, no traceback
+
+
 def test_energy_is_per_device_with_idle_apart_from_the_active_phases(tmp_path: Path) -> None:
     run = load_run(make_run(tmp_path / "run"))
     totals = energy_by_device(run)
