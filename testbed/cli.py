@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +18,9 @@ from rich.table import Table
 import importlib
 from testbed.core.errors import TestbedError
 from testbed.core.scenario import Scenario, ScenarioError, load_scenario
+
+if TYPE_CHECKING:
+    from testbed.compare import CompareRow, Contender
 
 # Commands defined in modules of their own, imported only when one of them (or the full help) is asked for, so
 # that `testbed validate` loads nothing beyond testbed.core.
@@ -67,10 +70,15 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     compare = commands.add_parser("compare", help="compare update strategies and ratios on the server only")
     compare.add_argument("scenario", type=Path, help="scenario YAML file (its data, model and training settings)")
-    compare.add_argument("--strategies", default="full,dpu,gcpu,rpu,pruning,magnitude",
-                         help="comma-separated strategies; 'full' is the reference and is always run")
+    compare.add_argument("--strategies", default="full,dpu,gcpu,rpu,pruning,magnitude,no-update,biases-only",
+                         help="comma-separated strategies, each optionally with settings of its own, e.g. "
+                              "dpu[lambda=1,reinit=false]; 'full' is the reference and is always run")
+    compare.add_argument("--ablation", action="store_true",
+                         help="add DPU's 2x2 ablation: lambda 0.5 and 1, each with re-initialisation on and off")
     compare.add_argument("--ratios", default="0.005,0.01,0.05", help="comma-separated update ratios k")
     compare.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1 and average")
+    compare.add_argument("--jobs", type=int, default=None, metavar="N",
+                         help="worker processes for the runs (default: one per core); results do not depend on it")
     compare.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare-<name>-<time>)")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                          help="override a scenario field, as for run (repeatable)")
@@ -340,18 +348,17 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _parse_compare_grid(args: argparse.Namespace, console: Console) -> tuple[list[str], list[float]] | None:
-    from testbed.compare import REFERENCE_STRATEGY
-    from testbed.core.plugins import STRATEGIES
+def _parse_compare_grid(args: argparse.Namespace, console: Console) -> tuple[list[Contender], list[float]] | None:
+    from testbed.compare import ABLATION, REFERENCE_STRATEGY, CompareError, Contender, parse_contenders
 
-    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
-    unknown = [name for name in strategies if name not in STRATEGIES.names()]
-    if unknown:
-        console.print(f"[red]error:[/] --strategies: unknown {', '.join(unknown)}; "
-                      f"choose from {', '.join(STRATEGIES.names())}", highlight=False)
+    try:
+        strategies = parse_contenders(args.strategies)
+    except CompareError as error:
+        console.print(f"[red]error:[/] --strategies: {escape(str(error))}", highlight=False)
         return None
-    if REFERENCE_STRATEGY not in strategies:
-        strategies.insert(0, REFERENCE_STRATEGY)
+    strategies += [contender for contender in ABLATION if args.ablation and contender not in strategies]
+    if Contender(REFERENCE_STRATEGY) not in strategies:
+        strategies.insert(0, Contender(REFERENCE_STRATEGY))
     try:
         ratios = [float(text) for text in args.ratios.split(",") if text.strip()]
     except ValueError:
@@ -363,38 +370,43 @@ def _parse_compare_grid(args: argparse.Namespace, console: Console) -> tuple[lis
     if args.seeds < 1:
         console.print(f"[red]error:[/] --seeds must be at least 1, got {args.seeds}", highlight=False)
         return None
+    if args.jobs is not None and args.jobs < 1:
+        console.print(f"[red]error:[/] --jobs must be at least 1, got {args.jobs}", highlight=False)
+        return None
     return strategies, ratios
 
 
 def _command_compare(args: argparse.Namespace, console: Console) -> int:
     from server.update_server import UpdateServer
-    from testbed.compare import (
-        CellStore,
-        markdown_table,
-        paper_reference_table,
-        run_comparison,
-        runs_needed,
-        write_report,
-    )
+    from testbed.compare import CellStore, CompareError, check_contenders, default_jobs, run_comparison, runs_needed
+    from testbed.compare_report import markdown_table, paper_reference_table, write_report
 
     scenario = _load(args.scenario, args.overrides, console)
     grid = None if scenario is None else _parse_compare_grid(args, console)
     if scenario is None or grid is None:
         return EXIT_BAD_SCENARIO
     strategies, ratios = grid
+    try:
+        check_contenders(scenario, strategies, ratios[0])
+    except CompareError as error:
+        console.print(f"[red]error:[/] --strategies: {escape(str(error))}", highlight=False)
+        return EXIT_BAD_SCENARIO
     seeds = [scenario.seed + offset for offset in range(args.seeds)]
     out_dir = args.out or Path("runs") / f"compare-{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     rounds = UpdateServer(scenario).rounds
-    total = runs_needed(strategies, ratios, seeds) * rounds
-    console.print(f"[bold]compare {scenario.name}[/]: {', '.join(strategies)} at k = {', '.join(map(str, ratios))}, "
-                  f"{len(seeds)} seed(s), {rounds} rounds each ({total} rounds); results in {out_dir} "
+    total = runs_needed(scenario, strategies, ratios, seeds) * rounds
+    jobs = args.jobs or default_jobs()
+    console.print(f"[bold]compare {scenario.name}[/]: {escape(', '.join(c.label for c in strategies))} at k = "
+                  f"{', '.join(map(str, ratios))}, {len(seeds)} seed(s), {rounds} rounds each ({total} rounds, "
+                  f"{jobs} worker process(es)); results in {out_dir} "
                   "(finished cells are kept in cells/: run again with the same --out to go on)",
                   highlight=False)
     started = time.monotonic()
     store = CellStore(out_dir, scenario)
     progress = _CompareProgress(console, total)
     with progress:
-        rows = run_comparison(scenario, strategies, ratios, seeds, progress.round_done, store, progress.cell_skipped)
+        rows = run_comparison(scenario, strategies, ratios, seeds, progress.round_done, store, progress.cell_skipped,
+                              jobs)
     summaries = write_report(rows, out_dir, f"{scenario.name}: strategies compared")
     console.print(markdown_table(summaries), markup=False, highlight=False)
     console.print(paper_reference_table(), markup=False, highlight=False)
@@ -443,10 +455,9 @@ class _CompareProgress:
             self.console.print(f"[{self.done}/{self.total} rounds, ETA {self._eta()}] {status}",
                                markup=False, highlight=False)
 
-    def round_done(self, strategy: str, ratio: float, seed: int, outcome: Any) -> None:
+    def round_done(self, row: CompareRow) -> None:
         self.trained += 1
-        self._show(f"{strategy} k={ratio:g} seed {seed} round {outcome.round_index}: "
-                   f"acc {outcome.server_accuracy:.3f}", 1)
+        self._show(f"{row.strategy} k={row.ratio:g} seed {row.seed} round {row.round}: acc {row.accuracy:.3f}", 1)
 
     def cell_skipped(self, strategy: str, ratio: float, seed: int, rounds: int) -> None:
         self._show(f"{strategy} k={ratio:g} seed {seed}: finished before, taken from cells/", rounds)

@@ -1,15 +1,17 @@
-"""Server-only comparison of update strategies and ratios: same data, same seeds, paper-style table."""
+"""Server-only comparison of update strategies and ratios: the grid of runs, their cells, run serially or in processes."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
+import multiprocessing
 import os
+import queue
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from server.update_server import RoundOutcome, UpdateServer
 from testbed.core.codecs import index_floor_bits
@@ -18,10 +20,13 @@ from testbed.core.scenario import Scenario, ScenarioError, parse_scenario
 from testbed.core.wire import decode_update, update_sizes
 
 REFERENCE_STRATEGY = "full"
+DPU_STRATEGY = "dpu"
+PROGRESS_DRAIN_TIMEOUT_S = 30.0
+"""How long the parent waits for a finished cell's last progress messages before it stops showing them."""
 
-# Mean accuracy difference to full updating over all rounds, MNIST MLP at k = 0.005, from the DPU
-# reference implementation's README (see shared/PAPER.md).
-PAPER_MNIST_MLP_K0005 = {"dpu": -0.17, "gcpu": -0.72, "rpu": -4.04, "pruning": -1.45}
+
+class CompareError(ScenarioError):
+    """A comparison that cannot go on as asked (a bad --strategies entry, an --out folder of another comparison)."""
 
 
 @dataclass(frozen=True)
@@ -43,36 +48,138 @@ class CompareRow:
 
 
 @dataclass(frozen=True)
-class CompareSummary:
-    """A strategy at a ratio, over all update rounds (round ≥ 1) and seeds."""
+class Contender:
+    """One row of a comparison: a registered strategy, with settings of its own for an ablation.
+
+    Written ``dpu`` or ``dpu[lambda=1,reinit=false]``; the settings override the scenario's ``update.<key>``.
+    """
 
     strategy: str
-    ratio: float
-    mean_accuracy: float
-    mean_accuracy_difference_pp: float
-    mean_update_bytes: float
-    index_bits_over_floor: float | None
-    rounds: int
-    seeds: int
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """How the contender is written, in the table, compare.csv and the cell file names."""
+        if not self.settings:
+            return self.strategy
+        return f"{self.strategy}[{','.join(f'{key}={value}' for key, value in self.settings)}]"
+
+    @property
+    def uses_ratio(self) -> bool:
+        """False for full updating and the floors: run once per seed, shown beside every ratio."""
+        return self.strategy != REFERENCE_STRATEGY and STRATEGIES.attributes(self.strategy).get("uses_ratio", True)
 
 
-ProgressCallback = Callable[[str, float, int, RoundOutcome], None]
-"""Called after every round: strategy, ratio, seed, the round's outcome."""
+ABLATION = tuple(Contender(DPU_STRATEGY, (("lambda", lam), ("reinit", reinit)))
+                 for lam in ("0.5", "1") for reinit in ("true", "false"))
+"""The 2×2 ablation of `--ablation`: λ ∈ {0.5, 1} × re-initialisation on/off."""
 
 
-def variant(scenario: Scenario, strategy: str, ratio: float, seed: int) -> Scenario:
-    """The scenario with one strategy, ratio and seed; validated like `--set`.
+def parse_contender(text: str) -> Contender:
+    """``name`` or ``name[key=value,…]`` → a Contender of a registered strategy; a CompareError says what is wrong."""
+    text = text.strip()
+    name, bracket, rest = text.partition("[")
+    name = name.strip()
+    if name not in STRATEGIES.names():
+        raise CompareError(f"unknown {name or repr(text)}; choose from {', '.join(STRATEGIES.names())}")
+    if not bracket:
+        return Contender(name)
+    if not rest.endswith("]"):
+        raise CompareError(f"{text!r}: settings are written name[key=value,...], with a closing ]")
+    settings = []
+    for assignment in rest[:-1].split(","):
+        key, equals, value = (part.strip() for part in assignment.partition("="))
+        if not equals or not key or not value:
+            raise CompareError(f"{text!r}: {assignment.strip()!r} is not key=value")
+        settings.append((key, value))
+    return Contender(name, tuple(settings))
+
+
+def parse_contenders(text: str) -> list[Contender]:
+    """A comma-separated list of contenders (commas inside [...] separate settings), duplicates dropped."""
+    entries, depth, start = [], 0, 0
+    for position, character in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            entries.append(text[start:position])
+            start = position + 1
+    if depth != 0:  # an unclosed [: the rest is one entry, refused by parse_contender
+        entries.append(text[start:])
+    contenders = [parse_contender(entry) for entry in entries if entry.strip()]
+    if not contenders:
+        raise CompareError(f"no strategy in {text!r}")
+    return list(dict.fromkeys(contenders))
+
+
+def variant(scenario: Scenario, contender: Contender | str, ratio: float, seed: int) -> Scenario:
+    """The scenario with one contender, ratio and seed; validated like `--set`.
 
     Strategy settings in the scenario (``lambda``, ``reinit``, …) go to each strategy that declares
-    them; the others run with their own defaults.
+    them, the others run with their own defaults; a contender's own settings override them.
     """
+    contender = contender if isinstance(contender, Contender) else Contender(contender)
     raw = scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
-    takes = STRATEGIES.attributes(strategy).get("settings") or ()
+    takes = STRATEGIES.attributes(contender.strategy).get("settings") or ()
     for key in scenario.update.settings:
         if key not in takes:
             del raw["update"][key]
-    return parse_scenario(raw, f"{scenario.name}[{strategy}@{ratio}]",
-                          [f"update.strategy={strategy}", f"update.ratio={ratio}", f"seed={seed}"])
+    return parse_scenario(raw, f"{scenario.name}[{contender.label}@{ratio}]",
+                          [f"update.strategy={contender.strategy}", f"update.ratio={ratio}", f"seed={seed}",
+                           *(f"update.{key}={value}" for key, value in contender.settings)])
+
+
+def check_contenders(scenario: Scenario, contenders: Sequence[Contender], ratio: float) -> None:
+    """Every contender's settings are ones its strategy takes, with valid values; else one CompareError."""
+    from server.errors import ServerError
+    from server.strategies import make_strategy
+
+    for contender in contenders:
+        try:
+            make_strategy(variant(scenario, contender, ratio, scenario.seed).update)
+        except (ScenarioError, ServerError) as error:
+            raise CompareError(f"{contender.label}: {' '.join(str(error).split())}") from None
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One server run of the grid, and every label whose rows it gives (ablation rows equal to a named one)."""
+
+    contender: Contender
+    ratio: float
+    seed: int
+    labels: tuple[str, ...]
+
+
+def plan_runs(scenario: Scenario, contenders: Sequence[Contender], ratios: Sequence[float],
+              seeds: Sequence[int]) -> list[PlannedRun]:
+    """Seed by seed, contender by contender, ratio by ratio; full and the floors once per seed (at the first
+    ratio); contenders whose resolved scenarios are the same run once."""
+    runs: dict[str, PlannedRun] = {}
+    for seed in seeds:
+        for contender in contenders:
+            for ratio in (ratios if contender.uses_ratio else ratios[:1]):
+                key = _run_key(variant(scenario, contender, ratio, seed))
+                first = runs.get(key)
+                runs[key] = (PlannedRun(contender, ratio, seed, (contender.label,)) if first is None
+                             else replace(first, labels=(*first.labels, contender.label)))
+    return list(runs.values())
+
+
+def _run_key(resolved: Scenario) -> str:
+    """What a run depends on: the resolved scenario, its strategy's settings with their defaults filled in."""
+    from server.strategies import make_strategy
+
+    raw = resolved.model_dump(mode="json", by_alias=True, exclude={"name"})
+    for key in resolved.update.settings:
+        del raw["update"][key]
+    raw["update"]["settings"] = make_strategy(resolved.update).settings.model_dump(mode="json", by_alias=True)
+    return json.dumps(raw, sort_keys=True)
+
+
+def runs_needed(scenario: Scenario, contenders: Sequence[Contender], ratios: Sequence[float],
+                seeds: Sequence[int]) -> int:
+    """How many server runs a comparison makes."""
+    return len(plan_runs(scenario, contenders, ratios, seeds))
 
 
 def rows_from_outcome(strategy: str, ratio: float, seed: int, outcome: RoundOutcome) -> CompareRow:
@@ -88,16 +195,6 @@ def rows_from_outcome(strategy: str, ratio: float, seed: int, outcome: RoundOutc
         positions=header.k, partial_weights=header.n, index_bits=sizes.index_bits,
         value_bits=sizes.value_bits, index_floor_bits=index_floor_bits(header.n, header.k),
     )
-
-
-def runs_needed(strategies: Sequence[str], ratios: Sequence[float], seeds: Sequence[int]) -> int:
-    """How many server runs a comparison makes (full once per seed)."""
-    per_seed = sum(1 if strategy == REFERENCE_STRATEGY else len(ratios) for strategy in strategies)
-    return per_seed * len(seeds)
-
-
-class CompareError(ScenarioError):
-    """A comparison that cannot go on as asked (an --out folder holding another comparison's cells)."""
 
 
 class CellStore:
@@ -142,132 +239,124 @@ class CellStore:
         os.replace(temporary, path)
 
 
+ProgressCallback = Callable[[CompareRow], None]
+"""Called after every round trained: the round's row."""
 SkipCallback = Callable[[str, float, int, int], None]
 """Called for a cell taken from the store: strategy, ratio, seed, its rounds."""
 
 
-def run_comparison(scenario: Scenario, strategies: Sequence[str], ratios: Sequence[float], seeds: Sequence[int],
-                   progress: ProgressCallback | None = None, store: CellStore | None = None,
-                   skipped: SkipCallback | None = None) -> list[CompareRow]:
-    """Every strategy × ratio × seed on the server only; `full` runs once per seed (it ignores the ratio).
-
-    With a `store`, finished cells are taken from it and each new cell is saved as it finishes.
-    """
+def run_cell(scenario: Scenario, run: PlannedRun, on_round: ProgressCallback | None = None) -> list[CompareRow]:
+    """One server run of the grid (rows labelled with the run's first label)."""
+    server = UpdateServer(variant(scenario, run.contender, run.ratio, run.seed))
     rows: list[CompareRow] = []
-    for seed in seeds:
-        for strategy in strategies:
-            for ratio in ([ratios[0]] if strategy == REFERENCE_STRATEGY else ratios):
-                stored = None if store is None else store.load(strategy, ratio, seed)
-                if stored is not None:
-                    rows += stored
-                    if skipped is not None:
-                        skipped(strategy, ratio, seed, len(stored))
-                    continue
-                server = UpdateServer(variant(scenario, strategy, ratio, seed))
-                cell: list[CompareRow] = []
 
-                def record(outcome: RoundOutcome, strategy: str = strategy, ratio: float = ratio,
-                           seed: int = seed, cell: list[CompareRow] = cell) -> None:
-                    cell.append(rows_from_outcome(strategy, ratio, seed, outcome))
-                    if progress is not None:
-                        progress(strategy, ratio, seed, outcome)
+    def record(outcome: RoundOutcome) -> None:
+        rows.append(rows_from_outcome(run.labels[0], run.ratio, run.seed, outcome))
+        if on_round is not None:
+            on_round(rows[-1])
 
-                server.run_all(record)
-                rows += cell
-                if store is not None:
-                    store.save(strategy, ratio, seed, cell)
+    server.run_all(record)
     return rows
 
 
-def summarise(rows: Sequence[CompareRow]) -> list[CompareSummary]:
-    """The paper's figure: mean accuracy difference to full updating over the update rounds (round ≥ 1)."""
-    reference = {(row.seed, row.round): row.accuracy for row in rows if row.strategy == REFERENCE_STRATEGY}
-    if not reference:
-        raise ScenarioError("the comparison needs the 'full' strategy as its reference")
-    summaries: list[CompareSummary] = []
-    for strategy, ratio in dict.fromkeys((row.strategy, row.ratio) for row in rows):
-        chosen = [row for row in rows if row.strategy == strategy and row.ratio == ratio and row.round >= 1]
-        with_positions = [row for row in chosen if row.positions > 0]
-        floor = sum(row.index_floor_bits for row in with_positions)
-        summaries.append(CompareSummary(
-            strategy=strategy, ratio=ratio,
-            mean_accuracy=_mean([row.accuracy for row in chosen]),
-            mean_accuracy_difference_pp=_mean(
-                [100.0 * (row.accuracy - reference[(row.seed, row.round)]) for row in chosen]),
-            mean_update_bytes=_mean([row.update_bytes for row in chosen]),
-            index_bits_over_floor=(sum(row.index_bits for row in with_positions) / floor) if floor > 0 else None,
-            rounds=len({row.round for row in chosen}), seeds=len({row.seed for row in chosen}),
-        ))
-    return sorted(summaries, key=lambda s: (s.strategy != REFERENCE_STRATEGY, s.ratio, s.strategy))
+def default_jobs() -> int:
+    """One worker process per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def run_comparison(scenario: Scenario, contenders: Sequence[Contender | str], ratios: Sequence[float],
+                   seeds: Sequence[int], progress: ProgressCallback | None = None, store: CellStore | None = None,
+                   skipped: SkipCallback | None = None, jobs: int = 1) -> list[CompareRow]:
+    """Every contender × ratio × seed on the server only; full and the floors once per seed (they take no ratio).
+
+    With a `store`, finished cells are taken from it and each new cell is saved as it finishes. With
+    `jobs` > 1 the runs go to that many worker processes; the rows (in plan order) are the same.
+    """
+    chosen = [entry if isinstance(entry, Contender) else parse_contender(entry) for entry in contenders]
+    plan = plan_runs(scenario, chosen, ratios, seeds)
+    rows_of: dict[PlannedRun, list[CompareRow]] = {}
+
+    def finish(run: PlannedRun, rows: list[CompareRow]) -> None:
+        rows_of[run] = rows
+        if store is not None:
+            for label in run.labels:
+                store.save(label, run.ratio, run.seed, [replace(row, strategy=label) for row in rows])
+
+    pending = []
+    for run in plan:
+        stored = None if store is None else next(
+            (rows for label in run.labels if (rows := store.load(label, run.ratio, run.seed)) is not None), None)
+        if stored is None:
+            pending.append(run)
+            continue
+        finish(run, [replace(row, strategy=run.labels[0]) for row in stored])
+        if skipped is not None:
+            skipped(run.labels[0], run.ratio, run.seed, len(stored))
+    workers = min(jobs, len(pending))
+    if workers <= 1:
+        for run in pending:
+            finish(run, run_cell(scenario, run, progress))
+    else:
+        _run_in_processes(scenario, pending, workers, progress, finish)
+    return [replace(row, strategy=label) for run in plan for label in run.labels for row in rows_of[run]]
 
 
-def write_csv(rows: Sequence[CompareRow], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(CompareRow.__dataclass_fields__))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
+_worker_progress: Any = None
+"""In a worker process: the queue its rounds' rows go to (set by `_start_worker`)."""
 
 
-def markdown_table(summaries: Sequence[CompareSummary]) -> str:
-    """The paper-style table: one line per strategy and ratio."""
-    lines = [
-        "| ratio k | strategy | mean acc | Δ acc vs full (pp) | mean bytes/round | index bits / log2 C(I, kI) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for s in summaries:
-        floor = "—" if s.index_bits_over_floor is None else f"{s.index_bits_over_floor:.3f}"
-        ratio = "any" if s.strategy == REFERENCE_STRATEGY else f"{s.ratio:g}"
-        lines.append(f"| {ratio} | {s.strategy} | {s.mean_accuracy:.4f} | {s.mean_accuracy_difference_pp:+.2f} "
-                     f"| {s.mean_update_bytes:,.0f} | {floor} |")
-    return "\n".join(lines)
+def _start_worker(progress: Any, torch_threads: int) -> None:
+    global _worker_progress
+    import torch
+
+    _worker_progress = progress
+    torch.set_num_threads(torch_threads)
 
 
-def paper_reference_table() -> str:
-    """The reference row for MNIST-MLP at k = 0.005 (a different data set and model than digits)."""
-    cells = " | ".join(f"{name} {value:+.2f}" for name, value in PAPER_MNIST_MLP_K0005.items())
-    return f"Paper (DPU reference README), MNIST MLP, k = 0.005, Δ acc vs full (pp): {cells}"
+def _run_in_worker(scenario: Scenario, run: PlannedRun) -> list[CompareRow]:
+    return run_cell(scenario, run, _worker_progress.put)
 
 
-def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
-    """Accuracy vs round per strategy, one panel per ratio, mean over seeds."""
-    import matplotlib
+def _run_in_processes(scenario: Scenario, pending: Sequence[PlannedRun], workers: int,
+                      progress: ProgressCallback | None, finish: Callable[[PlannedRun, list[CompareRow]], None]) -> None:
+    """Run `pending` in `workers` spawned processes; rows of each round come back through a queue as they finish."""
+    context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools do not survive a fork
+    rounds_queue = context.Queue()
+    threads = max(1, default_jobs() // workers)
+    expected = received = 0
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(rounds_queue, threads)) as pool:
+        futures: dict[Future[list[CompareRow]], PlannedRun] = {
+            pool.submit(_run_in_worker, scenario, run): run for run in pending}
+        running = set(futures)
+        try:
+            while running:
+                done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in done:
+                    rows = future.result()  # a worker's error is raised here
+                    finish(futures[future], rows)
+                    expected += len(rows)
+                received += _show_rounds(rounds_queue, progress, block=False)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    while received < expected and _show_rounds(rounds_queue, progress, block=True):
+        received += 1
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ratios = sorted({row.ratio for row in rows if row.strategy != REFERENCE_STRATEGY}) or sorted({r.ratio for r in rows})
-    figure, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), squeeze=False, sharey=True)
-    for axis, ratio in zip(axes[0], ratios):
-        for strategy in dict.fromkeys(row.strategy for row in rows):
-            chosen = [row for row in rows if row.strategy == strategy
-                      and (row.ratio == ratio or strategy == REFERENCE_STRATEGY)]
-            rounds = sorted({row.round for row in chosen})
-            means = [_mean([row.accuracy for row in chosen if row.round == r]) for r in rounds]
-            axis.plot(rounds, means, marker="o", markersize=3, label=strategy,
-                      linestyle="--" if strategy == REFERENCE_STRATEGY else "-")
-        axis.set_title(f"k = {ratio:g}")
-        axis.set_xlabel("round")
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def write_report(rows: Sequence[CompareRow], out_dir: Path, title: str) -> list[CompareSummary]:
-    """compare.csv, compare.md and compare.png in `out_dir`; returns the summary lines."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = summarise(rows)
-    write_csv(rows, out_dir / "compare.csv")
-    (out_dir / "compare.md").write_text(
-        f"# {title}\n\nMean over update rounds (round ≥ 1) and seeds; Δ is the difference to full updating "
-        f"in the same round and seed, in percentage points.\n\n{markdown_table(summaries)}\n\n"
-        f"{paper_reference_table()}\n", encoding="utf-8")
-    plot_accuracy(rows, out_dir / "compare.png")
-    return summaries
+def _show_rounds(rounds_queue: Any, progress: ProgressCallback | None, block: bool) -> int:
+    """Pass queued rows to `progress`: all there are now, or (with `block`) the next one; how many were passed."""
+    passed = 0
+    while True:
+        try:
+            row = rounds_queue.get(timeout=PROGRESS_DRAIN_TIMEOUT_S) if block else rounds_queue.get_nowait()
+        except queue.Empty:
+            return passed
+        if progress is not None:
+            progress(row)
+        passed += 1
+        if block:
+            return passed
