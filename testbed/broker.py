@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
@@ -31,7 +31,27 @@ STOP_TIMEOUT_S = 30.0
 
 
 class BrokerError(OrchestrationError):
-    """The embedded broker could not start."""
+    """The broker the run starts (embedded, or a local Mosquitto) could not start."""
+
+
+class LocalBroker(Protocol):
+    """A broker the run starts on this host and owns (EmbeddedBroker, testbed.mosquitto.LocalMosquitto): where it
+    listens, what it is (for the console), and the stop and start a `broker_restart` event needs."""
+
+    host: str
+    port: int
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def restart(self, down_s: float) -> None: ...
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -176,6 +196,10 @@ class EmbeddedBroker:
         finally:
             broker_logger.setLevel(logging.ERROR)
             self._broker = None
+
+    @property
+    def description(self) -> str:
+        return "embedded amqtt"
 
     @property
     def running(self) -> bool:

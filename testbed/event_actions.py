@@ -11,7 +11,7 @@ from channel.proxy import LinkProxy
 
 from devices.agent import DeviceAgent
 from devices.fleet import EmulatedFleet
-from testbed.broker import EmbeddedBroker
+from testbed.broker import LocalBroker
 from testbed.core.event_checks import target_device_ids
 from testbed.core.events import LinkEvent, OutageEvent, PartitionEvent
 from testbed.core.plugins import LINK_PROFILES
@@ -28,7 +28,7 @@ EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage", "link", "partiti
 Action = Callable[[], Awaitable[None]]
 
 
-def register_actions(events: RunEvents, scenario: Scenario, broker: EmbeddedBroker | None,
+def register_actions(events: RunEvents, scenario: Scenario, broker: LocalBroker | None,
                      fleet: EmulatedFleet, device_links: Mapping[str, Any]) -> None:
     """Perform broker restarts on `broker` (None: an external broker), device crashes in `fleet` and outages on
     `device_links` (each device's open link)."""
@@ -40,9 +40,10 @@ def register_actions(events: RunEvents, scenario: Scenario, broker: EmbeddedBrok
 
 
 class BrokerRestarts:
-    """`broker_restart`: the embedded broker stops when the event fires and starts again (same port) when it ends."""
+    """`broker_restart`: the broker the run started (embedded, or a local Mosquitto) stops when the event fires and
+    starts again (same port) when it ends."""
 
-    def __init__(self, broker: EmbeddedBroker | None, url: str | None) -> None:
+    def __init__(self, broker: LocalBroker | None, url: str | None) -> None:
         self.broker = broker
         self.url = url
 
