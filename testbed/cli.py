@@ -157,6 +157,7 @@ class _RichProgress:
         self.task: Any = None
         self.devices = 0
         self.reported = 0
+        self.broker = "broker"  # what the run started ("embedded amqtt", "mosquitto 2.0.11"), said in the header
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "waiting-for-board":
@@ -169,10 +170,12 @@ class _RichProgress:
             self.console.print(f"[yellow]warning:[/] {data['message']}", highlight=False)
         elif event == "board-status":
             self.console.print(f"  board {data['device']} {'online' if data['online'] else '[yellow]offline[/]'}")
+        elif event == "broker-started":
+            self.broker = f"{data['broker']} on"
         if event == "starting":
             self.devices = data["devices"]
             self.console.print(
-                f"[bold]{data['devices']} devices[/] via broker {data['broker']}; "
+                f"[bold]{data['devices']} devices[/] via {self.broker} {data['broker']}; "
                 f"downlink {data['downlink']}; uplink {data['uplink']}"
                 + (f"; metrics at {data['metrics']}" if data["metrics"] else "")
                 + f"; updates signed by {data['signing_key']}"

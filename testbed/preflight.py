@@ -6,7 +6,8 @@ does not parse, a value the strategy's own Settings model rejects) is checked he
 one-error-per-field format, before any data is loaded. So is what depends on this host: the sample
 counts again with the sizes of MNIST files on disk (validation assumes the official ones), and the
 memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``.
-``check_ports`` tells a run, before it loads any data, whether the metrics port can be bound now.
+``check_ports`` tells a run, before it loads any data, whether the metrics port can be bound now. A scenario
+whose file is fine but whose `broker: mosquitto` has no Mosquitto on this host is one line of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from testbed.core.capacity import (
 )
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
+from testbed.mosquitto import MISSING as MOSQUITTO_MISSING, find_mosquitto
 
 
 def _strategy_problems(scenario: Scenario) -> list[str]:
@@ -161,4 +163,6 @@ def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
                 + _data_on_disk_problems(scenario) + _host_memory_problems(scenario) + _open_files_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
+    if scenario.broker.local_mosquitto and find_mosquitto() is None:
+        raise ScenarioError(f"{source}: {MOSQUITTO_MISSING}")
     return scenario

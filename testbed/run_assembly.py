@@ -19,7 +19,7 @@ from devices.fleet import ExternalDevice, FleetMember
 from devices.profiles import get_device_profile
 from devices.serial_bridge import SerialBridge
 from server.update_server import UpdateServer
-from testbed.broker import EmbeddedBroker
+from testbed.broker import EmbeddedBroker, LocalBroker
 from testbed.broker_access import BrokerAccess
 from testbed.broker_config import broker_access, scenario_without_secrets
 from testbed.core.messages import RunConfig, RunFinished
@@ -31,6 +31,7 @@ from testbed.core.topics import Topics
 from testbed.inference import TorchInference
 from testbed.links import DeviceLinks
 from testbed.metrics import MetricsExporter, RunMetrics
+from testbed.mosquitto import LocalMosquitto
 from testbed.prometheus_targets import register_run
 from testbed.control_connection import ControlConnection
 from testbed.report_collector import DeviceMessages
@@ -84,17 +85,21 @@ class RunAssembly:
         self.external_devices: dict[str, ExternalDevice] = {}
         self.metrics_url: str | None = None
         self.access: BrokerAccess | None = None  # the run's broker identities, once broker() has read them
-        self.embedded_broker: EmbeddedBroker | None = None  # the broker broker() started, if the run started one
+        self.embedded_broker: LocalBroker | None = None
+        """The broker broker() started (embedded amqtt, or a local Mosquitto), if the run started one."""
         self.device_links: dict[str, Any] = {}  # each device's open link (its backend's EmulatedLink), by device id
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
-        """The embedded broker (started here, checking the run's identities if it has any) or the scenario's
-        external one (checked reachable, and accepting the server's identity and every device's)."""
+        """The embedded broker or a local Mosquitto (started here, checking the run's identities if it has any) or the
+        scenario's external one (checked reachable, and accepting the server's identity and every device's)."""
         spec = self.scenario.broker
         self.access = broker_access(self.scenario)
-        if spec.embedded:
-            broker = await stack.enter_async_context(EmbeddedBroker(access=self.access))
+        if spec.embedded or spec.local_mosquitto:
+            started: EmbeddedBroker | LocalMosquitto = (EmbeddedBroker(access=self.access) if spec.embedded
+                                                        else LocalMosquitto(access=self.access))
+            broker: LocalBroker = await stack.enter_async_context(started)
             self.embedded_broker = broker
+            self.progress("broker-started", {"broker": broker.description, "address": f"{broker.host}:{broker.port}"})
             endpoint = MqttEndpoint(broker.host, broker.port)
             server = self.access.server if self.access is not None else None
             return endpoint if server is None else endpoint.with_credentials(server.username, server.password)

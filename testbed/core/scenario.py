@@ -360,7 +360,8 @@ class TlsSpec(SectionModel):
 
 
 class BrokerSpec(SectionModel):
-    """`embedded` (amqtt started by the run) or an external MQTT broker URL.
+    """`embedded` (amqtt started by the run), `mosquitto` (a local Mosquitto started by the run, testbed.mosquitto)
+    or an external MQTT broker URL.
 
     `username`/`password` are the run's own identity. `device_credentials` names a YAML/JSON file giving
     each device its own (``device-id: password``, or ``device-id: {username, password}``): then every
@@ -381,14 +382,22 @@ class BrokerSpec(SectionModel):
                              "the only one allowed to publish updates)")
         return self
 
+    @model_validator(mode="after")
+    def _local_mosquitto_has_no_tls(self) -> BrokerSpec:
+        if self.local_mosquitto and self.tls is not None:
+            raise ValueError("tls does not apply to the local mosquitto (it listens on 127.0.0.1 without TLS): drop "
+                             "it, or run Mosquitto yourself with a TLS listener and give its mqtts:// url")
+        return self
+
     @field_validator("url")
     @classmethod
     def _valid_url(cls, url: str) -> str:
-        if url == "embedded":
+        if url in ("embedded", "mosquitto"):
             return url
         parsed = urlparse(url)
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-            raise ValueError(f"broker must be 'embedded' or mqtt://host[:port] / mqtts://host[:port], got {url!r}")
+            raise ValueError("broker must be 'embedded', 'mosquitto' or mqtt://host[:port] / mqtts://host[:port], "
+                             f"got {url!r}")
         try:
             port = parsed.port
         except ValueError:
@@ -400,6 +409,10 @@ class BrokerSpec(SectionModel):
     @property
     def embedded(self) -> bool:
         return self.url == "embedded"
+
+    @property
+    def local_mosquitto(self) -> bool:
+        return self.url == "mosquitto"
 
     @property
     def host(self) -> str:
