@@ -28,11 +28,10 @@ from testbed.core.mqtt import BrokerConnectionError, MqttEndpoint
 from testbed.core.scenario import parse_scenario
 from testbed.events import read_events
 from testbed.mosquitto import LocalMosquitto
+from testbed.run_summary import RunResult
 from testbed.runner import ScenarioRun
 
 from .conftest import debian_tool
-from .testbed.test_event_actions import DEVICES, assert_converged, fault_scenario
-from .testbed.test_event_actions import run as run_recording_progress
 from .test_broker_acl import SERVER, assert_each_identity_is_held_to_its_topics, scenario_raw, write_scenario
 
 pytestmark = pytest.mark.timeout(300)
@@ -70,6 +69,29 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def local_mosquitto_scenario(folder: Path, **fields: Any) -> dict[str, Any]:
+    """test_broker_acl's two devices (each with an identity of its own) for 2 rounds, on `broker: mosquitto`."""
+    return {**scenario_raw(folder, {"url": "mosquitto"}), **fields}
+
+
+async def run_recording_progress(raw: dict[str, Any], out: Path) -> tuple[ScenarioRun, RunResult,
+                                                                         list[tuple[str, dict[str, Any]]]]:
+    progress: list[tuple[str, dict[str, Any]]] = []
+    run = ScenarioRun(parse_scenario(raw), out, lambda event, data: progress.append((event, data)))
+    return run, await asyncio.wait_for(run.execute(), RUN_TIMEOUT_S), progress
+
+
+def assert_converged(result: RunResult, out: Path) -> None:
+    """Every device on the server's final version and weights, one results record per device and round."""
+    summary = result.summary
+    final = summary["server"]["final_version"]
+    assert {device: (state["final_version"], state["hash_matches_server"]) for device, state in
+            summary["devices"].items()} == {device: (final, True) for device in summary["devices"]}
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((record["round"], record["device"]) for record in records) == sorted(
+        (round_index, device) for round_index in range(len(summary["rounds"])) for device in summary["devices"])
+
+
 def assert_nothing_left(started: list[tuple[int, Path]]) -> None:
     assert started, "no mosquitto was started"
     for pid, folder in started:
@@ -79,12 +101,10 @@ def assert_nothing_left(started: list[tuple[int, Path]]) -> None:
 
 async def test_a_run_with_each_device_as_itself_converges_and_leaves_nothing(
         tmp_path: Path, started: list[tuple[int, Path]]) -> None:
-    raw = scenario_raw(tmp_path, {"url": "mosquitto"})  # 2 devices, 2 rounds, a 16-unit MLP
-    progress: list[tuple[str, dict[str, Any]]] = []
-    run = ScenarioRun(parse_scenario(raw), tmp_path / "out", lambda event, data: progress.append((event, data)))
-    result = await asyncio.wait_for(run.execute(), RUN_TIMEOUT_S)
+    run, result, progress = await run_recording_progress(local_mosquitto_scenario(tmp_path), tmp_path / "out")
     assert run.assembly.access is not None and run.assembly.access.restricts_topics
-    assert_converged(result, tmp_path / "out", rounds=2)
+    assert len(result.summary["rounds"]) == 2
+    assert_converged(result, tmp_path / "out")
     [announced] = [data for event, data in progress if event == "broker-started"]
     assert re.fullmatch(r"mosquitto 2\.\d+\.\d+", announced["broker"]), announced
     assert announced["address"] == f"127.0.0.1:{run.assembly.embedded_broker.port}"  # type: ignore[union-attr]
@@ -92,7 +112,7 @@ async def test_a_run_with_each_device_as_itself_converges_and_leaves_nothing(
 
 
 async def test_each_identity_is_held_to_its_topics(tmp_path: Path, started: list[tuple[int, Path]]) -> None:
-    access = broker_access(parse_scenario(scenario_raw(tmp_path, {"url": "mosquitto"})))
+    access = broker_access(parse_scenario(local_mosquitto_scenario(tmp_path)))
     async with LocalMosquitto(access=access) as broker:
         def endpoint(username: str | None, password: str | None) -> MqttEndpoint:
             return MqttEndpoint(broker.host, broker.port, username, password)
@@ -124,9 +144,10 @@ async def test_the_server_identity_alone_may_do_everything_and_no_one_else_conne
 
 async def test_a_broker_restart_event_restarts_it_and_the_run_converges(
         tmp_path: Path, started: list[tuple[int, Path]]) -> None:
-    scenario = fault_scenario([{"round": 0, "phase": "delivery", "after": "500ms", "action": "broker_restart",
-                                "for": "2s"}], broker="mosquitto", rounds=2)
-    result, progress = await run_recording_progress(scenario, tmp_path / "out")
+    raw = local_mosquitto_scenario(
+        tmp_path, channel={"downlink": {"rate": "20kbit", "delay": "50ms"}},  # a delivery takes about a second
+        events=[{"round": 0, "phase": "delivery", "after": "500ms", "action": "broker_restart", "for": "2s"}])
+    _, result, progress = await run_recording_progress(raw, tmp_path / "out")
     assert any(event == "broker-reconnected" for event, _ in progress)
     assert not [data for event, data in progress if event == "warning" and "restart" in data["message"]]
     records = read_events(tmp_path / "out")
@@ -134,14 +155,13 @@ async def test_a_broker_restart_event_restarts_it_and_the_run_converges(
                                                                           ("broker_restart", "end")]
     assert records[1]["t"] - records[0]["t"] >= 2.0
     assert len({pid for pid, _ in started}) == 2  # the first process stopped, a second one on the same port
-    assert_converged(result, tmp_path / "out", rounds=2)
+    assert_converged(result, tmp_path / "out")
     assert_nothing_left(started)
 
 
 async def test_a_cancelled_run_stops_it(tmp_path: Path, started: list[tuple[int, Path]]) -> None:
-    raw = scenario_raw(tmp_path, {"url": "mosquitto"})
     broker_up = asyncio.Event()
-    run = ScenarioRun(parse_scenario(raw), tmp_path / "out",
+    run = ScenarioRun(parse_scenario(local_mosquitto_scenario(tmp_path)), tmp_path / "out",
                       lambda event, _: broker_up.set() if event == "broker-started" else None)
     task = asyncio.create_task(run.execute())
     await asyncio.wait_for(broker_up.wait(), RUN_TIMEOUT_S)
@@ -179,8 +199,8 @@ def mosquitto_children(parent: int) -> list[int]:
 
 
 def test_ctrl_c_in_the_terminal_ends_the_run_and_its_mosquitto(tmp_path: Path, mosquitto_installed: None) -> None:
-    scenario = tmp_path / "interrupted.yaml"
-    scenario.write_text(fault_scenario([], broker="mosquitto", rounds=6).to_yaml())
+    scenario = write_scenario(tmp_path, local_mosquitto_scenario(
+        tmp_path, rounds=6, channel={"downlink": {"rate": "20kbit", "delay": "100ms"}}))
     out = tmp_path / "out"
     # In a process group of its own, like a terminal's foreground job: Ctrl-C is SIGINT to the whole group.
     process = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(scenario), "--out", str(out)],
@@ -194,7 +214,7 @@ def test_ctrl_c_in_the_terminal_ends_the_run_and_its_mosquitto(tmp_path: Path, m
     finally:
         process.kill()
     assert process.returncode == 130, output
-    assert re.search(rf"^{DEVICES} devices via mosquitto 2\.\d+\.\d+ on 127\.0\.0\.1:\d+;", output, flags=re.M), output
+    assert re.search(r"^2 devices via mosquitto 2\.\d+\.\d+ on 127\.0\.0\.1:\d+;", output, flags=re.M), output
     assert json.loads((out / "summary.json").read_text())["interrupted"] is True
     assert len(brokers) == 1, brokers
     assert not alive(brokers[0]), "mosquitto outlived the run"
@@ -251,7 +271,7 @@ def no_mosquitto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", [["validate", "--resolve"], ["run"]])
 def test_without_mosquitto_it_is_one_line_and_exit_2(command: list[str], tmp_path: Path, no_mosquitto: None,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_scenario(tmp_path, scenario_raw(tmp_path, {"url": "mosquitto"}))
+    path = write_scenario(tmp_path, local_mosquitto_scenario(tmp_path))
     out = tmp_path / "out"
     assert main([*command, str(path), *(["--out", str(out)] if command == ["run"] else [])]) == 2
     output = capsys.readouterr()
