@@ -53,21 +53,30 @@ def _series(rows: Sequence[CompareRow]) -> SeriesBySeed:
     return series
 
 
+def _ratios(rows: Sequence[CompareRow]) -> tuple[dict[str, bool], list[float]]:
+    """Whether each strategy label takes a ratio, and the ratios to show (the one full ran at, if none does)."""
+    uses_ratio = {label: parse_contender(label).uses_ratio for label in dict.fromkeys(row.strategy for row in rows)}
+    return uses_ratio, (sorted({row.ratio for row in rows if uses_ratio[row.strategy]})
+                        or sorted({row.ratio for row in rows}))
+
+
+def _shown_at(rows: Sequence[CompareRow], label: str, ratio: float, uses_ratio: bool) -> list[CompareRow]:
+    """The rows of `label` shown beside `ratio`: its own at that ratio, or all of a strategy that takes none."""
+    return [row for row in rows if row.strategy == label and (row.ratio == ratio or not uses_ratio)]
+
+
 def summarise(rows: Sequence[CompareRow]) -> list[CompareSummary]:
     """Per ratio: full updating, the floors, then every strategy at that ratio (update rounds only)."""
     update_rows = [row for row in rows if row.round >= 1]
-    labels = list(dict.fromkeys(row.strategy for row in rows))
-    if REFERENCE_STRATEGY not in labels:
+    uses_ratio, ratios = _ratios(rows)
+    if REFERENCE_STRATEGY not in uses_ratio:
         raise CompareError("the comparison needs the 'full' strategy as its reference")
-    uses_ratio = {label: parse_contender(label).uses_ratio for label in labels}
-    ratios = sorted({row.ratio for row in rows if uses_ratio[row.strategy]}) or sorted({row.ratio for row in rows})
     full = _series([row for row in update_rows if row.strategy == REFERENCE_STRATEGY])
     summaries: list[CompareSummary] = []
     for ratio in ratios:
         dpu = _series([row for row in update_rows if row.strategy == DPU_STRATEGY and row.ratio == ratio])
-        for label in sorted(labels, key=lambda label: (label != REFERENCE_STRATEGY, uses_ratio[label], label)):
-            chosen = [row for row in update_rows if row.strategy == label
-                      and (row.ratio == ratio or not uses_ratio[label])]
+        for label in sorted(uses_ratio, key=lambda label: (label != REFERENCE_STRATEGY, uses_ratio[label], label)):
+            chosen = _shown_at(update_rows, label, ratio, uses_ratio[label])
             if not chosen:
                 continue
             series = _series(chosen)
@@ -148,15 +157,12 @@ def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    labels = list(dict.fromkeys(row.strategy for row in rows))
-    uses_ratio = {label: parse_contender(label).uses_ratio for label in labels}
-    ratios = sorted({row.ratio for row in rows if uses_ratio[row.strategy]}) or sorted({r.ratio for r in rows})
+    uses_ratio, ratios = _ratios(rows)
     figure, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), squeeze=False, sharey=True)
-    colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    colours = plt.get_cmap("tab20" if len(uses_ratio) > 10 else "tab10")
     for axis, ratio in zip(axes[0], ratios):
-        for number, label in enumerate(labels):
-            series = _series([row for row in rows if row.strategy == label
-                              and (row.ratio == ratio or not uses_ratio[label])])
+        for number, label in enumerate(uses_ratio):
+            series = _series(_shown_at(rows, label, ratio, uses_ratio[label]))
             rounds = sorted({r for by_round in series.values() for r in by_round})
             bands = [mean_band([by_round[r] / 100.0 for by_round in series.values() if r in by_round])
                      for r in rounds]
