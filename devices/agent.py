@@ -12,11 +12,13 @@ from typing import Protocol
 import aiomqtt
 import numpy as np
 
+from devices.chunk_faults import ChunkFaults, ReceivedMessage
+from devices.chunk_repair import DamagedTransfer
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
 from testbed.core.backoff import client_backoff
-from testbed.core.manifest import UpdateManifest, UpdateRejected
+from testbed.core.manifest import RejectReason, UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
 from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
 from testbed.core.signing import TrustedKey
@@ -26,6 +28,7 @@ from testbed.core.wire import weights_hash
 logger = logging.getLogger("devices.agent")
 
 PUBACK_BYTES = 4
+GOODBYE_TIMEOUT_S = 10.0  # a device leaving the run says it is offline within this, or leaves without a word
 # aiomqtt 2.5 does not end a connect whose socket was reset before the CONNACK; it waits for this
 # timeout. Short enough to reconnect soon after an outage, long enough for a CONNACK over LoRa SF12.
 MQTT_OPERATION_TIMEOUT_S = 10.0
@@ -132,6 +135,12 @@ class DeviceAgent:
         self.reconnects = 0
         self.unacknowledged_report: DeviceReport | None = None
         """A report whose PUBACK never came (the connection dropped): sent again on the next connection."""
+        self.chunk_faults = ChunkFaults(config.downlink_rate_bps)
+        """Faults the run arms on the chunks this device receives (after the channel, before the device)."""
+        self.damage = DamagedTransfer(config.downlink_rate_bps)
+        self._client: aiomqtt.Client | None = None  # the connection of the latest session (in use while `connected`)
+        self.leaving = False
+        """Set when the device leaves the run (say_goodbye): it takes no message after that."""
 
     @property
     def device_id(self) -> str:
@@ -148,8 +157,22 @@ class DeviceAgent:
         agent.state = self.state
         agent.inference.load_weights(self.receiver.weights)
         agent.unacknowledged_report = self.unacknowledged_report
+        agent.chunk_faults = self.chunk_faults  # they are the channel's, not the device's
         agent.reconnects = self.reconnects + 1  # a new connection: ask for what was lost
         return agent
+
+    async def say_goodbye(self) -> None:
+        """Leaving the run: take nothing more, and say it is offline (retained, as its will would) before its task
+        is stopped; bounded."""
+        self.leaving = True
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._publish(client, self.topics.device(self.device_id, "status"),
+                                                 DeviceStatus(online=False), retain=True), GOODBYE_TIMEOUT_S)
+        except (aiomqtt.MqttError, asyncio.TimeoutError) as error:
+            logger.info("device %s left without saying so (%r)", self.device_id, error)
 
     async def run(self) -> None:
         """Stay connected (reconnecting with jittered backoff after broker or link failures) until cancelled."""
@@ -169,6 +192,7 @@ class DeviceAgent:
 
     async def _session(self) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:
+            self._client = client
             for topic in self.topics.device_subscriptions(self.device_id):
                 await client.subscribe(topic, qos=1)
             await self._publish(client, self.topics.device(self.device_id, "status"), DeviceStatus(online=True),
@@ -183,11 +207,50 @@ class DeviceAgent:
                 # Chunks in flight when the connection dropped are gone (clean session): ask for a
                 # catch-up from the version held; the server ignores it if nothing newer exists.
                 self.receiver.drop_transfers()
+                self.chunk_faults.drop_held()
                 await self._publish(client, self.topics.device(self.device_id, "nack"),
                                     self._nack("reconnected; updates in flight were lost"))
             self.connected.set()
-            async for message in client.messages:
-                await self._handle_contained(client, str(message.topic), bytes(message.payload), message.qos)
+            await self._take_messages(client)
+
+    async def _take_messages(self, client: aiomqtt.Client) -> None:
+        """Handle messages in order, chunks through `chunk_faults` first. Between messages: release the chunks held
+        to reorder when due, and ask for a repair once an update with a damaged chunk has stopped moving."""
+        loop = asyncio.get_running_loop()
+        next_message: asyncio.Future[aiomqtt.Message] | None = None
+        try:
+            while True:
+                next_message = next_message or asyncio.ensure_future(anext(client.messages))
+                deadlines = [deadline for deadline in (self.chunk_faults.next_release_s(), self.damage.next_check_s())
+                             if deadline is not None]
+                done, _ = await asyncio.wait([next_message], timeout=max(0.0, min(deadlines) - loop.time())
+                                             if deadlines else None)
+                arrived: list[ReceivedMessage] = []
+                if next_message in done:
+                    message, next_message = next_message.result(), None
+                    if self.leaving:
+                        continue
+                    arrived = [ReceivedMessage(str(message.topic), bytes(message.payload), message.qos)]
+                    if self.topics.parse_update_chunk(arrived[0].topic) is not None:
+                        self.damage.chunk_arrived(loop.time(), len(arrived[0].payload))
+                        arrived = self.chunk_faults.receive(arrived[0], loop.time())
+                for incoming in arrived + self.chunk_faults.release_due(loop.time()):
+                    await self._take(client, incoming)
+                if self.damage.repair_due(loop.time(), self.receiver.transfers_in_flight):
+                    await self._publish(client, self.topics.device(self.device_id, "nack"),
+                                        self._nack("a chunk failed its digest and its update stopped; repair it"))
+        finally:
+            if next_message is not None:
+                next_message.cancel()
+
+    async def _take(self, client: aiomqtt.Client, incoming: ReceivedMessage) -> None:
+        """Handle one message, noting a refused chunk (damage) and an applied update (the damage did not matter)."""
+        refused, applied = self.receiver.rejections[RejectReason.BAD_CHUNK], self.state.applied_updates
+        await self._handle_contained(client, incoming.topic, incoming.payload, incoming.qos)
+        if self.state.applied_updates > applied:
+            self.damage.update_applied()
+        elif self.receiver.rejections[RejectReason.BAD_CHUNK] > refused:
+            self.damage.chunk_refused()
 
     def _hello(self) -> DeviceHello:
         return DeviceHello(device=self.device_id, profile=self.config.profile.name, version=self.state.version,

@@ -128,6 +128,13 @@ class SerialBridge:
         self._unsent: tuple[str, Message, bool] | None = None
         self._to_board: asyncio.Queue[tuple[MessageType, bytes, int]] = asyncio.Queue()
         self.frames_sent_again = 0  # by the links of earlier sessions and the current one
+        self.line_drops = 0
+        self._drop_line = asyncio.Event()
+
+    def drop_line(self) -> None:
+        """Close the serial line now, as a board reset or an unplugged cable would; it is opened again after
+        REOPEN_DELAY_S and the board, once ready, gets a catch-up. Nothing happens while the line is closed."""
+        self._drop_line.set()
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -256,11 +263,18 @@ class SerialBridge:
             await asyncio.sleep(REOPEN_DELAY_S)
 
     async def _serial_session(self, link: SerialLink) -> None:
+        self._drop_line.clear()  # a drop asked for while the line was closed has nothing to drop
         async with ReliableSerialLink(link, self.link_settings, observer=self.serial_log.observe) as reliable:
             try:
-                await run_together(self._read_board(reliable), self._ping(reliable), self._write_board(reliable))
+                await run_together(self._read_board(reliable), self._ping(reliable), self._write_board(reliable),
+                                   self._until_line_dropped())
             finally:
                 self.frames_sent_again += reliable.protocol.frames_resent
+
+    async def _until_line_dropped(self) -> None:
+        await self._drop_line.wait()
+        self.line_drops += 1
+        raise SerialLinkError("line dropped (board reset)")
 
     async def _send(self, link: ReliableSerialLink, message_type: MessageType, payload: bytes, flags: int = 0) -> None:
         await link.send(message_type, payload, flags=flags)

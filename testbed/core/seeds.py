@@ -31,6 +31,8 @@ class Stream(IntEnum):
     """A device's own emulated link: loss, delay, outages (index: device number)."""
     CELL_LINK = 6
     """A shared cell's bottleneck (indices: cell number, direction 0 = down, 1 = up)."""
+    CHUNK_FAULTS = 7
+    """A corrupt or reorder event on one device's chunks: bits flipped, order drawn (indices: event, device number)."""
 
 
 class RoundStep(IntEnum):
