@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -15,6 +15,7 @@ from channel.backend import LinkRequest
 from channel.errors import ChannelError
 from testbed.core.plugins import register_link_backend
 from channel.link import LinkCounters, LinkModel, LinkParameters
+from channel.timing import LatenessSketch
 
 logger = logging.getLogger("channel.proxy")
 
@@ -86,6 +87,46 @@ def undelivered_limit_bytes(params: LinkParameters, max_in_flight_bytes: int) ->
     return max_in_flight_bytes + int(in_flight) + 1
 
 
+class _StallTimer:
+    """Bounds a direction's waits for its destination with one timer, re-armed at most once per ``timeout_s``.
+
+    ``begin``/``end`` bracket each wait; ``on_timeout`` runs once a single wait has lasted ``timeout_s``.
+    A wait that ends leaves the timer armed: when it fires it re-arms for the wait in progress, if any.
+    """
+
+    def __init__(self, timeout_s: float, on_timeout: Callable[[], None]) -> None:
+        self.timeout_s = timeout_s
+        self.on_timeout = on_timeout
+        self._waiting_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting_since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._waiting_since + self.timeout_s, self._check)
+
+    def end(self) -> None:
+        self._waiting_since = None
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._waiting_since is None:
+            return
+        deadline = self._waiting_since + self.timeout_s
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline - TIMER_SLACK_S:
+            self._waiting_since = None
+            self.on_timeout()
+        else:
+            self._timer = loop.call_at(deadline, self._check)
+
+
 class _Direction:
     """Moves bytes from one stream to another, each segment released at its modelled delivery time."""
 
@@ -110,6 +151,7 @@ class _Direction:
         self.destination_gone = False
         self._queued = asyncio.Event()
         self._room = asyncio.Event()
+        self._stall = _StallTimer(proxy.write_timeout_s, self._write_timed_out)
 
     def finish(self) -> None:
         """No more data will be queued: the writer exits once the queue is empty."""
@@ -137,47 +179,76 @@ class _Direction:
             self._queued.set()
 
     async def write_loop(self) -> None:
-        """Release queued segments at their delivery times; after ``finish``, drain and return."""
+        """Release queued segments at their delivery times; after ``finish``, drain and return.
+
+        Each segment's lateness (release time − modelled delivery time) goes into the proxy's ``lateness``.
+        """
         loop = asyncio.get_running_loop()
         queue = self.queue
-        while True:
-            if not queue:
-                if self.finished:
-                    return
-                self._queued.clear()
-                await self._queued.wait()
-                continue
-            wait_s = queue[0][0] - TIMER_SLACK_S - loop.time()
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
-            now = loop.time()
-            batch: list[bytes] = []
-            while queue and queue[0][0] <= now + TIMER_SLACK_S:
-                batch.append(queue.popleft()[1])
-            if batch:
-                await self._deliver(b"".join(batch) if len(batch) > 1 else batch[0])
+        lateness = self.proxy.lateness
+        try:
+            while True:
+                if not queue:
+                    if self.finished:
+                        return
+                    self._queued.clear()
+                    await self._queued.wait()
+                    continue
+                wait_s = queue[0][0] - TIMER_SLACK_S - loop.time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                now = loop.time()
+                batch: list[bytes] = []
+                while queue and queue[0][0] <= now + TIMER_SLACK_S:
+                    due, segment = queue.popleft()
+                    lateness.add(now - due)
+                    batch.append(segment)
+                if batch:
+                    await self._deliver(b"".join(batch) if len(batch) > 1 else batch[0])
+        finally:
+            self._stall.cancel()
 
     async def _deliver(self, data: bytes) -> None:
+        """Hand ``data`` to the destination's transport; wait only while its buffer is above the high-water mark.
+
+        No task or timer per segment: the one stall timer of this direction bounds such a wait.
+        """
         try:
-            if self.destination_gone or self.destination.is_closing():
-                if not self.destination_gone:
-                    self._mark_gone("destination closed")
-                self.proxy.dropped_bytes += len(data)
+            if self.dropped_as_gone(data):
                 return
             self.destination.write(data)
-            await wait_within(self.destination.drain(), self.proxy.write_timeout_s)
+            transport = self.destination.transport
+            if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+                self.proxy.write_waits += 1
+                self._stall.begin()
+                try:
+                    await self.destination.drain()
+                finally:
+                    self._stall.end()
         except ConnectionError as error:
             self.proxy.dropped_bytes += len(data)
             self._mark_gone(f"{type(error).__name__}: {error}")
-        except asyncio.TimeoutError as error:
-            self.proxy.dropped_bytes += len(data)
-            self.proxy._record_error(
-                f"{self.label} destination did not take data for {self.proxy.write_timeout_s} s", error
-            )
-            self._mark_gone("write timed out")
         finally:
             self.in_flight_bytes -= len(data)
             self._room.set()
+
+    def dropped_as_gone(self, data: bytes) -> bool:
+        """Whether the destination is gone (or closing); its ``data`` are then counted as dropped."""
+        if not self.destination_gone and not self.destination.is_closing():
+            return False
+        if not self.destination_gone:
+            self._mark_gone("destination closed")
+        self.proxy.dropped_bytes += len(data)
+        return True
+
+    def _write_timed_out(self) -> None:
+        """The destination took nothing for ``write_timeout_s``: drop it (its bytes with it) and end the connection."""
+        transport = self.destination.transport
+        self.proxy.dropped_bytes += transport.get_write_buffer_size()
+        self.proxy._record_error(f"{self.label} destination did not take data for {self.proxy.write_timeout_s} s",
+                                 asyncio.TimeoutError("write timed out"))
+        self._mark_gone("write timed out")
+        transport.abort()  # wakes the waiting drain
 
     def _mark_gone(self, reason: str) -> None:
         self.destination_gone = True
@@ -202,8 +273,13 @@ def _direction_model(label: str, params: LinkParameters | None, model: LinkDirec
 
 
 async def _close_writer(writer: asyncio.StreamWriter, proxy: LinkProxy) -> None:
-    """Close a stream, waiting a bounded time; a failure to close cleanly is logged and counted."""
+    """Close a stream, waiting a bounded time; a failure to close cleanly is logged and counted.
+
+    While the proxy exits, bytes its peer has not taken are dropped (the stream is reset), not waited for.
+    """
     writer.close()
+    if proxy._closing and writer.transport.get_write_buffer_size() > 0:
+        writer.transport.abort()
     try:
         await wait_within(writer.wait_closed(), proxy.write_timeout_s)
     except (OSError, asyncio.TimeoutError) as error:
@@ -282,6 +358,9 @@ class LinkProxy:
         self.dropped_bytes = 0
         self.connection_resets = 0
         self.close_errors = 0
+        self.write_waits = 0  # writes that waited for a destination not keeping up (buffer above its high-water mark)
+        self.lateness = LatenessSketch()
+        """Every segment's release time minus its modelled delivery time, both directions (see ``timing_stats``)."""
         self._server: asyncio.Server | None = None  # set while running
         self._connection_tasks: set[asyncio.Task[None]] = set()
         self._callback_tasks: set[asyncio.Task[object]] = set()
@@ -297,6 +376,10 @@ class LinkProxy:
     def uplink_counters(self) -> LinkCounters:
         """Counters of the client → upstream model."""
         return self.uplink_model.counters
+
+    def timing_stats(self) -> LatenessSketch:
+        """How late this link has released its segments against the model's schedule, so far (a copy)."""
+        return self.lateness.copy()
 
     @property
     def address(self) -> tuple[str, int]:
