@@ -36,6 +36,12 @@ class LinkCountersView(Protocol):
     queue_drops: int
 
 
+class QuantileView(Protocol):
+    """What the timing gauges read: `channel.timing.LatenessSketch` (seconds at a quantile, None if empty)."""
+
+    def quantile(self, q: float) -> float | None: ...
+
+
 class LinkView(Protocol):
     """A device's link, as `channel.proxy.LinkProxy` exposes it: one counters object per direction."""
 
@@ -126,6 +132,9 @@ class RunMetrics:
         self.server_full_model_bytes = Gauge("testbed_server_full_model_bytes", "Bytes of the full model encoded densely", server_labels, registry=r)
         self.server_published = Counter("testbed_server_published_bytes_total", "Update bytes published (broadcasts and catch-ups)", server_labels, registry=r)
         self.server_rounds = Counter("testbed_server_rounds_total", "Rounds the server completed", server_labels, registry=r)
+        self.round_lateness = Gauge("testbed_round_release_lateness_seconds", "How late the links released segments against the link model's schedule in the latest round, by quantile (0.5, 0.99)", ("run", "quantile"), registry=r)
+        self.round_loop_lag = Gauge("testbed_round_loop_lag_seconds", "How late the run's event loop woke from a sleep in the latest round, by quantile (0.5, 0.99)", ("run", "quantile"), registry=r)
+        self.unfaithful_rounds = Counter("testbed_unfaithful_rounds_total", "Rounds whose release lateness p99 exceeded the limit (README: Timing fidelity)", ("run",), registry=r)
         self.events = Counter("testbed_events_total", "Scenario events that fired, by action (link, outage, broker_restart, ...)", ("run", "action"), registry=r)
         self.links = _LinkCollector(run_id)
         r.register(self.links)
@@ -136,6 +145,7 @@ class RunMetrics:
         self.server_rounds.labels(run=run_id, strategy=strategy)
         for action in EVENT_ACTIONS:  # at 0 from the start, so an action's first firing is a change Grafana marks
             self.events.labels(run=run_id, action=action)
+        self.unfaithful_rounds.labels(run=run_id)
 
     def _device(self, device_id: str, profile: str) -> dict[str, str]:
         return {"run": self.run_id, "device": device_id, "profile": profile}
@@ -165,6 +175,16 @@ class RunMetrics:
         self.server_index_bits.labels(**labels).set(index_bits)
         self.server_full_model_bytes.labels(**labels).set(full_model_bytes)
         self.server_rounds.labels(**labels).inc()
+
+    def record_round_timing(self, lateness: QuantileView, loop_lag: QuantileView | None, faithful: bool | None) -> None:
+        """The latest round's release lateness and loop lag (p50, p99; what was not measured is left as it was)."""
+        for gauge, sketch in ((self.round_lateness, lateness), (self.round_loop_lag, loop_lag)):
+            for quantile in (0.5, 0.99):
+                seconds = None if sketch is None else sketch.quantile(quantile)
+                if seconds is not None:
+                    gauge.labels(run=self.run_id, quantile=f"{quantile:g}").set(seconds)
+        if faithful is False:
+            self.unfaithful_rounds.labels(run=self.run_id).inc()
 
     def record_published(self, payload_bytes: int) -> None:
         self.server_published.labels(run=self.run_id, strategy=self.strategy).inc(payload_bytes)

@@ -69,6 +69,8 @@ class RoundRecord:
     training_seconds: float
     round_seconds: float = 0.0
     devices_updated: int = 0
+    timing: dict[str, Any] | None = None
+    """How late the links released segments in the round (testbed.timing_report.TimingVerdict.to_dict)."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ from testbed.event_actions import register_actions
 from testbed.run_assembly import RunAssembly
 from testbed.run_events import RunEvents
 from testbed.run_summary import RoundRecord, RunError, RunRecords, RunResult, host_facts
+from testbed.timing_report import LoopLagProbe, RunTiming
 
 __all__ = ["ProgressCallback", "RoundRecord", "RunError", "RunResult", "ScenarioRun", "new_run_id", "run_scenario"]
 
@@ -77,6 +78,8 @@ class ScenarioRun:
         self.events: RunEvents | None = None
         """The scenario's events (testbed.run_events), from when every device is online to the end of the run."""
         self.current_round: int | None = None
+        self.timing: RunTiming | None = None
+        """How late the links and the event loop were, per round (testbed.timing_report); set once devices are up."""
         self.stop_requested = asyncio.Event()
         """Set by Ctrl-C (or `request_stop`): the round in progress ends, the summary is written, the run returns."""
 
@@ -144,6 +147,7 @@ class ScenarioRun:
                                        "uplink": uplink.description, "rounds": server.rounds})
             await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices
                                     else online_timeout_s(len(members)))
+            self.timing = timing = RunTiming(assembly.device_links, await stack.enter_async_context(LoopLagProbe()))
             self.events = await stack.enter_async_context(RunEvents(scenario, self.out_dir, self.metrics,
                                                                     self._progress))
             register_actions(self.events, scenario, assembly.embedded_broker, fleet, assembly.device_links)
@@ -161,6 +165,7 @@ class ScenarioRun:
             summary = self.records.summary(publisher.latest_version, final_hash, publisher.published_bytes,
                                            interrupted=self.stop_requested.is_set(), rounds_planned=server.rounds)
             summary["host"] = host_facts(started_at, time.monotonic() - started)
+            timing.add_to_summary(summary)
             results.write_summary(summary)
         return RunResult(self.out_dir, summary, self.metrics_url, self.records.rounds)
 
@@ -172,6 +177,8 @@ class ScenarioRun:
             return  # stopped while training: this round's result is neither sent nor recorded
         started = time.monotonic()
         self.current_round = round_index
+        assert self.timing is not None
+        self.timing.start_round()
         full_model_bytes = wire_full_model_bytes(outcome.weights)
         reports: dict[str, DeviceReport] = {}
         update_bytes = index_bits = 0
@@ -190,14 +197,17 @@ class ScenarioRun:
             self._phase_reached(round_index, "report")  # nothing to publish: the round passes its phases
             self.progress("skipped", {"round": round_index, "version": outcome.version,
                                       "validation_accuracy": outcome.validation_accuracy})
+        timing = self.timing.end_round()
         self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy, update_bytes, full_model_bytes,
                                   index_bits)
+        self.metrics.record_round_timing(timing.lateness, timing.loop_lag, timing.faithful)
         expected_hash = weights_hash(outcome.weights).hex()
         for device_id in self.profiles:
             report = reports.get(device_id)
             if report is not None:
                 self.metrics.record_device_report(report, self.records.devices[device_id].bytes_received)
-            results.append_record(self.records.device_record(round_index, outcome, device_id, report, expected_hash))
+            results.append_record({**self.records.device_record(round_index, outcome, device_id, report, expected_hash),
+                                   "timing_faithful": timing.faithful})
         record = RoundRecord(
             round=round_index, version=outcome.version, sent=outcome.sent, base_version=outcome.base_version,
             reinitialised=outcome.reinitialised, server_accuracy=outcome.server_accuracy,
@@ -205,10 +215,15 @@ class ScenarioRun:
             full_model_bytes=full_model_bytes, index_bits=index_bits, selected_weights=outcome.selected,
             partial_weights=outcome.partial_count, training_samples=outcome.training_samples,
             training_seconds=outcome.seconds, round_seconds=time.monotonic() - started, devices_updated=len(reports),
+            timing=timing.to_dict(),
         )
         self.records.rounds.append(record)
         self.progress("round", {"record": record, "reports": {device: report.to_dict()
                                                               for device, report in reports.items()}})
+        warning = timing.warning(f"round {round_index}")
+        if warning is not None:
+            logger.info("%s", warning)
+            self.progress("warning", {"message": warning})
         await self._push_metrics()
 
     async def _push_metrics(self) -> None:
