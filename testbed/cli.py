@@ -407,9 +407,14 @@ def _command_compare(args: argparse.Namespace, console: Console) -> int:
     started = time.monotonic()
     store = CellStore(out_dir, scenario)
     progress = _CompareProgress(console, total)
-    with progress:
-        rows = run_comparison(scenario, strategies, ratios, seeds, progress.round_done, store, progress.cell_skipped,
-                              jobs)
+    try:
+        with progress:
+            rows = run_comparison(scenario, strategies, ratios, seeds, progress.round_done, store,
+                                  progress.cell_skipped, jobs)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/] after {progress.done} of {total} rounds; the finished cells are kept in "
+                      f"{out_dir / 'cells'}: run the same command again to go on", highlight=False)
+        return EXIT_INTERRUPTED
     summaries = write_report(rows, out_dir, f"{scenario.name}: strategies compared")
     console.print(markdown_table(summaries), markup=False, highlight=False)
     console.print(paper_reference_table(), markup=False, highlight=False)

@@ -7,8 +7,8 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from testbed.core.wire import decode_update, update_sizes
 
 REFERENCE_STRATEGY = "full"
 DPU_STRATEGY = "dpu"
+PROGRESS_POLL_S = 0.2
+"""How often the parent looks at its worker processes while no round finishes."""
 PROGRESS_DRAIN_TIMEOUT_S = 30.0
 """How long the parent waits for a finished cell's last progress messages before it stops showing them."""
 
@@ -38,6 +40,8 @@ class CompareRow:
     seed: int
     round: int
     accuracy: float
+    best_deployed_accuracy: float
+    """The reference's report: test accuracy of the best-validated version so far (RoundOutcome)."""
     sent: bool
     update_bytes: int
     positions: int
@@ -185,13 +189,14 @@ def runs_needed(scenario: Scenario, contenders: Sequence[Contender], ratios: Seq
 def rows_from_outcome(strategy: str, ratio: float, seed: int, outcome: RoundOutcome) -> CompareRow:
     """Accuracy and the exact bit accounting of one round's encoded payload."""
     if not outcome.sent:
-        return CompareRow(strategy, ratio, seed, outcome.round_index, outcome.server_accuracy, False,
-                          0, 0, outcome.partial_count, 0, 0, 0.0)
+        return CompareRow(strategy, ratio, seed, outcome.round_index, outcome.server_accuracy,
+                          outcome.best_deployed_accuracy, False, 0, 0, outcome.partial_count, 0, 0, 0.0)
     sizes = update_sizes(outcome.payload)
     header = decode_update(outcome.payload).header
     return CompareRow(
         strategy=strategy, ratio=ratio, seed=seed, round=outcome.round_index,
-        accuracy=outcome.server_accuracy, sent=True, update_bytes=sizes.total_bytes,
+        accuracy=outcome.server_accuracy, best_deployed_accuracy=outcome.best_deployed_accuracy, sent=True,
+        update_bytes=sizes.total_bytes,
         positions=header.k, partial_weights=header.n, index_bits=sizes.index_bits,
         value_bits=sizes.value_bits, index_floor_bits=index_floor_bits(header.n, header.k),
     )
@@ -310,6 +315,7 @@ _worker_progress: Any = None
 
 def _start_worker(progress: Any, torch_threads: int) -> None:
     global _worker_progress
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it terminates the workers
     import torch
 
     _worker_progress = progress
@@ -322,41 +328,46 @@ def _run_in_worker(scenario: Scenario, run: PlannedRun) -> list[CompareRow]:
 
 def _run_in_processes(scenario: Scenario, pending: Sequence[PlannedRun], workers: int,
                       progress: ProgressCallback | None, finish: Callable[[PlannedRun, list[CompareRow]], None]) -> None:
-    """Run `pending` in `workers` spawned processes; rows of each round come back through a queue as they finish."""
+    """Run `pending` in `workers` spawned processes; rows of each round come back through a queue as they finish.
+
+    On an error or Ctrl-C the workers are terminated; the cells finished by then are kept (`finish`).
+    """
     context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools do not survive a fork
     rounds_queue = context.Queue()
-    threads = max(1, default_jobs() // workers)
+    pool = context.Pool(workers, initializer=_start_worker,
+                        initargs=(rounds_queue, max(1, default_jobs() // workers)))
     expected = received = 0
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(rounds_queue, threads)) as pool:
-        futures: dict[Future[list[CompareRow]], PlannedRun] = {
-            pool.submit(_run_in_worker, scenario, run): run for run in pending}
-        running = set(futures)
-        try:
-            while running:
-                done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-                for future in done:
-                    rows = future.result()  # a worker's error is raised here
-                    finish(futures[future], rows)
-                    expected += len(rows)
-                received += _show_rounds(rounds_queue, progress, block=False)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    while received < expected and _show_rounds(rounds_queue, progress, block=True):
-        received += 1
+    try:
+        running = {pool.apply_async(_run_in_worker, (scenario, run)): run for run in pending}
+        while running:
+            received += _show_rounds(rounds_queue, progress, PROGRESS_POLL_S)
+            for result in [result for result in running if result.ready()]:
+                rows = result.get()  # a worker's error is raised here
+                finish(running.pop(result), rows)
+                expected += len(rows)
+        while received < expected:  # the last rounds' rows may still be on their way
+            shown = _show_rounds(rounds_queue, progress, PROGRESS_DRAIN_TIMEOUT_S)
+            if shown == 0:
+                break
+            received += shown
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
 
 
-def _show_rounds(rounds_queue: Any, progress: ProgressCallback | None, block: bool) -> int:
-    """Pass queued rows to `progress`: all there are now, or (with `block`) the next one; how many were passed."""
+def _show_rounds(rounds_queue: Any, progress: ProgressCallback | None, wait_s: float) -> int:
+    """Wait up to `wait_s` for a row, then pass it and every other queued row to `progress`; how many were passed."""
     passed = 0
-    while True:
-        try:
-            row = rounds_queue.get(timeout=PROGRESS_DRAIN_TIMEOUT_S) if block else rounds_queue.get_nowait()
-        except queue.Empty:
-            return passed
-        if progress is not None:
-            progress(row)
-        passed += 1
-        if block:
-            return passed
+    try:
+        row = rounds_queue.get(timeout=wait_s)
+        while True:
+            if progress is not None:
+                progress(row)
+            passed += 1
+            row = rounds_queue.get_nowait()
+    except queue.Empty:
+        return passed

@@ -260,3 +260,57 @@ def test_cli_ablation_adds_the_two_by_two_rows(tmp_path: Path, capsys) -> None:
                 for label in ["dpu", *(contender.label for contender in ABLATION)]}
     assert accuracy["dpu"] == accuracy["dpu[lambda=0.5,reinit=true]"]
     assert len({path.name for path in (out / "cells").iterdir()}) == 1 + 5
+
+
+def test_ctrl_c_stops_the_worker_processes_and_keeps_finished_cells(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scenario = write_small(tmp_path)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "testbed.cli", "compare", str(scenario), "--strategies", "dpu", "--ratios",
+               "0.05", "--seeds", "40", "--jobs", "2", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "cells").is_dir() or not any((out / "cells").glob("*.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "no cell finished"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output
+    assert "interrupted after" in output and "the finished cells are kept in" in output
+    deadline = time.monotonic() + 30  # the workers go with it (the resource tracker as soon as it sees the pipe close)
+    while (left := _processes_in_group(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == []
+    kept = sorted((out / "cells").glob("*.json"))
+    assert 0 < len(kept) < 2 * 40 and not list((out / "cells").glob("*.tmp"))
+    for path in kept:
+        assert len(yaml.safe_load(path.read_text())["rows"]) == SMALL["rounds"]
+
+
+def _processes_in_group(group: int) -> list[str]:
+    """Command lines of the live (not zombie) processes in process group `group`."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                state, _, process_group = handle.read().rsplit(")", 1)[1].split()[:3]
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(process_group) == group and state != "Z":
+            found.append(command)
+    return found
