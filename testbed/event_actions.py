@@ -1,28 +1,27 @@
-"""What the run does when a scenario event fires or ends: the actions it emulates, registered on RunEvents."""
+"""What the run does when a scenario event fires or ends: the actions it emulates, registered on RunEvents; the
+broker and the links here, the devices in testbed.device_actions."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from channel.link import LinkModel
 from channel.proxy import LinkProxy
 
-from devices.agent import DeviceAgent
 from devices.fleet import EmulatedFleet
 from testbed.broker import LocalBroker
 from testbed.core.event_checks import target_device_ids
 from testbed.core.events import LinkEvent, OutageEvent, PartitionEvent
 from testbed.core.plugins import LINK_PROFILES
+from testbed.device_actions import BoardResets, ChunkFaultArming, DeviceChurn, DeviceCrashes, DeviceDowntime
 from testbed.links import link_parameters
 from testbed.core.scenario import Scenario
 from testbed.events import FiredEvent
-from testbed.run_events import RunEvents
+from testbed.run_events import ActionHandler, RunEvents
 
-logger = logging.getLogger("testbed.events")
-
-EMULATED_ACTIONS = ("broker_restart", "device_crash", "outage", "link", "partition")
+EMULATED_ACTIONS = ("broker_restart", "device_crash", "device_leave", "device_join", "board_reset", "outage", "link",
+                    "partition", "corrupt", "duplicate", "reorder")
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
 Action = Callable[[], Awaitable[None]]
@@ -30,13 +29,21 @@ Action = Callable[[], Awaitable[None]]
 
 def register_actions(events: RunEvents, scenario: Scenario, broker: LocalBroker | None,
                      fleet: EmulatedFleet, device_links: Mapping[str, Any]) -> None:
-    """Perform broker restarts on `broker` (None: an external broker), device crashes in `fleet` and outages on
-    `device_links` (each device's open link)."""
-    events.on("broker_restart", BrokerRestarts(broker, scenario.broker.url))
-    events.on("device_crash", DeviceCrashes(events, scenario, fleet))
-    events.on("outage", Outages(events, scenario, device_links))
-    events.on("link", LinkChanges(events, scenario, device_links))
-    events.on("partition", Partitions(events, scenario, device_links))
+    """Perform broker restarts on `broker` (None: an external broker), what happens to devices in `fleet`
+    (testbed.device_actions) and what happens to links on `device_links` (each device's open link)."""
+    downtime = DeviceDowntime(events, scenario, fleet)
+    chunk_faults = ChunkFaultArming(downtime, scenario.seed)
+    churn = DeviceChurn(downtime)
+    handlers: dict[str, ActionHandler] = {
+        "broker_restart": BrokerRestarts(broker, scenario.broker.url), "device_crash": DeviceCrashes(downtime),
+        "device_leave": churn, "device_join": churn, "board_reset": BoardResets(fleet),
+        "outage": Outages(events, scenario, device_links), "link": LinkChanges(events, scenario, device_links),
+        "partition": Partitions(events, scenario, device_links),
+        "corrupt": chunk_faults, "duplicate": chunk_faults, "reorder": chunk_faults,
+    }
+    assert set(handlers) == set(EMULATED_ACTIONS)
+    for action, handler in handlers.items():
+        events.on(action, handler)
 
 
 class BrokerRestarts:
@@ -55,56 +62,6 @@ class BrokerRestarts:
         if fired.kind == "fire":
             return broker.stop
         return broker.start
-
-
-class DeviceCrashes:
-    """`device_crash`: an emulated device's agent task is cancelled; it reboots (DeviceAgent.rebooted) at the end."""
-
-    def __init__(self, events: RunEvents, scenario: Scenario, fleet: EmulatedFleet) -> None:
-        self.events = events
-        self.scenario = scenario
-        self.fleet = fleet
-        self.crashed: dict[int, list[str]] = {}  # event index → the devices it crashed, until they reboot
-
-    def __call__(self, fired: FiredEvent) -> Action | None:
-        if fired.kind == "end":
-            return self._reboot_all(self.crashed.pop(fired.index, []))
-        emulated = []
-        for device_id in target_device_ids(fired.event, self.scenario):
-            if isinstance(self.fleet.member(device_id), DeviceAgent):
-                emulated.append(device_id)
-            else:
-                self.events.warn_not_emulated(fired, "only emulated devices crash (a serial board: board_reset)")
-        if not emulated:
-            return None
-        if fired.event.duration_s is None:  # no `for:`: it reboots at once
-            return self._crash_and_reboot(emulated)
-        self.crashed[fired.index] = emulated
-        return self._crash_all(emulated)
-
-    def _crash_all(self, device_ids: list[str]) -> Action:
-        async def crash() -> None:
-            for device_id in device_ids:
-                await self.fleet.crash(device_id)
-                logger.info("device %s crashed", device_id)
-        return crash
-
-    def _reboot_all(self, device_ids: list[str]) -> Action:
-        async def reboot() -> None:
-            for device_id in device_ids:
-                member = self.fleet.member(device_id)
-                assert isinstance(member, DeviceAgent)
-                self.fleet.restart(device_id, member.rebooted())
-                logger.info("device %s rebooted", device_id)
-        return reboot
-
-    def _crash_and_reboot(self, device_ids: list[str]) -> Action:
-        crash, reboot = self._crash_all(device_ids), self._reboot_all(device_ids)
-
-        async def both() -> None:
-            await crash()
-            await reboot()
-        return both
 
 
 def _proxies(events: RunEvents, fired: FiredEvent, scenario: Scenario,
@@ -164,6 +121,16 @@ class LinkChanges:
         return change
 
 
+def _take_down(proxies: list[LinkProxy], duration_s: float, direction: str) -> Action:
+    """Each link carries nothing in `direction` (or both) for `duration_s` from when the action is performed."""
+    downlink, uplink = direction in ("both", "downlink"), direction in ("both", "uplink")
+
+    async def take_down() -> None:
+        for proxy in proxies:
+            proxy.add_outage(duration_s, downlink=downlink, uplink=uplink)
+    return take_down
+
+
 class Outages:
     """`outage` on the proxy backend: each target's link is down from when the event fires for `for` (its end is
     the outage ending by itself); longer than `channel.reset_after`, the link resets its connections."""
@@ -178,19 +145,15 @@ class Outages:
         if fired.kind == "end" or not isinstance(event, OutageEvent):
             return None
         proxies = _proxies(self.events, fired, self.scenario, self.device_links)
-        if not proxies:
-            return None
-        downlink, uplink = event.direction in ("both", "downlink"), event.direction in ("both", "uplink")
-
-        async def take_down() -> None:
-            for proxy in proxies:
-                proxy.add_outage(event.for_s, downlink=downlink, uplink=uplink)
-        return take_down
+        return _take_down(proxies, event.for_s, event.direction) if proxies else None
 
 
 class Partitions:
-    """`partition` (both directions) on the proxy backend: the target's connections are reset when the event fires
-    and new ones refused for `for` (its end is the partition ending by itself); one direction: not emulated yet."""
+    """`partition` on the proxy backend. Both directions: the target's connections are reset when the event fires
+    and new ones refused for `for`. One direction: that direction carries nothing for `for` while the other still
+    does — what a TCP connection sees of a one-way cut (what it sent meanwhile is sent again once the cut heals;
+    past `channel.reset_after` the connection is reset and new ones refused until it ends). Its end is the
+    partition ending by itself."""
 
     def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
         self.events = events
@@ -202,7 +165,8 @@ class Partitions:
         if fired.kind == "end" or not isinstance(event, PartitionEvent):
             return None
         if event.direction != "both":
-            return "a partition of one direction is not emulated yet (direction: both is)"
+            proxies = _proxies(self.events, fired, self.scenario, self.device_links)
+            return _take_down(proxies, event.for_s, event.direction) if proxies else None
         proxies = [link for device_id in target_device_ids(event, self.scenario)
                    if isinstance(link := self.device_links.get(device_id), LinkProxy)]
         if not proxies:

@@ -12,14 +12,28 @@ from testbed.core.events import (
     DeviceCrashEvent,
     DeviceJoinEvent,
     DeviceLeaveEvent,
+    DuplicateEvent,
     EventBase,
     LinkEvent,
+    ReorderEvent,
     TargetedEvent,
 )
 from testbed.core.plugins import LINK_BACKENDS
 from testbed.core.scenario import Scenario
 
 SHOWN_DEVICE_IDS = 8
+EMULATED_ONLY: dict[type[EventBase], str] = {
+    DeviceCrashEvent: "device_crash stops an emulated device's agent, and this target has none (for a serial board "
+                      "use board_reset)",
+    DeviceLeaveEvent: "device_leave stops an emulated device's agent, and this target has none (for a serial board "
+                      "use board_reset)",
+    DeviceJoinEvent: "device_join starts an emulated device's agent again, and this target has none",
+    CorruptEvent: "corrupt taps an emulated device's incoming chunks, and this target has none (a board's chunks "
+                  "cross its serial line, which has its own CRC)",
+    DuplicateEvent: "duplicate taps an emulated device's incoming chunks, and this target has none",
+    ReorderEvent: "reorder taps an emulated device's incoming chunks, and this target has none",
+}
+"""Actions performed on emulated devices only, and what a target without any is told."""
 
 
 def target_device_ids(event: EventBase, scenario: Scenario) -> list[str]:
@@ -56,11 +70,12 @@ def _target_problems(index: int, event: TargetedEvent, scenario: Scenario) -> li
     kinds = {device_id: group.kind for device_id, group in scenario.device_entries().items()}
     targets = target_device_ids(event, scenario)
     if isinstance(event, BoardResetEvent) and kinds[event.device or ""] != "serial":
-        return [Problem(where, f"board_reset needs a serial board (a device with 'serial:'); {event.device!r} is "
-                               f"{kinds[event.device or '']}", said)]
-    if isinstance(event, DeviceCrashEvent) and not any(kinds[device_id] == "emulated" for device_id in targets):
-        return [Problem(where, "device_crash stops an emulated device's agent, and this target has none "
-                               "(for a serial board use board_reset)", said)]
+        boards = [device_id for device_id, kind in kinds.items() if kind == "serial"]
+        has = f"its serial boards: {_listed(boards)}" if boards else "this scenario has none"
+        return [Problem(where, f"board_reset drops the line of a serial board (a device with 'serial:'; {has}); "
+                               f"{event.device!r} is {kinds[event.device or '']}", said)]
+    if type(event) in EMULATED_ONLY and not any(kinds[device_id] == "emulated" for device_id in targets):
+        return [Problem(where, EMULATED_ONLY[type(event)], said)]
     if isinstance(event, LinkEvent) and event.device is not None:
         cell_of = {device_id: cell.name for cell in scenario.channel.cells for device_id in cell.devices}
         if event.device in cell_of:

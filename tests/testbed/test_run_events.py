@@ -27,9 +27,11 @@ async def test_a_run_fires_records_and_counts_its_events_in_order(tmp_path: Path
         "metrics": {"enabled": False},
         "events": [
             {"at": "0s", "action": "corrupt", "device": "rpi4-1", "chunks": 1},
-            # partitions of one direction are not emulated yet: recorded and warned about
             {"round": 0, "action": "partition", "device": "rpi4-0", "direction": "uplink", "for": "500ms"},
-            {"round": 1, "phase": "report", "action": "partition", "all": True, "direction": "uplink", "for": "10min"},
+            # a link change in force to the end of the run: its end comes when the run ends
+            {"round": 1, "phase": "report", "action": "link", "all": True, "set": {"delay": "1ms"}, "for": "10min"},
+            # server restarts are not emulated yet: recorded and warned about
+            {"round": 1, "phase": "report", "action": "server_restart"},
         ],
     })
     progress: list[tuple[str, dict[str, Any]]] = []
@@ -38,30 +40,31 @@ async def test_a_run_fires_records_and_counts_its_events_in_order(tmp_path: Path
 
     records = read_events(tmp_path / "out")
     fires_and_ends = [(record["index"], record["kind"]) for record in records]
-    assert sorted(fires_and_ends) == [(0, "fire"), (1, "end"), (1, "fire"), (2, "end"), (2, "fire")]
+    assert sorted(fires_and_ends) == [(0, "fire"), (1, "end"), (1, "fire"), (2, "end"), (2, "fire"), (3, "fire")]
     assert fires_and_ends[0] == (0, "fire")  # due at 0 s, before round 0 publishes
     assert fires_and_ends.index((1, "fire")) < fires_and_ends.index((1, "end"))
-    assert fires_and_ends[-1] == (2, "end")  # the partition lasts to the end of the run
-    assert fires_and_ends.index((2, "fire")) < fires_and_ends.index((2, "end"))
+    assert fires_and_ends[-1] == (2, "end")  # the link change lasts to the end of the run
     first_partition = records[fires_and_ends.index((1, "fire"))]
-    assert (first_partition["round"], first_partition["phase"], first_partition["target"]) == (0, "publish", {"device": "rpi4-0"})
-    partition_fire = records[fires_and_ends.index((2, "fire"))]
-    assert (partition_fire["round"], partition_fire["phase"]) == (1, "report")
+    assert (first_partition["round"], first_partition["phase"], first_partition["target"]) == (
+        0, "publish", {"device": "rpi4-0"})
+    link_change = records[fires_and_ends.index((2, "fire"))]
+    assert (link_change["round"], link_change["phase"], link_change["target"]) == (1, "report", {"all": True})
     assert [record["t"] for record in records] == sorted(record["t"] for record in records)
 
     lines = [data["description"] for event, data in progress if event == "event"]
     assert len(lines) == len(records) and lines[-1].endswith("ends")
-    for action, fires in (("corrupt", 1), ("partition", 2)):
+    for action, fires in (("corrupt", 1), ("partition", 1), ("link", 1), ("server_restart", 1)):
         assert run.metrics.registry.get_sample_value(
             "testbed_events_total", {"run": run.run_id, "action": action}) == fires
-    warnings = [data["message"] for event, data in progress if event == "warning"]
-    assert sorted(message.split(":")[0] for message in warnings if "not emulated yet" in message) == [
-        "event corrupt", "event partition"]  # once per action, fire and end alike
+    warnings = [data["message"] for event, data in progress if event == "warning" and "not emulated" in
+                data["message"]]
+    assert warnings == ["event server_restart: not emulated yet; recorded in events.jsonl, the run goes on without it"]
 
     summary = result.summary
     for device_id, state in summary["devices"].items():
         assert (state["final_version"], state["hash_matches_server"]) == (summary["server"]["final_version"], True), \
             device_id
+    assert summary["devices"]["rpi4-1"]["rejected_by_reason"] == {"bad_chunk": 1}  # its first chunk, repaired
 
 
 async def test_a_run_without_events_writes_an_empty_record(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def test_every_action_parses_with_units_in_seconds():
         {"round": 1, "action": "board_reset", "device": BOARD},
         {"at": "10s", "action": "broker_restart"},
         {"round": 3, "action": "server_restart"},
-        {"round": 0, "phase": "delivery", "action": "corrupt", "device": BOARD, "chunks": 3, "bits": 4},
+        {"round": 0, "phase": "delivery", "action": "corrupt", "device": "rpi4-1", "chunks": 3, "bits": 4},
         {"round": 0, "action": "duplicate", "all": True, "chunks": 2},
         {"round": 0, "action": "reorder", "cell": "tower", "chunks": 5},
     ]))
@@ -148,7 +148,11 @@ def test_the_dump_writes_only_what_the_event_says():
     ({"action": "device_crash", "round": 1, "device": BOARD}, "events.0.device", "board_reset"),
     ({"action": "device_join", "round": 1, "device": "rpi4-0"}, "events.0.device", "never leaves"),
     ({"action": "device_leave", "round": 1, "device": "rpi4-0", "for": "3s"}, "events.0.for", "device_join"),
-    ({"action": "board_reset", "round": 1, "device": "rpi4-0"}, "events.0.device", "emulated"),
+    ({"action": "board_reset", "round": 1, "device": "rpi4-0"}, "events.0.device", "its serial boards: bench-pi"),
+    ({"action": "device_leave", "round": 1, "device": BOARD}, "events.0.device", "board_reset"),
+    ({"action": "corrupt", "round": 1, "device": BOARD, "chunks": 1}, "events.0.device", "emulated device's incoming"),
+    ({"action": "duplicate", "round": 1, "device": BOARD, "chunks": 1}, "events.0.device", "emulated device's"),
+    ({"action": "reorder", "round": 1, "device": BOARD, "chunks": 2}, "events.0.device", "emulated device's"),
     ({"action": "board_reset", "round": 1, "all": True}, "events.0", "give 'device: NAME'"),
     ({"action": "corrupt", "round": 1, "device": "rpi4-0", "chunks": 0}, "events.0.chunks", "0"),
     ({"action": "corrupt", "round": 1, "device": "rpi4-0", "chunks": 1, "bits": 0}, "events.0.bits", "0"),
@@ -162,6 +166,23 @@ def test_a_bad_event_is_one_error_naming_its_field(event: Any, field: str, shown
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{field}:"), lines
     assert shown in lines[0], lines
+
+
+def test_a_board_reset_in_a_scenario_without_serial_boards_says_it_has_none(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]):
+    from testbed.cli import EXIT_BAD_SCENARIO, main
+
+    data = raw([{"action": "board_reset", "round": 1, "device": "rpi4-0"}])
+    data["devices"] = data["devices"][:1]
+    lines = error_lines(data)
+    assert len(lines) == 1 and lines[0].startswith("events.0.device: board_reset drops the line of a serial board"), lines
+    assert "this scenario has none" in lines[0] and "'rpi4-0' is emulated" in lines[0], lines
+    path = tmp_path / "no-boards.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == EXIT_BAD_SCENARIO
+    captured = capsys.readouterr()
+    output = " ".join((captured.out + captured.err).split())  # undo the console's line wrapping
+    assert "events.0.device: board_reset drops the line of a serial board" in output, output
 
 
 def test_events_that_is_not_a_list():
@@ -235,13 +256,13 @@ def _action(draw: st.DrawFn) -> dict[str, Any]:
     elif action == "device_crash":
         fields |= {**draw(_target(EMULATED)), **draw(_maybe_for)}
     elif action == "device_leave":
-        fields |= draw(_target([*EMULATED, BOARD]))
+        fields |= draw(_target(EMULATED))
     elif action == "board_reset":
         fields["device"] = BOARD
     elif action == "broker_restart":
         fields |= draw(_maybe_for)
     elif action in ("corrupt", "duplicate", "reorder"):
-        fields |= {**draw(_target([*EMULATED, BOARD])), "chunks": draw(st.integers(min_value=2, max_value=100))}
+        fields |= {**draw(_target(EMULATED)), "chunks": draw(st.integers(min_value=2, max_value=100))}
         if action == "corrupt" and draw(st.booleans()):
             fields["bits"] = draw(st.integers(min_value=1, max_value=8192))
     return fields
@@ -252,7 +273,7 @@ def _events(draw: st.DrawFn) -> list[dict[str, Any]]:
     events = [{**draw(_timing()), **_action(draw)} for _ in range(draw(st.integers(min_value=0, max_value=6)))]
     if draw(st.booleans()):  # churn: everyone leaves, then a device (or everyone) joins
         events += [{"at": "1s", "action": "device_leave", "all": True},
-                   {**draw(_timing()), "action": "device_join", **draw(_target([*EMULATED, BOARD]))}]
+                   {**draw(_timing()), "action": "device_join", **draw(_target(EMULATED))}]
     return events
 
 
