@@ -1,4 +1,8 @@
-"""Training loops: Adam + StepLR with seeded shuffling, optional masks, local contribution and best-checkpoint."""
+"""Training loops: Adam + StepLR with seeded shuffling, optional masks, local contribution and best-checkpoint.
+
+The reference code (zqu1992/DPU) is cited as file:line; its Adam (myoptimizer.py:8-87) masks the step
+rather than the gradient, which for the entries that train gives the same steps as masking the gradient here.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,10 @@ class TrainingResult:
     """Per parameter, Σ over optimizer steps of −g·Δw (float64), when tracking was asked for."""
     best_validation_accuracy: float | None = None
     best_epoch: int | None = None
-    """1-based epoch of the best validation accuracy."""
+    """1-based epoch of the best validation accuracy; 0 when the starting weights were a candidate and no epoch
+    validated strictly better."""
+    optimizer: torch.optim.Optimizer | None = None
+    """The optimizer the call trained with, for a later call to continue with (its Adam moments and step count)."""
 
 
 def _checked_masks(
@@ -75,16 +82,27 @@ def train_epochs(
     track_local_contribution: bool = False,
     validation: Split | None = None,
     keep_best: bool = False,
+    start_is_candidate: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainingResult:
     """Train `model` in place with Adam(lr) (or `config.make_optimizer`) and StepLR(epochs // 3, 0.1), seeded batches.
 
     With `trainable_masks`, only the True entries of those tensors change (gradient masked and the
     other entries restored after every step); parameters without a mask train freely. With
-    `validation`, accuracy is measured after every epoch; `keep_best` loads the best epoch back.
+    `validation`, accuracy is measured after every epoch; `keep_best` loads the best epoch back, the
+    earliest of equals (an epoch replaces the best only when strictly better, multiround_dpu.py:326).
+    `start_is_candidate` lets the weights before the first epoch compete as epoch 0 (the reference's
+    rewound point, multiround_dpu.py:308-313).
+
+    `optimizer` continues an earlier call's optimizer over the same parameters, its moments and step
+    count carried over, as the reference's two DPU steps share one Adam (multiround_dpu.py:177, 245,
+    323); its learning rate starts again at `config.lr` under a new StepLR, as the reference's
+    ``scheduler.step(epoch=epoch)`` restarts at epoch 0 in each step (multiround_dpu.py:243, 321).
     """
     epochs, lr, batch_size = config.epochs, config.lr, config.batch_size
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ServerError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    keep_best = keep_best or start_is_candidate
     if keep_best and validation is None:
         raise ServerError("keep_best needs a validation split to choose the best epoch")
     parameters = dict(model.named_parameters())
@@ -98,11 +116,17 @@ def train_epochs(
     x = torch.from_numpy(np.ascontiguousarray(split.x, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(split.y, dtype=np.int64))
     generator = torch.Generator().manual_seed(int(config.seed))
-    optimizer = config.make_optimizer(list(model.parameters()), lr)
+    if optimizer is None:
+        optimizer = config.make_optimizer(list(model.parameters()), lr)
+    else:
+        _restart_learning_rate(optimizer, list(model.parameters()), lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
     best_accuracy: float | None = None
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
+    if start_is_candidate and validation is not None:
+        best_accuracy, best_epoch = evaluate_accuracy(model, validation), 0
+        best_state = _state_copy(model)
     was_training = model.training
     model.train()
     for epoch in range(epochs):
@@ -137,8 +161,7 @@ def train_epochs(
             if best_accuracy is None or accuracy > best_accuracy:
                 best_accuracy, best_epoch = accuracy, epoch + 1
                 if keep_best:
-                    # The whole state, so BatchNorm running statistics come back with the best epoch too.
-                    best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+                    best_state = _state_copy(model)
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.train(was_training)
@@ -147,4 +170,20 @@ def train_epochs(
         local_contribution=None if local is None else {name: value.numpy() for name, value in local.items()},
         best_validation_accuracy=best_accuracy,
         best_epoch=best_epoch,
+        optimizer=optimizer,
     )
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    # The whole state, so BatchNorm running statistics come back with the best epoch too.
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _restart_learning_rate(optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], lr: float) -> None:
+    """Set every group's learning rate (and the schedulers' base) back to `lr`; the optimizer must own `parameters`."""
+    owned = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    if any(id(parameter) not in owned for parameter in parameters):
+        raise ServerError("the optimizer to continue with does not hold this model's parameters")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = lr

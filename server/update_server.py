@@ -19,8 +19,10 @@ from server.strategies import (
     StrategyResult,
     make_strategy,
     partial_tensor_count,
+    should_send,
 )
 from testbed.core import wire
+from testbed.core.plugins import STRATEGIES
 
 if TYPE_CHECKING:
     from testbed.core.scenario import Scenario
@@ -38,10 +40,14 @@ class RoundOutcome:
     previous_weights: WeightDict | None
     server_accuracy: float
     """Accuracy of the deployed weights (after this round) on the server's test split."""
+    best_deployed_accuracy: float
+    """Test accuracy of the deployed version, of this round or an earlier one, that validated best (the latest of
+    equals): what the reference reports per round (multiround_dpu.py:339-344, "avoid the accuracy degradation
+    due to the re-initialization"), whereas devices hold the one `server_accuracy` measures."""
     validation_accuracy: float
     """Validation accuracy of this round's candidate as devices would hold it (sent or not)."""
     selected: int | None
-    """Partial weights chosen by the strategy; None for a full update (round 0 or `full`)."""
+    """Partial weights chosen by the strategy; None for a full update (`full`, or round 0 with ``round0: full``)."""
     partial_count: int
     """I: scalar weights in ndim > 1 tensors."""
     training_samples: int
@@ -80,6 +86,8 @@ class UpdateServer:
         self.next_round: int = 0
         self.size_at_last_init: int | None = None
         """Training-set size at the last round that started from w⁰ (round 0 or a re-init, sent or not)."""
+        self.best_deployed: tuple[float, float] | None = None
+        """(validation, test) accuracy of the deployed version that validated best so far."""
 
     def build_device_model(self) -> nn.Module:
         """A fresh model of the served architecture holding w⁰ (testbed.core.initial_weights from the seed)."""
@@ -113,8 +121,8 @@ class UpdateServer:
         spec = self.scenario.update
         train = self.arrival.training_set(round_index)
         previous = self.deployed_weights
-        # Round 0 is the initial deployment: always trained from w⁰ and sent in full.
-        strategy: Strategy = FullUpdating(spec, FullUpdating.Settings()) if previous is None else self.strategy
+        # Round 0 is the initial deployment: from w⁰, always sent.
+        strategy = self.round_zero_strategy() if previous is None else self.strategy
         reinitialised = (
             previous is not None
             and self.size_at_last_init is not None
@@ -131,6 +139,7 @@ class UpdateServer:
             seed=self.seed,
             initial_weights=self.initial_weights,
             reinitialised=reinitialised,
+            deployed_validation_accuracy=self.deployed_validation_accuracy,
         )
         result: StrategyResult = strategy.update(context)
         if previous is None or reinitialised:
@@ -138,11 +147,14 @@ class UpdateServer:
             # every round, only once the data doubles again.
             self.size_at_last_init = len(train)
         target_version = self.version + 1
-        base_version, payload = self._encode(result, start, reinitialised, previous is None, target_version)
+        base_version, payload = self._encode(result, start, reinitialised, target_version)
         held = wire.held_weights_after(start, payload)
         set_weights(self.model, held)
         validation_accuracy = evaluate_accuracy(self.model, self.arrival.validation)
-        sent = previous is None or strategy.should_send(validation_accuracy, self.deployed_validation_accuracy)
+        sent = previous is None or (
+            strategy.should_send(validation_accuracy, self.deployed_validation_accuracy)
+            and should_send(validation_accuracy, result.send_threshold, result.ties_send)
+        )
         if sent:
             self.deployed_weights = held
             self.deployed_validation_accuracy = validation_accuracy
@@ -154,13 +166,16 @@ class UpdateServer:
         server_accuracy = evaluate_accuracy(self.model, self.arrival.test)
         self.next_round = round_index + 1
         deployed = self.deployed_weights
-        assert deployed is not None
+        assert deployed is not None and self.deployed_validation_accuracy is not None
+        if self.best_deployed is None or self.deployed_validation_accuracy >= self.best_deployed[0]:
+            self.best_deployed = (self.deployed_validation_accuracy, server_accuracy)
         return RoundOutcome(
             round_index=round_index,
             version=self.version,
             weights=deployed,
             previous_weights=previous,
             server_accuracy=server_accuracy,
+            best_deployed_accuracy=self.best_deployed[1],
             validation_accuracy=validation_accuracy,
             selected=result.selected,
             partial_count=partial_tensor_count(deployed),
@@ -172,12 +187,30 @@ class UpdateServer:
             payload=payload,
         )
 
-    def _encode(
-        self, result: StrategyResult, start: WeightDict, reinitialised: bool, first: bool, target_version: int
-    ) -> tuple[int | None, bytes]:
-        """(base version, payload) for a strategy result: a snapshot, or an update relative to w⁰ / the deployed."""
+    def round_zero_strategy(self) -> Strategy:
+        """The strategy of the first deployment (`update.round0`).
+
+        ``sparse``: the scenario's own strategy from w⁰, as in the reference (multiround_dpu.py:209-214,
+        multiround_rpu.py:208-213); one that makes no k-sparse update (registered ``uses_ratio=False``) deploys
+        what ``full`` with its default settings would. ``full``: full updating for 2·E epochs from w⁰ keeping
+        the last epoch's weights, the project's earlier round 0 (``full`` itself keeps its own settings).
+        """
+        if isinstance(self.strategy, FullUpdating):
+            return self.strategy
         spec = self.scenario.update
-        if first or result.snapshot == "full":
+        if spec.round0 == "full":
+            return FullUpdating(spec, FullUpdating.Settings(checkpoint="last_epoch"))
+        if STRATEGIES.attributes(spec.strategy).get("uses_ratio", True):
+            return self.strategy
+        return FullUpdating(spec, FullUpdating.Settings())
+
+    def _encode(
+        self, result: StrategyResult, start: WeightDict, reinitialised: bool, target_version: int
+    ) -> tuple[int | None, bytes]:
+        """(base version, payload) for a strategy result: a snapshot, or an update relative to w⁰ (version 0: round 0
+        and re-init rounds) or to the deployed version."""
+        spec = self.scenario.update
+        if result.snapshot == "full":
             return None, wire.encode_full_model(result.weights, target_version, value_codec=spec.value_codec)
         if result.snapshot == "sparse":
             return None, wire.encode_sparse_snapshot(result.weights, target_version, index_codec=spec.index_codec,

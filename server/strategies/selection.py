@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
@@ -13,6 +14,9 @@ WeightDict = dict[str, np.ndarray]
 
 Masks = dict[str, np.ndarray]
 """Boolean arrays by tensor name (only the partially updated, ndim > 1 tensors)."""
+
+Rounding = Literal["round", "floor"]
+"""How a per-layer count k·I_l becomes whole: Python's round (the reference's RPU) or floor."""
 
 
 def partial_count_for_ratio(total: int, ratio: float) -> int:
@@ -27,16 +31,29 @@ def partial_tensor_count(weights: dict[str, np.ndarray]) -> int:
     return sum(int(value.size) for value in weights.values() if value.ndim > 1)
 
 
-def should_reinitialise(train_size: int, size_at_last_init: int) -> bool:
-    """True when the training set has grown to at least twice its size at the last (re)initialisation."""
+def per_layer_count(size: int, ratio: float, rounding: Rounding) -> int:
+    """How many of a tensor's `size` entries RPU updates: round(size · ratio) as the reference does
+    (Python's round, halves to even: multiround_rpu.py:243), or ⌊size · ratio⌋ (`partial_count_for_ratio`)."""
+    if rounding == "round":
+        return max(0, min(size, round(size * ratio)))
+    return partial_count_for_ratio(size, ratio)
+
+
+def should_reinitialise(train_size: int, size_at_last_init: int, strictly: bool = True) -> bool:
+    """True when the training set has grown to more than twice its size at the last (re)initialisation, as the
+    reference tests it (``len(train_dataset) > 2*num_samples``, multiround_dpu.py:221); with
+    ``strictly=False``, already at exactly twice."""
     if train_size < 0 or size_at_last_init < 1:
         raise ServerError(f"need train_size >= 0 and size_at_last_init >= 1, got {train_size}, {size_at_last_init}")
-    return train_size >= 2 * size_at_last_init
+    return train_size > 2 * size_at_last_init if strictly else train_size >= 2 * size_at_last_init
 
 
-def should_send(candidate_accuracy: float, deployed_accuracy: float | None) -> bool:
-    """Send unless the candidate validates strictly worse than the deployed model (nothing deployed: send)."""
-    return deployed_accuracy is None or candidate_accuracy >= deployed_accuracy
+def should_send(candidate_accuracy: float, threshold: float | None, ties_send: bool = True) -> bool:
+    """Send unless the candidate validates worse than `threshold` (None: send); exactly `threshold` sends only
+    with `ties_send` (the reference keeps a fine-tuned epoch only when strictly better, multiround_dpu.py:326)."""
+    if threshold is None:
+        return True
+    return candidate_accuracy >= threshold if ties_send else candidate_accuracy > threshold
 
 
 def global_contribution(start: WeightDict, final: WeightDict) -> dict[str, np.ndarray]:
@@ -119,13 +136,14 @@ def select_top_k(metric: dict[str, np.ndarray], k: int) -> Masks:
     return masks
 
 
-def random_layer_masks(weights: WeightDict, ratio: float, rng: np.random.Generator) -> Masks:
-    """Per partially updated tensor, ⌊ratio · I_l⌋ positions drawn uniformly without replacement from `rng`."""
+def random_layer_masks(weights: WeightDict, ratio: float, rng: np.random.Generator,
+                       rounding: Rounding = "round") -> Masks:
+    """Per partially updated tensor, `per_layer_count` positions drawn uniformly without replacement from `rng`."""
     masks: Masks = {}
     for name, value in weights.items():
         if value.ndim > 1:
             chosen = np.zeros(value.size, dtype=bool)
-            chosen[rng.choice(value.size, size=partial_count_for_ratio(int(value.size), ratio), replace=False)] = True
+            chosen[rng.choice(value.size, size=per_layer_count(int(value.size), ratio, rounding), replace=False)] = True
             masks[name] = chosen.reshape(value.shape)
     return masks
 

@@ -104,7 +104,7 @@ class UpdateSpec(SectionModel):
     """How the server updates the deployed model each round.
 
     The fields are what every strategy shares. Any other key is the chosen strategy's own setting
-    (DPU's ``lambda``, ``reinit``, ``skip_if_worse``; full updating's ``full_variant``): kept here as an
+    (DPU's ``lambda``, ``reinit``, ``checkpoint``, …; full updating's ``full_variant``): kept here as an
     opaque mapping (``settings``), its name checked against the names the strategy declares in
     ``@register_strategy(name, settings=(...))`` (read from source, no import), and its value validated
     by the strategy's own ``Settings`` model (testbed.preflight, and the server when it builds the strategy).
@@ -117,6 +117,11 @@ class UpdateSpec(SectionModel):
     epochs: int = Field(20, ge=1, le=10_000)
     lr: float = Field(0.005, gt=0.0)
     batch_size: int = Field(64, ge=1)
+    round0: Literal["sparse", "full"] = "sparse"
+    """Round 0, the first deployment: ``sparse`` runs the strategy itself from w⁰ (a k-sparse update relative to
+    w⁰, as the DPU reference does, multiround_dpu.py:209-214); ``full`` trains every weight and sends them all.
+    Strategies that send no k-sparse update (``full``, and those registered with ``uses_ratio=False``) deploy a
+    full model either way."""
     index_codec: str = "auto"
     value_codec: str = "fp32"
     chunk_size: SizeBytes = Field(1024, alias="chunk_size")

@@ -28,6 +28,7 @@ from server.strategies import (
     should_send,
     zero_unselected,
 )
+from server.strategies.selection import per_layer_count
 from server.training import TrainingConfig, train_epochs
 from testbed.core.scenario import DataSpec, ModelSpec, UpdateSpec
 
@@ -95,29 +96,41 @@ def test_pruning_keeps_the_largest_absolute_values_and_zeroes_the_rest() -> None
 
 
 def test_random_masks_have_per_layer_counts_and_depend_only_on_the_seed() -> None:
-    weights = {"w1": np.zeros((10, 20), np.float32), "b1": np.zeros(20, np.float32), "w2": np.zeros((7, 3), np.float32)}
+    weights = {"w1": np.zeros((10, 20), np.float32), "b1": np.zeros(20, np.float32), "w2": np.zeros((7, 3), np.float32),
+               "w3": np.zeros((5, 3), np.float32), "w4": np.zeros((2, 9), np.float32)}
     masks = random_layer_masks(weights, 0.1, np.random.default_rng(5))
-    assert set(masks) == {"w1", "w2"}
-    assert int(masks["w1"].sum()) == 20 and int(masks["w2"].sum()) == 2  # ⌊0.1·200⌋, ⌊0.1·21⌋
+    assert set(masks) == {"w1", "w2", "w3", "w4"}
+    # round(k·I_l) as multiround_rpu.py:243: 0.1·200 = 20, 0.1·21 → 2, 0.1·15 = 1.5… → 2, 0.1·18 = 1.8 → 2
+    assert [int(masks[name].sum()) for name in ("w1", "w2", "w3", "w4")] == [20, 2, 2, 2]
+    floored = random_layer_masks(weights, 0.1, np.random.default_rng(5), rounding="floor")
+    assert [int(floored[name].sum()) for name in ("w1", "w2", "w3", "w4")] == [20, 2, 1, 1]
     again = random_layer_masks(weights, 0.1, np.random.default_rng(5))
     other = random_layer_masks(weights, 0.1, np.random.default_rng(6))
     assert all(np.array_equal(masks[name], again[name]) for name in masks)
     assert not np.array_equal(masks["w1"], other["w1"])
 
 
-def test_reinitialisation_trigger_is_at_twice_the_size() -> None:
-    assert not should_reinitialise(599, 300)
-    assert should_reinitialise(600, 300)
+def test_reinitialisation_trigger_is_more_than_twice_the_size_or_at_twice_by_the_old_rule() -> None:
+    assert not should_reinitialise(600, 300) and should_reinitialise(601, 300)  # multiround_dpu.py:221
     assert should_reinitialise(1000, 300)
     assert not should_reinitialise(300, 300)
+    assert not should_reinitialise(599, 300, strictly=False) and should_reinitialise(600, 300, strictly=False)
     with pytest.raises(ServerError):
         should_reinitialise(10, 0)
 
 
-def test_send_nothing_only_when_strictly_worse() -> None:
-    assert should_send(0.9, None)
+def test_send_nothing_when_worse_than_the_threshold_and_ties_as_asked() -> None:
+    assert should_send(0.9, None) and should_send(0.1, None, ties_send=False)
     assert should_send(0.9, 0.9)
     assert not should_send(0.89, 0.9)
+    assert not should_send(0.9, 0.9, ties_send=False) and should_send(0.91, 0.9, ties_send=False)
+
+
+def test_per_layer_count_rounds_like_python_or_floors() -> None:
+    assert [per_layer_count(size, 0.5, "round") for size in (1, 3, 5, 7)] == [0, 2, 2, 4]  # halves to even
+    assert [per_layer_count(size, 0.5, "floor") for size in (1, 3, 5, 7)] == [0, 1, 2, 3]
+    assert per_layer_count(1024, 0.03, "round") == 31 and per_layer_count(1024, 0.03, "floor") == 30
+    assert per_layer_count(4, 1.0, "round") == 4 and per_layer_count(0, 0.3, "round") == 0
 
 
 # ---------------------------------------------------------------- each strategy on a tiny real round
@@ -147,14 +160,19 @@ SMALL = {"ratio": 0.05, "epochs": 2, "batch_size": 32}
 
 
 def test_rpu_round_changes_only_random_per_layer_positions(tiny) -> None:  # type: ignore[no-untyped-def]
-    spec = UpdateSpec(strategy="rpu", **SMALL)
+    spec = UpdateSpec(strategy="rpu", **{**SMALL, "ratio": 0.03})
     _, _, deployed = tiny
     result = RandomPartialUpdating(spec).update(context_for(tiny, spec))
-    assert result.selected == math.floor(0.05 * 64 * 16) + math.floor(0.05 * 16 * 10)
+    # round(k·I_l) per layer (multiround_rpu.py:243): 0.03·1024 = 30.72 → 31, 0.03·160 = 4.8 → 5
+    assert result.selected == round(0.03 * 64 * 16) + round(0.03 * 16 * 10) == 36
     assert result.snapshot is None
-    for name, limit in (("0.weight", 51), ("2.weight", 8)):
+    for name, limit in (("0.weight", 31), ("2.weight", 5)):
         assert 0 < int(np.count_nonzero(result.weights[name] != deployed[name])) <= limit
+    floored = UpdateSpec(strategy="rpu", layer_count="floor", **{**SMALL, "ratio": 0.03})
+    assert RandomPartialUpdating(floored).update(context_for(tiny, floored)).selected == 30 + 4
     repeat = RandomPartialUpdating(spec).update(context_for(tiny, spec))
+    # The reference's bar: the deployed (start) model's validation accuracy, strictly beaten (multiround_rpu.py:268).
+    assert result.send_threshold is not None and not result.ties_send
     assert all(np.array_equal(result.weights[n], repeat.weights[n]) for n in result.weights)
     other_seed = RandomPartialUpdating(spec).update(context_for(tiny, spec, seed=4))
     changed = result.weights["0.weight"] != deployed["0.weight"]
@@ -177,6 +195,8 @@ def test_pruning_round_is_a_sparse_snapshot_trained_from_initial_weights(tiny) -
     result = PruningUpdating(spec).update(context_for(tiny, spec))
     k = math.floor(0.05 * TOTAL)
     assert result.snapshot == "sparse" and result.selected == k
+    # The reference's bar: w⁰'s validation accuracy; a tie sends only the pruned point (multiround_pruning.py:271).
+    assert result.send_threshold is not None and result.ties_send == (result.checkpoint_epoch == 0)
     nonzero = sum(int(np.count_nonzero(v)) for v in result.weights.values() if v.ndim > 1)
     assert 0 < nonzero <= k
     # The start point is w⁰, not the deployed weights: another deployed model gives the same result.

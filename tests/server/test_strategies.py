@@ -142,7 +142,8 @@ def test_rewind_keeps_selected_and_one_dimensional_trained_values() -> None:
 
 
 def test_registry_and_factory() -> None:
-    assert set(STRATEGIES.names()) == {"full", "dpu", "gcpu", "lcpu", "rpu", "pruning", "magnitude"}
+    assert set(STRATEGIES.names()) == {"full", "dpu", "gcpu", "lcpu", "rpu", "pruning", "magnitude", "no-update",
+                                       "biases-only"}
     assert STRATEGIES.get("full") is FullUpdating and STRATEGIES.get("dpu") is DeepPartialUpdating
     for name, strategy in STRATEGIES.load_all().items():
         made = make_strategy(UpdateSpec(strategy=name))
@@ -155,9 +156,9 @@ def test_registry_and_factory() -> None:
 class RecordingDPU(DeepPartialUpdating):
     """DPU that remembers the masks it fine-tuned with."""
 
-    def sparse_fine_tune(self, context, base, masks):  # type: ignore[no-untyped-def]
+    def sparse_fine_tune(self, context, base, masks, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.masks = masks
-        return super().sparse_fine_tune(context, base, masks)
+        return super().sparse_fine_tune(context, base, masks, *args, **kwargs)
 
 
 def test_dpu_round_changes_only_the_selected_weights() -> None:

@@ -62,9 +62,10 @@ def test_each_dpu_round_changes_at_most_k_partial_weights_of_its_base(
 ) -> None:
     server, outcomes = dpu_run
     first = outcomes[0]
-    assert first.previous_weights is None and first.selected is None and first.base_version is None
     total = 64 * 128 + 128 * 64 + 64 * 10
     k = math.floor(0.05 * total)
+    assert first.previous_weights is None and first.selected == k and first.base_version == 0
+    assert 0 < changed_partial_weights(server.initial_weights, first.weights) <= k
     version = 1
     for outcome, before in zip(outcomes[1:], outcomes[:-1]):
         assert outcome.previous_weights is before.weights
@@ -153,27 +154,41 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
-def test_round_zero_is_a_full_snapshot_from_the_regenerable_initial_weights() -> None:
-    server = UpdateServer(scenario(rounds=1, update={"epochs": 2}))
+@pytest.mark.parametrize("strategy", ["dpu", "gcpu", "rpu"])
+def test_round_zero_is_a_k_sparse_update_from_the_regenerable_initial_weights(strategy: str) -> None:
+    server = UpdateServer(scenario(rounds=1, update={"strategy": strategy, "epochs": 2}))
     regenerated = initial_weights(layout_of(server.initial_weights), server.seed)
     assert_same(server.initial_weights, regenerated)
     assert_same(get_weights(server.build_device_model()), regenerated)
     (outcome,) = server.run_all()
-    assert outcome.version == 1 and outcome.sent and outcome.base_version is None and not outcome.reinitialised
+    assert outcome.version == 1 and outcome.sent and outcome.base_version == 0 and not outcome.reinitialised
     header = decode_update(outcome.payload).header
-    assert header.is_full_snapshot and header.target_version == 1
+    assert not header.is_snapshot and (header.base_version, header.target_version) == (0, 1)
+    # The reference's round 0: k positions of w⁰ (multiround_dpu.py:209); RPU's k is Σ round(0.05·I_l).
+    k = math.floor(0.05 * 17024) if strategy != "rpu" else round(0.05 * 64 * 128) * 2 + round(0.05 * 64 * 10)
+    assert outcome.selected == k and 0 < header.k <= k
+    assert 0 < changed_partial_weights(regenerated, outcome.weights) <= k
     assert_same(device_apply(regenerated, 0, regenerated, outcome.payload), outcome.weights)
 
 
+def test_round0_full_deploys_the_whole_model_as_before() -> None:
+    server = UpdateServer(scenario(rounds=1, update={"epochs": 2, "round0": "full"}))
+    (outcome,) = server.run_all()
+    assert outcome.sent and outcome.base_version is None and outcome.selected is None
+    header = decode_update(outcome.payload).header
+    assert header.is_full_snapshot and header.target_version == 1
+    assert changed_partial_weights(server.initial_weights, outcome.weights) > 0.5 * outcome.partial_count
+
+
 def test_reinitialisation_rounds_are_relative_to_initial_weights_and_devices_follow() -> None:
-    # 300, 500, 700, 900 samples: 700 ≥ 2·300 re-initialises at round 2; 900 < 2·700 does not.
+    # 300, 500, 700, 900 samples: 700 > 2·300 re-initialises at round 2; 900 < 2·700 does not.
     # (The size is reset when a re-init round runs, sent or not, so a rejected one is not retried each round.)
     server = UpdateServer(scenario(update={"epochs": 3, "skip_if_worse": False}))
     seen: list[RoundOutcome] = []
     outcomes = server.run_all(seen.append)
     assert seen == outcomes
     assert [o.reinitialised for o in outcomes] == [False, False, True, False]
-    assert [o.base_version for o in outcomes] == [None, 1, 0, 3]
+    assert [o.base_version for o in outcomes] == [0, 1, 0, 3]
     assert [o.version for o in outcomes] == [1, 2, 3, 4] and all(o.sent for o in outcomes)
     k = math.floor(0.05 * outcomes[0].partial_count)
     assert changed_partial_weights(server.initial_weights, outcomes[2].weights) <= k
@@ -189,7 +204,7 @@ def test_without_reinit_every_update_is_relative_to_the_last_version() -> None:
     server = UpdateServer(scenario(update={"epochs": 2, "reinit": False, "skip_if_worse": False}))
     outcomes = server.run_all()
     assert [o.reinitialised for o in outcomes] == [False] * 4
-    assert [o.base_version for o in outcomes] == [None, 1, 2, 3]
+    assert [o.base_version for o in outcomes] == [0, 1, 2, 3]
 
 
 class SabotagingStrategy(Strategy):
