@@ -82,29 +82,57 @@ def regularised_incomplete_beta(a: float, b: float, x: float) -> float:
     return 1.0 - math.exp(log_front) * _continued_fraction_beta(b, a, 1.0 - x) / b
 
 
+def _central_mass(t: float, degrees_of_freedom: float) -> float:
+    """P(0 ≤ T ≤ |t|), accurate for small |t| (where 1 − tail would cancel)."""
+    return 0.5 * regularised_incomplete_beta(0.5, degrees_of_freedom / 2.0, t * t / (degrees_of_freedom + t * t))
+
+
+def _tail_mass(t: float, degrees_of_freedom: float) -> float:
+    """P(T > |t|), accurate for large |t|."""
+    return 0.5 * regularised_incomplete_beta(degrees_of_freedom / 2.0, 0.5, degrees_of_freedom / (degrees_of_freedom + t * t))
+
+
+def _check_degrees_of_freedom(degrees_of_freedom: float) -> None:
+    if not degrees_of_freedom > 0:
+        raise StatisticsError(f"degrees of freedom must be > 0, got {degrees_of_freedom}")
+
+
 def t_cdf(t: float, degrees_of_freedom: float) -> float:
     """P(T ≤ t) for Student's t with `degrees_of_freedom` > 0."""
-    if degrees_of_freedom <= 0:
-        raise StatisticsError(f"degrees of freedom must be > 0, got {degrees_of_freedom}")
-    tail = 0.5 * regularised_incomplete_beta(degrees_of_freedom / 2.0, 0.5,
-                                             degrees_of_freedom / (degrees_of_freedom + t * t))
+    _check_degrees_of_freedom(degrees_of_freedom)
+    if t * t < degrees_of_freedom:
+        central = _central_mass(t, degrees_of_freedom)
+        return 0.5 + central if t >= 0 else 0.5 - central
+    tail = _tail_mass(t, degrees_of_freedom)
     return 1.0 - tail if t >= 0 else tail
 
 
 def t_quantile(probability: float, degrees_of_freedom: float) -> float:
-    """The t with P(T ≤ t) = `probability` (bisection on `t_cdf` to float precision)."""
+    """The t with P(T ≤ t) = `probability`: bisection to float precision on the central mass P(0 ≤ T ≤ t) for
+    probabilities up to 0.75, on the tail mass P(T > t) above (each exact as a float: p − 0.5, 1 − p)."""
+    _check_degrees_of_freedom(degrees_of_freedom)
     if not 0.0 < probability < 1.0:
         raise StatisticsError(f"probability must be in (0, 1), got {probability}")
     if probability < 0.5:
         return -t_quantile(1.0 - probability, degrees_of_freedom)
+    if probability <= 0.75:
+        central = probability - 0.5
+
+        def below(t: float) -> bool:
+            return _central_mass(t, degrees_of_freedom) < central
+    else:
+        tail = 1.0 - probability
+
+        def below(t: float) -> bool:
+            return _tail_mass(t, degrees_of_freedom) > tail
     low, high = 0.0, 1.0
-    while t_cdf(high, degrees_of_freedom) < probability:
+    while below(high):
         low, high = high, 2.0 * high
-    for _ in range(200):
+    for _ in range(2000):
         middle = 0.5 * (low + high)
         if middle in (low, high):
             break
-        if t_cdf(middle, degrees_of_freedom) < probability:
+        if below(middle):
             low = middle
         else:
             high = middle
@@ -115,9 +143,13 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple
     """(mean, low, high): the Student t interval for the mean of `values` (at least two)."""
     if len(values) < 2:
         raise StatisticsError(f"a t interval needs at least 2 values, got {len(values)}")
-    array = np.asarray(values, dtype=np.float64)
-    mean = float(array.mean())
-    half_width = t_quantile(0.5 + confidence / 2.0, len(array) - 1) * float(array.std(ddof=1)) / math.sqrt(len(array))
+    if min(values) == max(values):  # no spread: the interval is the value (a rounded mean would leave an ulp)
+        return values[0], values[0], values[0]
+    # Exactly rounded sums: a sample repeated gives the same mean and a doubled sum of squares, to the bit.
+    n = len(values)
+    mean = math.fsum(values) / n
+    deviation = math.sqrt(math.fsum((value - mean) ** 2 for value in values) / (n - 1))
+    half_width = t_quantile(0.5 + confidence / 2.0, n - 1) * deviation / math.sqrt(n)
     return mean, mean - half_width, mean + half_width
 
 
