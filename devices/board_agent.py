@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from devices.agent import InferenceModel
 from devices.board_energy import BoardEnergy
 from devices.board_state import BoardStateStore
-from devices.energy_meters import EnergyMeter, PhaseEnergy
+from devices.board_updates import AppliedUpdate, BoardConfigRefused, BoardSetup, BoardUpdates, Deployment
+from devices.energy_meters import EnergyMeter
 from devices.profiles import DeviceProfile
 from devices.frame_order import LinkSettings
 from devices.reliable_serial import ReliableSerialLink
@@ -29,11 +27,10 @@ from devices.serial_framing import (
 )
 from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
 from devices.task_groups import run_together
-from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
+from devices.update_receiver import CompletedUpdate, UpdateReceiver
 from testbed.core.manifest import RejectReason, UpdateRejected
-from testbed.core.messages import MAX_CONFIG_MESSAGE_BYTES, BoardConfig, DeviceNack, DeviceReport, MessageError
-from testbed.core.signing import SigningKeyError, TrustedKey
-from testbed.core.wire import weights_hash
+from testbed.core.messages import MAX_CONFIG_MESSAGE_BYTES, BoardConfig, DeviceReport, MessageError
+from testbed.core.signing import TrustedKey
 
 logger = logging.getLogger("devices.board")
 
@@ -66,24 +63,12 @@ def board_config_from_payload(payload: bytes) -> BoardConfig:
         raise SerialFrameError(str(error)) from None
 
 
-BoardSetup = Callable[[BoardConfig], InferenceModel]
-"""Builds the model and the local test split a board runs (testbed.inference.device_inference)."""
-
-
-@dataclass
-class _Deployment:
-    """A configured board: its run, its model and what it holds."""
-
-    config: BoardConfig
-    inference: InferenceModel
-    receiver: UpdateReceiver
-
-
 class BoardAgent:
     """The device side of a serial-attached board; `await agent.run()` serves until cancelled.
 
     Takes the same verify-then-swap rule as the emulated agent (devices.update_receiver) and measures
-    energy with `meter`, integrated over the phases receive, apply, evaluate, transmit and idle. Frames
+    energy with `meter`, integrated over the phases receive, apply, evaluate, transmit and idle; what it
+    does with an update is devices.board_updates, shared with the network board. Frames
     travel over a ReliableSerialLink (in order, once, sent again when lost); a host that stops answering
     ends the link, which is reopened every second, and transfers in flight are dropped (the run sends a
     catch-up). Reports and rejections the host never acknowledged are sent again once it configures the
@@ -101,17 +86,14 @@ class BoardAgent:
                  open_link: Callable[[], Awaitable[SerialLink]] | None = None,
                  link_settings: LinkSettings | None = None, trusted_key: TrustedKey | None = None) -> None:
         self.port = port
-        self.trusted_key = trusted_key
         self.board_name = board_name
         self.profile = profile
         self.meter = meter
-        self.setup = setup
         self.baud = baud
-        self.state = state
+        self.updates = BoardUpdates(board_name, profile, meter, setup, state, trusted_key)
         self.max_frame_bytes = max_frame_bytes
         self.link_settings = link_settings
         self._open_link = open_link or (lambda: SerialLink.open(port, baud, max_frame_bytes=max_frame_bytes))
-        self.deployment: _Deployment | None = None
         self.sessions = 0
         self.failed_frames = 0
         self.configured = asyncio.Event()
@@ -119,11 +101,18 @@ class BoardAgent:
         self._pieces: dict[tuple[str, int], bytearray] = {}
         self._pending_results: list[Frame] = []  # reports/rejections of a link that ended unacknowledged
         self._frames_resent_before = 0  # by the links of earlier sessions
-        self.energy = BoardEnergy(meter)
         self._bytes_received_before = 0  # serial bytes of earlier sessions
         self._bytes_sent_before = 0
         self._round_received_from = 0
         self._round_sent_from = 0
+
+    @property
+    def deployment(self) -> Deployment | None:
+        return self.updates.deployment
+
+    @property
+    def energy(self) -> BoardEnergy:
+        return self.updates.energy
 
     @property
     def frames_resent(self) -> int:
@@ -186,7 +175,7 @@ class BoardAgent:
 
     @property
     def rejected_updates(self) -> int:
-        return self.deployment.receiver.rejected_updates if self.deployment else 0
+        return self.updates.rejected_updates
 
     def _keep_results(self, link: ReliableSerialLink) -> None:
         """Reports and rejections the host did not acknowledge: sent again after the next config."""
@@ -219,36 +208,23 @@ class BoardAgent:
     async def _configure(self, payload: bytes) -> None:
         try:
             config = board_config_from_payload(payload)
-            run_key = TrustedKey.from_text(config.public_key)
-        except (SerialFrameError, SigningKeyError) as error:
+            self.updates.check_trust(config)
+        except SerialFrameError as error:
             await self._send(MessageType.READY, json_payload({"error": f"bad config: {error}"}))
             return
-        if self.trusted_key is not None and run_key != self.trusted_key:
-            await self._send(MessageType.READY, json_payload({
-                "error": f"run {config.run} signs its updates with key {run_key.key_id}…, but this board trusts "
-                         f"only {self.trusted_key.key_id}… (testbed board --trust); give the run that key's "
-                         "signing key (testbed run --signing-key)"}))
+        except BoardConfigRefused as error:
+            await self._send(MessageType.READY, json_payload({"error": str(error)}))
             return
-        current = self.deployment
-        if current is None or (current.config.run, current.config.device, current.config.public_key) != (
-                config.run, config.device, config.public_key):
+        if not self.updates.holds(config):
             self.configured.clear()
             self._pending_results.clear()  # reports of another run
             try:
-                inference = await asyncio.to_thread(self.setup, config)
-                receiver = UpdateReceiver(inference.initial_weights(), config.init_seed,
-                                          UpdateTrust(config.run, run_key))
-                saved = self.state.load(config.run, config.device) if self.state else None
-                if saved is not None:
-                    receiver.restore(saved.version, saved.weights)
-                await asyncio.to_thread(inference.load_weights, receiver.weights)
-            except Exception as error:  # noqa: BLE001 — any setup failure is reported to the host, which stops the run
-                logger.exception("board %s: cannot set up for %s", self.board_name, config.device)
-                await self._send(MessageType.READY, json_payload({"error": f"board cannot set up: {error!r}"}))
+                await self.updates.deploy(config)
+            except BoardConfigRefused as error:
+                await self._send(MessageType.READY, json_payload({"error": str(error)}))
                 return
-            self.deployment = _Deployment(config, inference, receiver)
-            if saved is not None:
-                await self._log(f"resumed {config.device} of run {config.run} at version {saved.version}")
+            if self.updates.resumed_version is not None:
+                await self._log(f"resumed {config.device} of run {config.run} at version {self.updates.resumed_version}")
         self._drop_transfers()
         deployment = self.deployment
         assert deployment is not None
@@ -265,10 +241,9 @@ class BoardAgent:
         for frame in pending:
             await self._send(frame.message_type, frame.payload)
 
-    async def _update_frame(self, deployment: _Deployment, frame: Frame) -> None:
+    async def _update_frame(self, deployment: Deployment, frame: Frame) -> None:
         receiver = deployment.receiver
-        if self.energy.phase == "idle":
-            self.energy.begin_phase("receive")
+        self.updates.begin_receiving()
         try:
             if frame.message_type == MessageType.MANIFEST:
                 completed = receiver.add_manifest_payload(frame.payload)
@@ -282,16 +257,15 @@ class BoardAgent:
             # Counted by the receiver; only a genuine update the board could not use asks for a catch-up.
             if error.reason.asks_for_repair:
                 self._drop_transfers()
-                await self._reject(deployment, f"rejected: {error}")
+                await self._reject(f"rejected: {error}")
             else:
                 await self._log(f"refused a {frame.message_type.name} frame: {str(error)[:200]}")
-            if not receiver.transfers_in_flight and not self._pieces:
-                self.energy.begin_phase("idle")
+            self.updates.end_receiving(bool(self._pieces))
             return
         if completed is not None:
             await self._apply_and_report(deployment, completed)
-        elif not receiver.transfers_in_flight and not self._pieces:
-            self.energy.begin_phase("idle")
+        else:
+            self.updates.end_receiving(bool(self._pieces))
 
     def _add_chunk_piece(self, receiver: UpdateReceiver, piece: UpdateChunk, flags: int) -> CompletedUpdate | None:
         if (piece.key, piece.index) not in self._pieces and len(self._pieces) >= MAX_PIECES_IN_FLIGHT:
@@ -306,48 +280,26 @@ class BoardAgent:
             return None
         return receiver.add_chunk(piece.key, piece.index, bytes(self._pieces.pop((piece.key, piece.index))))
 
-    async def _apply_and_report(self, deployment: _Deployment, completed: CompletedUpdate) -> None:
-        completed_at = time.monotonic()
-        receiver = deployment.receiver
-        self.energy.begin_phase("apply")
+    async def _apply_and_report(self, deployment: Deployment, completed: CompletedUpdate) -> None:
         try:
-            version, weights = await asyncio.to_thread(receiver.verify, completed)
+            applied = await self.updates.apply(completed)
         except UpdateRejected as error:
-            await self._reject(deployment, f"update {completed.manifest.key} rejected: {error}")
+            await self._reject(f"update {completed.manifest.key} rejected: {error}")
             return
-        await asyncio.to_thread(deployment.inference.load_weights, weights)
-        receiver.commit(version, weights)
-        if self.state is not None:
-            await asyncio.to_thread(self.state.save, deployment.config.run, deployment.config.device,
-                                    version, weights)
-        apply_s = time.monotonic() - completed_at
-        self.energy.begin_phase("evaluate")
-        started = time.monotonic()
-        accuracy = await asyncio.to_thread(deployment.inference.accuracy)
-        evaluate_s = time.monotonic() - started
-        self.energy.begin_phase("transmit")
-        energy = self.energy.close_round()
-        report = self._report(deployment, completed, accuracy, apply_s, evaluate_s, energy,
-                              report_delay_s=time.monotonic() - completed_at)
-        await self._send(MessageType.REPORT, report.encode())
-        await self._log(f"applied {completed.manifest.key}: version {version}, accuracy {accuracy:.4f}, "
-                        f"{energy.total_joules:.3f} J since the last report")
-        self.energy.begin_phase("idle")
+        await self._send(MessageType.REPORT, self._report(applied).encode())
+        await self._log(f"applied {completed.manifest.key}: version {deployment.receiver.version}, accuracy "
+                        f"{applied.accuracy:.4f}, {applied.energy.total_joules:.3f} J since the last report")
+        self.updates.idle()
 
-    async def _reject(self, deployment: _Deployment, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         logger.warning("board %s: %s", self.board_name, reason)
         self.energy.begin_phase("transmit")
-        nack = DeviceNack(device=deployment.config.device, version=deployment.receiver.version, reason=reason[:1024],
-                          session=self.sessions)
-        await self._send(MessageType.APPLY_RESULT, nack.encode())
-        self.energy.begin_phase("idle")
+        await self._send(MessageType.APPLY_RESULT, self.updates.nack(reason, session=self.sessions).encode())
+        self.updates.idle()
 
     def _drop_transfers(self) -> None:
         self._pieces.clear()
-        if self.deployment is not None:
-            self.deployment.receiver.drop_transfers()
-        if self.energy.phase == "receive":
-            self.energy.begin_phase("idle")
+        self.updates.drop_transfers()
 
     async def _send(self, message_type: MessageType, payload: bytes) -> Frame:
         link = self._link
@@ -360,32 +312,14 @@ class BoardAgent:
         logger.info("board %s: %s", self.board_name, line)
         await self._send(MessageType.LOG, log_payload(line)[: self.max_frame_bytes - 64])
 
-    def _report(self, deployment: _Deployment, completed: CompletedUpdate, accuracy: float, apply_s: float,
-                evaluate_s: float, energy: PhaseEnergy, report_delay_s: float) -> DeviceReport:
+    def _report(self, applied: AppliedUpdate) -> DeviceReport:
         link = self._link
         received_total = self._bytes_received_before + (link.bytes_received if link else 0)
         sent_total = self._bytes_sent_before + (link.bytes_sent if link else 0)
-        report = DeviceReport(
-            device=deployment.config.device,
-            profile=self.profile.name,
-            kind_of_device="serial",
-            round=completed.manifest.round_index,
-            version=deployment.receiver.version,
-            weights_hash=weights_hash(deployment.receiver.weights).hex(),
-            accuracy=float(accuracy),
-            update_bytes=len(completed.payload),
-            received_bytes=received_total - self._round_received_from,
-            transmitted_bytes=sent_total - self._round_sent_from,
-            total_received_bytes=received_total,
-            published_at=completed.manifest.published_at,
-            report_delay_seconds=report_delay_s,
-            apply_seconds=apply_s,
-            evaluate_seconds=evaluate_s,
-            **self.energy.report_fields(energy),
-            rejected_updates=self.rejected_updates,
-            rejected_by_reason=deployment.receiver.rejected_by_reason,
+        report = self.updates.report(
+            applied, kind="serial", received_bytes=received_total - self._round_received_from,
+            transmitted_bytes=sent_total - self._round_sent_from, total_received_bytes=received_total,
             serial_frames_lost=self.frames_resent,  # lost on the line (or their ACK was) and sent again
         )
         self._round_received_from, self._round_sent_from = received_total, sent_total
         return report
-
