@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # that `testbed validate` loads nothing beyond testbed.core.
 COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.channel_command",
                    "board": "testbed.hil_commands", "attach": "testbed.hil_commands",
+                   "device": "testbed.device_commands",
                    "broker-config": "testbed.broker_config",
                    "keygen": "testbed.key_commands",
                    "data": "testbed.data_commands"}
@@ -160,7 +161,10 @@ class _RichProgress:
         self.broker = "broker"  # what the run started ("embedded amqtt", "mosquitto 2.0.11"), said in the header
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "waiting-for-board":
+        if event == "waiting-for-board" and data.get("network"):
+            self.console.print(f"waiting for board {data['device']}: its link listens on {data['broker']}; on the "
+                               f"board, run\n  {data['command']}", highlight=False, markup=False)
+        elif event == "waiting-for-board":
             self.console.print(
                 f"waiting for board {data['device']}: on the host it is attached to, run\n"
                 f"  testbed attach --name {data['device']} --broker {data['broker']} --port PORT"

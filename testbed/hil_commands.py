@@ -8,7 +8,7 @@ import logging
 import socket
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from devices.serial_bridge import BridgeError, SerialBridge
 from devices.task_groups import run_together
 from testbed.core.messages import BoardConfig, MessageError, RunConfig, RunFinished, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint, credentials_refused
-from testbed.core.scenario import ScenarioError, parse_scenario
+from testbed.core.scenario import Scenario, ScenarioError, parse_scenario
 from testbed.core.signing import SigningKeyError, TrustedKey
 from testbed.core.topics import Topics
 
@@ -71,16 +71,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     attach.add_argument("--name", required=True, help="the device name in the scenario (devices: [{name: ...}])")
     attach.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
                         help="where the run said to attach (its link for this device), default 127.0.0.1:1883")
-    attach.add_argument("--run", default=None, help="run id (default: the newest run that has a device NAME)")
-    attach.add_argument("--username", default=None,
-                        help="the device's own MQTT username, when the broker checks identities (default with "
-                             "--password-file: NAME)")
-    attach.add_argument("--password-file", type=Path, default=None, metavar="FILE",
-                        help="file whose first line is the device's MQTT password (its broker.device_credentials)")
-    attach.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
-                        help="CA certificate of a TLS broker (mqtts://): TLS runs through the run's link to the broker")
+    add_run_arguments(attach)
     attach.add_argument("--out", type=Path, default=Path("."), help="folder for serial/NAME.log (default .)")
     attach.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options saying which run to join and as whom (`attach`, `device`): --run, --username, --password-file,
+    --ca-file (read by `join_run`)."""
+    parser.add_argument("--run", default=None, help="run id (default: the newest run that has a device NAME)")
+    parser.add_argument("--username", default=None,
+                        help="the device's own MQTT username, when the broker checks identities (default with "
+                             "--password-file: NAME)")
+    parser.add_argument("--password-file", type=Path, default=None, metavar="FILE",
+                        help="file whose first line is the device's MQTT password (its broker.device_credentials)")
+    parser.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
+                        help="CA certificate of a TLS broker (mqtts://): TLS runs through the run's link to the broker")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,23 +203,42 @@ async def find_run_config(endpoint: MqttEndpoint, device_id: str, run_id: str | 
     return found
 
 
-async def _attach(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class JoinedRun:
+    """The run a device joins (found on the broker through its link), and what the device needs of it."""
+
+    endpoint: MqttEndpoint
+    config: RunConfig
+    board: BoardConfig
+    scenario: Scenario
+
+
+async def join_run(command: str, args: argparse.Namespace) -> JoinedRun | int:
+    """The run device `args.name` joins at `args.broker` (`add_run_arguments`), or the exit code after printing why
+    it cannot (one line)."""
     try:
         endpoint = attach_endpoint(args)
     except ValueError as error:
-        return _fail("attach", str(error), EXIT_BAD_ARGUMENTS)
+        return _fail(command, str(error), EXIT_BAD_ARGUMENTS)
     try:
         config = await find_run_config(endpoint, args.name, args.run)
         scenario = parse_scenario(config.scenario, "the run's config")
-        board = config.board_config(args.name)
+        return JoinedRun(endpoint, config, config.board_config(args.name), scenario)
     except (BridgeError, ScenarioError, MessageError) as error:
-        return _fail("attach", str(error))
+        return _fail(command, str(error))
     except aiomqtt.MqttError as error:
         if credentials_refused(error):
-            return _fail("attach", f"the broker at {args.broker} refused {endpoint.username or 'an anonymous client'}: "
-                                   f"{str(error).lower()} (check --username and --password-file)", EXIT_BAD_ARGUMENTS)
-        return _fail("attach", f"cannot reach the broker at {args.broker}: {error}")
-    profile = scenario.device_profiles()[args.name]
+            return _fail(command, f"the broker at {args.broker} refused {endpoint.username or 'an anonymous client'}: "
+                                  f"{str(error).lower()} (check --username and --password-file)", EXIT_BAD_ARGUMENTS)
+        return _fail(command, f"cannot reach the broker at {args.broker}: {error}")
+
+
+async def _attach(args: argparse.Namespace) -> int:
+    joined = await join_run("attach", args)
+    if isinstance(joined, int):
+        return joined
+    endpoint, config, board = joined.endpoint, joined.config, joined.board
+    profile = joined.scenario.device_profiles()[args.name]
     log_path = args.out / "serial" / f"{args.name}.log"
     bridge = SerialBridge(args.name, profile, args.port, Topics(config.run), endpoint, board,
                           baud=args.baud, log_path=log_path)

@@ -28,6 +28,7 @@ from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioEr
 from testbed.core.seeds import Stream, derived_seed
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
+from testbed.device_commands import advertised_host, device_command_line
 from testbed.inference import TorchInference
 from testbed.links import DeviceLinks
 from testbed.metrics import MetricsExporter, RunMetrics
@@ -149,20 +150,24 @@ class RunAssembly:
         entries = self.scenario.device_entries()
         for index, (device_id, profile_name) in enumerate(self.profiles.items()):
             seed = derived_seed(self.scenario.seed, Stream.DEVICE_LINK, index)
+            entry = entries[device_id]
+            listen_host = (entry.listen or "127.0.0.1") if entry.network else None  # a board on another host
             try:
-                link = await stack.enter_async_context(links.open(device_id, (endpoint.host, endpoint.port), seed=seed))
+                link = await stack.enter_async_context(links.open(device_id, (endpoint.host, endpoint.port), seed=seed,
+                                                                  listen_host=listen_host))
             except ChannelError as error:  # e.g. a kernel without sch_netem: one clear line, not a traceback
                 raise RunError(f"channel backend {self.scenario.channel.backend!r} cannot open the link of "
                                f"{device_id}: {error}") from error
             self.device_links[device_id] = link
             self.metrics.add_device(device_id, profile_name, link)
             via = self.device_endpoint(endpoint, device_id).via(*link.address)
-            members.append(self._member(entries[device_id], device_id, profile_name, index, via, links, server))
+            members.append(self._member(entry, device_id, profile_name, index, via, links, server))
         return members
 
     def _member(self, entry: DeviceGroup, device_id: str, profile_name: str, index: int, via: MqttEndpoint,
                 links: DeviceLinks, server: UpdateServer) -> FleetMember:
-        """What stands for the device: an emulated agent, a bridge to a serial board, or a board attached by hand."""
+        """What stands for the device: an emulated agent, a bridge to a serial board, or a board that joins by itself
+        (attached by hand, or on the network: then the run says the command that joins it)."""
         if entry.kind == "emulated":
             inference = TorchInference(server.build_device_model(), server.device_test_split(index))
             downlink, uplink = links.parameters(device_id)
@@ -177,8 +182,13 @@ class RunAssembly:
                                 board,
                                 baud=entry.baud, log_path=self.out_dir / "serial" / f"{device_id}.log")
         self.external_devices[device_id] = ExternalDevice(device_id)
-        self.progress("waiting-for-board", {"device": device_id, "broker": f"{via.host}:{via.port}",
-                                            "run_id": self.run_id, "username": via.username})
+        waiting: dict[str, Any] = {"device": device_id, "broker": f"{via.host}:{via.port}", "run_id": self.run_id,
+                                   "username": via.username}
+        if entry.kind == "network":
+            host = advertised_host(via.host)
+            waiting.update(broker=f"{host}:{via.port}", network=True, command=device_command_line(
+                host, via.port, device_id, self.run_id, self.trusted_key.text, via.username, via.tls_enabled))
+        self.progress("waiting-for-board", waiting)
         return self.external_devices[device_id]
 
     def run_config(self, init_seed: int) -> RunConfig:

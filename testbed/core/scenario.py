@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import copy
+import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -318,6 +319,8 @@ class DeviceGroup(SectionModel):
     A named device with `serial` is a board on that port (a device path, or socket://host:port for a
     serial server such as ser2net): the run starts its host bridge. With `external: true` the bridge is
     started separately (`testbed attach`, possibly on another host) and the run waits for it to join.
+    With `network: true` it is a board on the network running `testbed device`: the run serves the device's
+    emulated link on `listen` (loopback unless set; 0.0.0.0 for every interface) and waits for it to join.
     """
 
     profile: str
@@ -326,26 +329,47 @@ class DeviceGroup(SectionModel):
     serial: str | None = Field(None, min_length=1)
     baud: int = Field(115200, ge=50, le=4_000_000)
     external: bool = False
+    network: bool = False
+    listen: str | None = None
+    """The address a network device's link endpoint listens on (None: 127.0.0.1)."""
 
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, name: str) -> str:
         return DEVICE_PROFILES.check(name)
 
+    @field_validator("listen")
+    @classmethod
+    def _ip_address(cls, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"listen must be an IP address of this host (127.0.0.1, 0.0.0.0 for every interface, "
+                             f"or one interface's address), got {host!r}") from None
+        return host
+
     @model_validator(mode="after")
     def _count_or_name(self) -> DeviceGroup:
         if self.count is not None and self.name is not None:
             raise ValueError("give either 'count' (a group of emulated devices) or 'name' (one device), not both")
-        if (self.serial is not None or self.external) and self.name is None:
-            raise ValueError("a board in the loop ('serial' or 'external') needs a 'name' (one device per board)")
+        if (self.serial is not None or self.external or self.network) and self.name is None:
+            raise ValueError("a board in the loop ('serial', 'external' or 'network') needs a 'name' "
+                             "(one device per board)")
         if self.serial is not None and self.external:
             raise ValueError("give either 'serial' (the run starts the bridge) or 'external: true' "
                              "(`testbed attach` starts it), not both")
+        if self.network and (self.serial is not None or self.external):
+            raise ValueError("'network: true' (a board on the network running `testbed device`) excludes 'serial' "
+                             "and 'external' (a board on a serial line): give one of them")
+        if self.listen is not None and not self.network:
+            raise ValueError("'listen' is where a network device's link endpoint listens: it needs 'network: true'")
         return self
 
     @property
     def kind(self) -> str:
-        """emulated, serial or external."""
+        """emulated, serial, external or network."""
+        if self.network:
+            return "network"
         return "serial" if self.serial is not None else "external" if self.external else "emulated"
 
     def device_ids(self) -> list[str]:
