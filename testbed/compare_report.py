@@ -149,6 +149,20 @@ def paper_reference_table() -> str:
     return f"Paper (DPU reference README), MNIST MLP, k = 0.005, Δ acc vs full (pp): {cells}"
 
 
+OFF_SCALE_MIN_DEFICIT = 0.10
+"""A strategy whose mean accuracy is this far below full updating's (and 3× the median strategy's deficit) is
+named below the plot instead of stretching its axis (pruning at small k collapses to chance)."""
+
+
+def _off_scale(deficits: dict[str, float]) -> set[str]:
+    """The labels whose deficit to full updating would flatten every other line of the plot."""
+    if not deficits:
+        return set()
+    ordered = sorted(deficits.values())
+    threshold = max(OFF_SCALE_MIN_DEFICIT, 3.0 * ordered[len(ordered) // 2])
+    return {label for label, deficit in deficits.items() if deficit > threshold}
+
+
 def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
     """Test accuracy per round, one panel per ratio: per strategy the mean over seeds and its 95% t band."""
     import matplotlib
@@ -159,19 +173,34 @@ def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
 
     uses_ratio, ratios = _ratios(rows)
     figure, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), squeeze=False, sharey=True)
-    colours = plt.get_cmap("tab20" if len(uses_ratio) > 10 else "tab10")
+    palette = plt.get_cmap("tab20").colors  # dark and light pairs: the ten dark ones first
+    colours = [*palette[0::2], *palette[1::2]]
+    shown_lows: list[float] = []
     for axis, ratio in zip(axes[0], ratios):
-        for number, label in enumerate(uses_ratio):
+        bands = {}
+        for label in uses_ratio:
             series = _series(_shown_at(rows, label, ratio, uses_ratio[label]))
             rounds = sorted({r for by_round in series.values() for r in by_round})
-            bands = [mean_band([by_round[r] / 100.0 for by_round in series.values() if r in by_round])
-                     for r in rounds]
+            bands[label] = (rounds, [mean_band([by_round[r] / 100.0 for by_round in series.values() if r in by_round])
+                                     for r in rounds])
+        full_mean = _mean([band[0] for band in bands[REFERENCE_STRATEGY][1]])
+        off_scale = _off_scale({label: full_mean - _mean([band[0] for band in label_bands])
+                                for label, (_, label_bands) in bands.items() if label != REFERENCE_STRATEGY})
+        for number, (label, (rounds, label_bands)) in enumerate(bands.items()):
+            if label in off_scale:
+                continue
             style = "--" if label == REFERENCE_STRATEGY else (":" if not uses_ratio[label] else "-")
-            colour = colours(number % colours.N)
-            axis.plot(rounds, [band[0] for band in bands], marker="o", markersize=3, label=label, linestyle=style,
-                      color=colour)
-            axis.fill_between(rounds, [band[1] for band in bands], [band[2] for band in bands], color=colour,
-                              alpha=0.12, linewidth=0)
+            colour = colours[number % len(colours)]
+            axis.plot(rounds, [band[0] for band in label_bands], marker="o", markersize=3, label=label,
+                      linestyle=style, color=colour)
+            axis.fill_between(rounds, [band[1] for band in label_bands], [band[2] for band in label_bands],
+                              color=colour, alpha=0.12, linewidth=0)
+            shown_lows += [band[1] for band in label_bands]
+        if off_scale:
+            below = ", ".join(f"{label} (mean acc {_mean([band[0] for r, band in zip(*bands[label]) if r >= 1]):.3f})"
+                              for label in sorted(off_scale))
+            axis.text(0.01, 0.01, f"not drawn, far below (update rounds): {below}", transform=axis.transAxes, fontsize=7,
+                      va="bottom", wrap=True)
         seeds = len({row.seed for row in rows})
         axis.set_title(f"k = {ratio:g}" + (f" (mean and {CONFIDENCE:.0%} t band over {seeds} seeds)"
                                            if seeds > 1 else " (1 seed)"), fontsize=9)
@@ -179,6 +208,7 @@ def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].set_ylim(bottom=min(shown_lows) - 0.02 * (1.0 - min(shown_lows)))
     figure.tight_layout()
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
     figure.savefig(path, dpi=110, bbox_inches="tight")

@@ -130,6 +130,15 @@ def test_report_states_the_method_and_draws_bands(three_seeds: list[CompareRow],
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_only_a_collapse_far_beyond_the_others_leaves_the_plot_axis() -> None:
+    from testbed.compare_report import _off_scale
+
+    # digits at k = 0.005: pruning at chance, the rest within a few points of full updating
+    assert _off_scale({"dpu": 0.030, "rpu": 0.033, "no-update": 0.038, "pruning": 0.864}) == {"pruning"}
+    assert _off_scale({"dpu": 0.25, "rpu": 0.30, "no-update": 0.36}) == set()  # all far off: all drawn
+    assert _off_scale({}) == set()
+
+
 def test_contenders_are_strategies_with_optional_settings() -> None:
     contenders = parse_contenders(" full,dpu[lambda=1, reinit=false],gcpu,dpu,full")
     assert [c.label for c in contenders] == ["full", "dpu[lambda=1,reinit=false]", "gcpu", "dpu"]
