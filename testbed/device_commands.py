@@ -20,7 +20,7 @@ from testbed.core.plugins import ENERGY_METERS
 from testbed.core.scenario import ScenarioError
 from testbed.core.signing import SigningKeyError, TrustedKey
 from testbed.core.topics import Topics
-from testbed.hil_commands import add_run_arguments, board_inference, join_run, until_run_ends
+from testbed.hil_commands import add_run_arguments, board_inference, join_run, print_online_changes, until_run_ends
 
 COMMANDS = ("device",)
 EXIT_OK = 0
@@ -91,7 +91,9 @@ async def _device(args: argparse.Namespace) -> int:
     print(f"device {args.name}: run {config.run} (device {board.device_index}, profile {profile.name}) via "
           f"{args.broker}; energy reader {meter.name} every {meter.period_s * 1000:.0f} ms; state in "
           f"{args.state_dir / args.name}; {trust}", flush=True)
-    watcher = asyncio.create_task(_print_online(agent))
+    watcher = asyncio.create_task(print_online_changes(
+        agent.connected, lambda: f"device {args.name}: online at version {agent.updates.deployed().receiver.version}",
+        f"device {args.name}: offline (reconnecting)"))
     try:
         await run_together(agent.run(), until_run_ends(endpoint, Topics(config.run), f"{args.name}-device"))
     except (BoardConfigRefused, EnergyMeterError, ScenarioError) as error:
@@ -100,15 +102,6 @@ async def _device(args: argparse.Namespace) -> int:
         watcher.cancel()
     print(f"device {args.name}: run {config.run} finished", flush=True)
     return EXIT_OK
-
-
-async def _print_online(agent: NetworkBoard) -> None:
-    while True:
-        await agent.connected.wait()
-        print(f"device {agent.device_id}: online at version {agent.updates.deployed().receiver.version}", flush=True)
-        while agent.connected.is_set():
-            await asyncio.sleep(0.5)
-        print(f"device {agent.device_id}: offline (reconnecting)", flush=True)
 
 
 # --- what the run prints for the board ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -244,7 +245,9 @@ async def _attach(args: argparse.Namespace) -> int:
                           baud=args.baud, log_path=log_path)
     print(f"attach {args.name}: run {config.run}, profile {profile}, port {args.port} at {args.baud} baud; "
           f"serial log {log_path}", flush=True)
-    watcher = asyncio.create_task(_print_board_state(bridge))
+    watcher = asyncio.create_task(print_online_changes(
+        bridge.connected, lambda: f"attach {bridge.device_id}: board online at version {bridge.board_version}",
+        f"attach {bridge.device_id}: board offline"))
     try:
         await run_together(bridge.run(), until_run_ends(endpoint, Topics(config.run), args.name))
     except BridgeError as error:
@@ -276,11 +279,12 @@ async def until_run_ends(endpoint: MqttEndpoint, topics: Topics, device_id: str)
             await asyncio.sleep(1.0)
 
 
-async def _print_board_state(bridge: SerialBridge) -> None:
+async def print_online_changes(connected: asyncio.Event, online: Callable[[], str], offline: str) -> None:
+    """Print `online()` each time `connected` is set and `offline` each time it is cleared, until cancelled."""
     while True:
-        await bridge.connected.wait()
-        print(f"attach {bridge.device_id}: board online at version {bridge.board_version}", flush=True)
-        while bridge.connected.is_set():
+        await connected.wait()
+        print(online(), flush=True)
+        while connected.is_set():
             await asyncio.sleep(0.5)
-        print(f"attach {bridge.device_id}: board offline", flush=True)
+        print(offline, flush=True)
 

@@ -272,10 +272,20 @@ async def test_a_board_pinned_to_another_key_refuses_to_join(
     assert board.updates.deployment is None and not board.connected.is_set()
 
 
-def test_forged_configs_are_refused_as_data(trained: tuple[UpdateServer, list[Any]]) -> None:
+def test_a_config_with_a_malformed_key_is_refused(trained: tuple[UpdateServer, list[Any]]) -> None:
     server, _ = trained
     bad = board_config("run", server).model_copy(update={"public_key": "ed25519:not-a-key"})
     updates = BoardUpdates(BOARD, get_device_profile("rpi4"), open_energy_meter("model", get_device_profile("rpi4")),
                            board_inference)
     with pytest.raises(BoardConfigRefused, match="bad config"):
         updates.check_trust(bad)
+
+
+def test_device_rejects_bad_arguments_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from testbed.cli import main
+
+    assert main(["device", "--broker", "localhost", "--name", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "testbed device: error: --broker: expected HOST:PORT, got 'localhost'"
+    assert main(["device", "--broker", "127.0.0.1:1", "--name", "x", "--trust", "ed25519:nope"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("testbed device: error: --trust:") and len(error.strip().splitlines()) == 1
