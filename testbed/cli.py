@@ -227,7 +227,7 @@ def _round_line(record: Any, devices: int) -> str:
               if record.reinitialised else "")
     if not record.sent:
         return (f"round {record.round}: server acc {record.server_accuracy:.3f}, nothing sent (the candidate "
-                f"validated {record.validation_accuracy:.3f}, worse than the deployed v{record.version}){reinit}")
+                f"validated {record.validation_accuracy:.3f}, not enough to replace the deployed v{record.version}){reinit}")
     return (f"round {record.round}: server acc {record.server_accuracy:.3f}, update {record.update_bytes} B "
             f"({100 * record.update_bytes / record.full_model_bytes:.1f}% of full), "
             f"{record.devices_updated}/{devices} devices in {record.round_seconds:.1f} s{reinit}")

@@ -15,7 +15,7 @@ def record(sent: bool, reinitialised: bool) -> RoundRecord:
 
 def test_a_withheld_reinitialisation_round_says_both() -> None:
     line = _round_line(record(sent=False, reinitialised=True), 5)
-    assert line.startswith("round 3: server acc 0.919, nothing sent (the candidate validated 0.928, worse than")
+    assert line.startswith("round 3: server acc 0.919, nothing sent (the candidate validated 0.928, not enough to replace the deployed v3)")
     assert "re-initialisation round: the training set doubled, so it was trained from w⁰" in line
 
 
