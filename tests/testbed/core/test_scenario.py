@@ -397,8 +397,8 @@ def _error_of(changes: dict) -> str:
 
 
 @pytest.mark.parametrize(("changes", "expected"), [
-    ({"update": {"stratgy": "dpu"}}, "update.stratgy: unknown field for strategy dpu (it takes lambda, reinit, "
-                                     "skip_if_worse); did you mean 'strategy'?"),
+    ({"update": {"stratgy": "dpu"}}, "update.stratgy: unknown field for strategy dpu (it takes checkpoint, lambda, "
+                                     "optimizer_state, reinit, reinit_rule, skip_if_worse); did you mean 'strategy'?"),
     ({"chanel": {}}, "chanel: unknown field; did you mean 'channel'?"),
     ({"devices": [{"profle": "rpi4"}]}, "devices.0.profle: unknown field; did you mean 'profile'?"),
     ({"channel": {"downlink": {"dealy": "10ms"}}}, "channel.downlink.dealy: unknown field; did you mean 'delay'?"),
