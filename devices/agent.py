@@ -17,10 +17,9 @@ from devices.chunk_repair import DamagedTransfer
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
-from testbed.core.backoff import client_backoff
 from testbed.core.manifest import RejectReason, UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
-from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
+from testbed.core.mqtt import MqttEndpoint, keep_session, publish_until_disconnected
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
 from testbed.core.wire import weights_hash
@@ -176,19 +175,12 @@ class DeviceAgent:
 
     async def run(self) -> None:
         """Stay connected (reconnecting with jittered backoff after broker or link failures) until cancelled."""
-        backoff = client_backoff(self.device_id)
-        while True:
-            try:
-                await self._session()
-            except aiomqtt.MqttError as error:
-                if self.connected.is_set():
-                    backoff.reset()  # a session that came up: the next failure starts the schedule over
-                self.connected.clear()
-                self.reconnects += 1
-                delay = backoff.next_delay()
-                logger.warning("device %s: MQTT connection lost (%s); reconnecting in %.2f s", self.device_id, error,
-                               delay)
-                await asyncio.sleep(delay)
+        await keep_session(self._session, self.device_id, self.connected.is_set, self._connection_lost,
+                           f"device {self.device_id}")
+
+    def _connection_lost(self, error: aiomqtt.MqttError) -> None:
+        self.connected.clear()
+        self.reconnects += 1
 
     async def _session(self) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:

@@ -12,10 +12,9 @@ from devices.agent import PUBACK_BYTES, device_client
 from devices.board_updates import BoardUpdates
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate
-from testbed.core.backoff import client_backoff
 from testbed.core.manifest import UpdateRejected
 from testbed.core.messages import BoardConfig, DeviceHello, DeviceStatus, Message
-from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
+from testbed.core.mqtt import MqttEndpoint, keep_session, publish_until_disconnected
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
 
 logger = logging.getLogger("devices.network_board")
@@ -60,19 +59,12 @@ class NetworkBoard:
         await run_together(self.updates.energy.run(), self._serve())
 
     async def _serve(self) -> None:
-        backoff = client_backoff(self.device_id)
-        while True:
-            try:
-                await self._session()
-            except aiomqtt.MqttError as error:
-                if self.connected.is_set():
-                    backoff.reset()
-                self.connected.clear()
-                self.updates.drop_transfers()  # chunks in flight are gone with the connection (clean session)
-                delay = backoff.next_delay()
-                logger.warning("board %s: MQTT connection lost (%s); reconnecting in %.2f s", self.device_id, error,
-                               delay)
-                await asyncio.sleep(delay)
+        await keep_session(self._session, self.device_id, self.connected.is_set, self._connection_lost,
+                           f"board {self.device_id}")
+
+    def _connection_lost(self, error: aiomqtt.MqttError) -> None:
+        self.connected.clear()
+        self.updates.drop_transfers()  # chunks in flight are gone with the connection (clean session)
 
     async def _session(self) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:

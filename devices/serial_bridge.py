@@ -37,10 +37,9 @@ from devices.serial_link import (
     line_rate_bytes_per_s,
 )
 from devices.task_groups import run_together
-from testbed.core.backoff import client_backoff
 from testbed.core.manifest import ManifestError, UpdateManifest, UpdateRejected, verify_manifest
 from testbed.core.messages import BoardConfig, DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message, MessageError
-from testbed.core.mqtt import MqttEndpoint, publish_until_disconnected
+from testbed.core.mqtt import MqttEndpoint, keep_session, publish_until_disconnected
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
 from devices.errors import DeviceError
@@ -153,19 +152,12 @@ class SerialBridge:
     # --- MQTT side ------------------------------------------------------------------------------------
 
     async def _mqtt_loop(self) -> None:
-        backoff = client_backoff(self.device_id)
-        while True:
-            try:
-                await self._mqtt_session()
-            except aiomqtt.MqttError as error:
-                if self.mqtt_ready.is_set():
-                    backoff.reset()
-                self.mqtt_ready.clear()
-                self._update_connected()
-                delay = backoff.next_delay()
-                logger.warning("bridge %s: MQTT connection lost (%s); reconnecting in %.2f s", self.device_id, error,
-                               delay)
-                await asyncio.sleep(delay)
+        await keep_session(self._mqtt_session, self.device_id, self.mqtt_ready.is_set, self._mqtt_lost,
+                           f"bridge {self.device_id}")
+
+    def _mqtt_lost(self, error: aiomqtt.MqttError) -> None:
+        self.mqtt_ready.clear()
+        self._update_connected()
 
     async def _mqtt_session(self) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 import aiomqtt
 
+from testbed.core.backoff import client_backoff
 from testbed.core.scenario import BrokerSpec
 from testbed.core.errors import TestbedError
+
+logger = logging.getLogger("testbed.mqtt")
 
 MQTT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
@@ -180,3 +186,22 @@ async def publish_until_disconnected(client: aiomqtt.Client, topic: str, payload
     await asyncio.gather(publish, return_exceptions=True)
     reason = disconnected.exception() if not disconnected.cancelled() else None
     raise aiomqtt.MqttError(f"connection lost while publishing on {topic[:200]}: {reason or 'disconnected'}")
+
+
+async def keep_session(session: Callable[[], Awaitable[None]], client_id: str, came_up: Callable[[], bool],
+                       on_lost: Callable[[aiomqtt.MqttError], None], who: str) -> NoReturn:
+    """Run `session` over and over until cancelled (one that returns is started again): when it fails with an MQTT error, `on_lost(error)`, then wait a
+    jittered backoff delay (testbed.core.backoff, seeded by `client_id`) before the next try; a session that had
+    come up (`came_up()` true when it failed) starts the delays over. Devices, serial bridges and network boards
+    all stay connected this way."""
+    backoff = client_backoff(client_id)
+    while True:
+        try:
+            await session()
+        except aiomqtt.MqttError as error:
+            if came_up():
+                backoff.reset()
+            on_lost(error)
+            delay = backoff.next_delay()
+            logger.warning("%s: MQTT connection lost (%s); reconnecting in %.2f s", who, error, delay)
+            await asyncio.sleep(delay)
