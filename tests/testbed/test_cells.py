@@ -105,7 +105,7 @@ async def round_zero_delivery_s(channel: dict[str, Any], out: Path) -> list[floa
         "data": {"initial_samples": 100, "new_samples_per_round": 20, "validation_samples": 20,
                  "test_samples": 20, "device_test_samples": 10},
         "model": {"kind": "mlp", "hidden": [64]},
-        "update": {"strategy": "dpu", "ratio": 0.05, "epochs": 1, "skip_if_worse": False},
+        "update": {"strategy": "dpu", "ratio": 0.05, "epochs": 1, "skip_if_worse": False, "round0": "full"},
         "channel": channel,
         "devices": [{"profile": "rpi4", "count": 2}],
         "metrics": {"enabled": False},
