@@ -51,7 +51,8 @@ class FullUpdating(Strategy):
     settings: FullUpdatingSettings
 
     def update(self, context: RoundContext) -> StrategyResult:
-        start = context.required_initial_weights() if self.settings.full_variant == "same_init" else context.start_weights
+        same_init = self.settings.full_variant == "same_init"
+        start = context.required_initial_weights() if same_init else context.start_weights
         checkpoint = self.settings.checkpoint
         threshold = self.start_accuracy(context, start) if checkpoint == "reference" else None
         _, training = self.train_fully(context, 2 * self.spec.epochs, start=start, checkpoint=checkpoint)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.data import DataArrival, Split, load_dataset_arrival
-from server.models import build_model, get_weights, set_weights
+from server.errors import ServerError
+from server.models import build_model, evaluate_accuracy, get_weights, set_weights
 from server.strategies import (
     DeepPartialUpdating,
     FullUpdating,
@@ -67,7 +68,7 @@ def test_a_continued_optimizer_carries_adam_moments_and_restarts_the_learning_ra
 def test_an_optimizer_of_other_parameters_is_refused() -> None:
     model, split = toy_problem(20)
     other, _ = toy_problem(20)
-    with pytest.raises(Exception, match="does not hold this model's parameters"):
+    with pytest.raises(ServerError, match="does not hold this model's parameters"):
         train_epochs(model, split, TrainingConfig(1, 0.05, 8, 0), optimizer=torch.optim.Adam(other.parameters()))
 
 
@@ -83,7 +84,7 @@ def test_the_starting_weights_compete_as_epoch_zero() -> None:
     assert epochs_only.best_epoch == 1 and epochs_only.best_validation_accuracy < result.best_validation_accuracy
 
 
-# ---------------------------------------------------------------- DPU's round: one Adam for both steps, the rewound point
+# ------------------------------------------------------- DPU's round: one Adam for both steps, the rewound point
 
 
 class RecordingDPU(DeepPartialUpdating):
@@ -126,13 +127,12 @@ def test_dpu_fine_tunes_with_the_full_training_adam_by_default(deployed_round) -
     assert any(shared_result.weights[n].tobytes() != fresh_result.weights[n].tobytes() for n in shared_result.weights)
 
 
-def test_dpu_judges_the_rewound_point_and_epochs_against_its_start_point(deployed_round) -> None:  # type: ignore[no-untyped-def]
+def test_dpu_judges_the_rewound_point_and_epochs_against_its_start_point(  # type: ignore[no-untyped-def]
+        deployed_round) -> None:
     arrival, deployed = deployed_round
     strategy, result = dpu_round(deployed_round)
     model = build_model(ModelSpec(hidden=[32]), arrival.num_features, arrival.num_classes, seed=1)
     set_weights(model, deployed)
-    from server.models import evaluate_accuracy
-
     # reinit_rule reference: the bar is the start point's own validation accuracy, not the deployed model's 0.5.
     assert result.send_threshold == evaluate_accuracy(model, arrival.validation)
     assert result.checkpoint_epoch is not None and 0 <= result.checkpoint_epoch <= 3
@@ -149,11 +149,12 @@ def test_dpu_judges_the_rewound_point_and_epochs_against_its_start_point(deploye
     ("reference", 0, True), ("reference", 2, False), ("best_epoch", 2, True), ("last_epoch", None, True)])
 def test_a_tie_with_the_threshold_sends_only_the_rewound_point(checkpoint: str, epoch: int | None,
                                                                ties_send: bool) -> None:
-    result = StrategyResult({}, 1, 1, 0.9, checkpoint_epoch=epoch).judged_against(0.9, checkpoint)  # type: ignore[arg-type]
+    result = StrategyResult({}, 1, 1, 0.9, checkpoint_epoch=epoch)
+    result.judged_against(0.9, checkpoint)  # type: ignore[arg-type]
     assert (result.send_threshold, result.ties_send) == (0.9, ties_send)
 
 
-# ---------------------------------------------------------------- the server: re-initialisation, reporting, full updating
+# ----------------------------------------------------- the server: re-initialisation, reporting, full updating
 
 
 def reinit_run(**update: Any) -> list[RoundOutcome]:
