@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.compare import DPU_STRATEGY, REFERENCE_STRATEGY, CompareError, CompareRow, parse_contender
 from testbed.compare_stats import CONFIDENCE, INTERVAL_METHOD, PairedDifference, mean_band, paired_difference
@@ -172,11 +173,12 @@ def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     uses_ratio, ratios = _ratios(rows)
-    figure, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), squeeze=False)
     palette = plt.get_cmap("tab20").colors  # dark and light pairs: the ten dark ones first
     colours = [*palette[0::2], *palette[1::2]]
-    shown_lows: list[float] = []
+    handles: dict[str, Any] = {}
     for axis, ratio in zip(axes[0], ratios):
+        shown_lows: list[float] = []
         bands = {}
         for label in uses_ratio:
             series = _series(_shown_at(rows, label, ratio, uses_ratio[label]))
@@ -191,26 +193,28 @@ def plot_accuracy(rows: Sequence[CompareRow], path: Path) -> None:
                 continue
             style = "--" if label == REFERENCE_STRATEGY else (":" if not uses_ratio[label] else "-")
             colour = colours[number % len(colours)]
-            axis.plot(rounds, [band[0] for band in label_bands], marker="o", markersize=3, label=label,
-                      linestyle=style, color=colour)
+            (handles[label],) = axis.plot(rounds, [band[0] for band in label_bands], marker="o", markersize=3,
+                                          label=label, linestyle=style, color=colour)
             axis.fill_between(rounds, [band[1] for band in label_bands], [band[2] for band in label_bands],
                               color=colour, alpha=0.12, linewidth=0)
             shown_lows += [band[1] for band in label_bands]
         if off_scale:
-            below = ", ".join(f"{label} (mean acc {_mean([band[0] for r, band in zip(*bands[label]) if r >= 1]):.3f})"
-                              for label in sorted(off_scale))
-            axis.text(0.01, 0.01, f"not drawn, far below (update rounds): {below}", transform=axis.transAxes, fontsize=7,
-                      va="bottom", wrap=True)
+            below = "".join(f"\n{label}: mean acc {_mean([band[0] for r, band in zip(*bands[label]) if r >= 1]):.3f}"
+                            for label in sorted(off_scale))
+            axis.text(0.99, 0.02, f"not drawn, far below:{below}", transform=axis.transAxes, fontsize=7,
+                      ha="right", va="bottom")
         seeds = len({row.seed for row in rows})
         axis.set_title(f"k = {ratio:g}" + (f" (mean and {CONFIDENCE:.0%} t band over {seeds} seeds)"
                                            if seeds > 1 else " (1 seed)"), fontsize=9)
         axis.set_xlabel("round")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
+        axis.set_ylim(bottom=min(shown_lows) - 0.1 * (1.0 - min(shown_lows)))  # room for the note
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][0].set_ylim(bottom=min(shown_lows) - 0.02 * (1.0 - min(shown_lows)))
     figure.tight_layout()
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
+    ordered = [label for label in uses_ratio if label in handles]  # every line of any panel, in the table's order
+    axes[0][-1].legend([handles[label] for label in ordered], ordered, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       fontsize=7)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
