@@ -1,4 +1,4 @@
-"""Server-only comparison of update strategies and ratios: the grid of runs, their cells, run serially or in processes."""
+"""Server-only comparison of update strategies and ratios: the grid of runs and their cells, serial or in processes."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ ABLATION = tuple(Contender(DPU_STRATEGY, (("lambda", lam), ("reinit", reinit)))
 
 
 def parse_contender(text: str) -> Contender:
-    """``name`` or ``name[key=value,…]`` → a Contender of a registered strategy; a CompareError says what is wrong."""
+    """``name`` or ``name[key=value,…]`` → a Contender of a registered strategy; else a CompareError saying why."""
     text = text.strip()
     name, bracket, rest = text.partition("[")
     name = name.strip()
@@ -327,7 +327,8 @@ def _run_in_worker(scenario: Scenario, run: PlannedRun) -> list[CompareRow]:
 
 
 def _run_in_processes(scenario: Scenario, pending: Sequence[PlannedRun], workers: int,
-                      progress: ProgressCallback | None, finish: Callable[[PlannedRun, list[CompareRow]], None]) -> None:
+                      progress: ProgressCallback | None,
+                      finish: Callable[[PlannedRun, list[CompareRow]], None]) -> None:
     """Run `pending` in `workers` spawned processes; rows of each round come back through a queue as they finish.
 
     On an error or Ctrl-C the workers are terminated; the cells finished by then are kept (`finish`).

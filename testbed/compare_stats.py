@@ -89,7 +89,8 @@ def _central_mass(t: float, degrees_of_freedom: float) -> float:
 
 def _tail_mass(t: float, degrees_of_freedom: float) -> float:
     """P(T > |t|), accurate for large |t|."""
-    return 0.5 * regularised_incomplete_beta(degrees_of_freedom / 2.0, 0.5, degrees_of_freedom / (degrees_of_freedom + t * t))
+    return 0.5 * regularised_incomplete_beta(degrees_of_freedom / 2.0, 0.5,
+                                             degrees_of_freedom / (degrees_of_freedom + t * t))
 
 
 def _check_degrees_of_freedom(degrees_of_freedom: float) -> None:
@@ -171,7 +172,8 @@ def sign_flip_p(values: Sequence[float]) -> float:
     return float(np.mean(sums >= observed - 1e-12 * max(1.0, observed)))
 
 
-def per_seed_mean_differences(a: Mapping[int, Mapping[int, float]], b: Mapping[int, Mapping[int, float]]) -> list[float]:
+def per_seed_mean_differences(a: Mapping[int, Mapping[int, float]],
+                              b: Mapping[int, Mapping[int, float]]) -> list[float]:
     """Per seed (sorted), the mean over rounds of a[seed][round] − b[seed][round].
 
     Rounds of one seed are correlated (each starts from the last deployment), so a seed, not a

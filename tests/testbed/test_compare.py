@@ -55,7 +55,8 @@ def test_bit_accounting_matches_the_payload_and_the_floor(rows: list[CompareRow]
 
 def test_summary_is_the_mean_difference_to_full_in_the_same_round(rows: list[CompareRow]) -> None:
     summaries = {(s.strategy, s.ratio): s for s in summarise(rows)}
-    assert summaries[("full", 0.05)].mean_accuracy_difference_pp == 0.0 and summaries[("full", 0.05)].versus_full is None
+    full_row = summaries[("full", 0.05)]
+    assert full_row.mean_accuracy_difference_pp == 0.0 and full_row.versus_full is None
     full = {row.round: row.accuracy for row in rows if row.strategy == "full"}
     chosen = [row for row in rows if row.strategy == "dpu" and row.ratio == 0.1 and row.round >= 1]
     expected = sum(100 * (row.accuracy - full[row.round]) for row in chosen) / len(chosen)
@@ -63,8 +64,8 @@ def test_summary_is_the_mean_difference_to_full_in_the_same_round(rows: list[Com
     assert dpu.mean_accuracy_difference_pp == pytest.approx(expected)
     assert dpu.rounds == 2 and dpu.seeds == 1 and dpu.versus_dpu is None
     assert dpu.versus_full is not None and not dpu.versus_full.has_interval  # one seed: no interval claimed
-    assert f"| 0.1 | dpu | {dpu.mean_accuracy:.4f} | {expected:+.2f} (1 seed: no interval) | — | 1 |" in markdown_table(
-        summarise(rows))
+    line = f"| 0.1 | dpu | {dpu.mean_accuracy:.4f} | {expected:+.2f} (1 seed: no interval) | — | 1 |"
+    assert line in markdown_table(summarise(rows))
 
 
 def test_report_files(rows: list[CompareRow], tmp_path: Path) -> None:
