@@ -13,6 +13,7 @@ from channel.delay import get_delay_distribution
 from channel.errors import ChannelError
 from testbed.core.units import format_duration, format_rate
 from channel.loss import BernoulliLoss, GilbertElliottLoss, LossModel
+from channel.recovery import RECOVERY_MODES, FastRecovery, PendingSegment
 from channel.outage import OutageTimeline, RandomOutages, ScheduledOutage, scheduled_outages
 from channel.shaper import Shaper, TokenBucket, make_shaper
 from channel.trace import MahimahiTrace, RateScheduleTrace, RateTrace
@@ -53,6 +54,9 @@ class LinkParameters:
       window (10 packets) at low rates, and a short transfer then waits out tail-loss RTOs (at
       100 kbit/s, 12-40 packet transfers measured 0.46-0.61 of the rate with 4-10 packet queues).
       The TCP-stream view (``transmit``) has no queue: there the sender's window is the model's.
+    * ``recovery``: how the TCP stream (``send``/``decide``) recovers a lost segment: ``fast`` (the
+      default: fast retransmit once three later segments arrived, an RTO only for a tail loss; see
+      ``channel.recovery``) or ``rto`` (every loss waits for its RTO, holding back what follows).
     """
 
     rate_bps: float | None
@@ -72,6 +76,7 @@ class LinkParameters:
     random_outages: RandomOutages | None = None
     trace: RateTrace | None = None
     queue_bytes: int | None = None
+    recovery: str = "fast"
 
     def __post_init__(self) -> None:
         if self.rate_bps is not None:
@@ -98,6 +103,7 @@ class LinkParameters:
             _require(isinstance(self.queue_bytes, int) and self.queue_bytes >= packet, "queue_bytes",
                      self.queue_bytes, f"at least one full packet (mss_bytes + overhead_bytes = {packet}), or None")
         get_delay_distribution(self.delay_distribution)
+        _require(self.recovery in RECOVERY_MODES, "recovery", self.recovery, f"one of {', '.join(RECOVERY_MODES)}")
         if self.loss_model is not None:
             _require(isinstance(self.loss_model, (BernoulliLoss, GilbertElliottLoss)), "loss_model",
                      self.loss_model, "a BernoulliLoss or GilbertElliottLoss, or None")
@@ -194,6 +200,8 @@ class LinkParameters:
         if len(self.outages) > 3:
             shown.append(f"{len(self.outages) - 3} more outages")
         parts.extend(shown)
+        if self.recovery != "fast":
+            parts.append(f"{self.recovery} recovery")
         if self.random_outages is not None:
             parts.append(f"random outages (mean up {self.random_outages.mean_up_s:g} s, "
                          f"down {self.random_outages.mean_down_s:g} s)")
@@ -251,6 +259,12 @@ class LinkModel:
       segment only waits for its predecessors, which in-order delivery already does.
     * in-order delivery: delivery = max(arrival, previous segment's delivery) (head-of-line blocking).
 
+    ``transmit`` recovers every loss by RTO as above. ``send``/``decide`` carry the same stream with
+    ``params.recovery``: with ``fast`` (the default) a lost segment waits, undecided, for three later
+    segments to arrive (then it is resent about one round trip after its loss) or for its RTO (a tail
+    loss), so ``send`` returns the delivery times it decided, oldest first, and ``decide(now)`` those
+    that time decided (see ``channel.recovery``).
+
     ``packet_fates`` is the packet-level view (netem semantics, no retransmission, no ordering);
     see its docstring. Traces and outages are timed from the model's first use (``epoch_s``).
 
@@ -280,12 +294,17 @@ class LinkModel:
         self._queue_capacity = params.queue_capacity_bytes
         self._queue: deque[tuple[float, int]] = deque()  # (departure, bytes) of packets waiting for the rate
         self._queued_bytes = 0
+        self.recovery = FastRecovery(params.delay_s)
+        """The stream's undecided segments and its recovery counts (``send``/``decide``)."""
+        self._segments_sent = 0
 
     def new_stream(self, now_s: float) -> None:
         """A new TCP connection starts: the old one's in-order and retransmission hold-backs end with it.
 
-        The rate, loss and outage processes (and their random streams) carry on unchanged.
+        The rate, loss and outage processes (and their random streams) carry on unchanged; segments of the old
+        stream still undecided are dropped with it.
         """
+        self.recovery.clear()
         self._last_delivery = -math.inf
         self._last_departure = min(self._last_departure, now_s)
         if self._epoch is not None:
@@ -319,6 +338,7 @@ class LinkModel:
         self.params = params
         self._loss = params.loss_process.fresh()
         self._sample_delay = get_delay_distribution(params.delay_distribution).sample
+        self.recovery.ack_delay_s = params.delay_s
         self._shaper = (make_shaper(params.rate_bps, params.trace, params.bucket_depth_bytes, now_s)
                         if params.trace is not None else TokenBucket(params.rate_bps, params.bucket_depth_bytes))
         self._queue_capacity = params.queue_capacity_bytes
@@ -359,6 +379,17 @@ class LinkModel:
         self.counters.queueing_delay_s += departure - ready_s
         return departure
 
+    def resend_departure(self, resend_s: float, cost: int, ahead: bool) -> float:
+        """Departure of a retransmission due at ``resend_s``: queued behind every segment handed over so far, or
+        (``ahead``) at ``resend_s``, ahead of the segments waiting for the rate as a TCP sender sends it before
+        new data, its airtime charged to the bottleneck's next free slot (so the segments handed over next wait
+        for it)."""
+        if not ahead:
+            return self._depart(resend_s, cost)
+        self._last_departure = self._shaper.grant(self._last_departure, cost)
+        self.counters.wire_bytes += cost
+        return resend_s
+
     def _resend(self, resend_s: float, cost: int) -> float:
         """Departure of a retransmission scheduled for ``resend_s``."""
         if not self._defer_retransmissions:
@@ -381,39 +412,99 @@ class LinkModel:
         if not math.isfinite(now_s):
             raise ChannelError(f"now_s={now_s!r} is invalid: expected a finite time in seconds")
 
-    def _send_segment(self, now_s: float, size_bytes: int) -> float:
-        """Carry one TCP segment with retransmissions; return its arrival time (before in-order delivery)."""
+    def _new_segment(self, now_s: float, size_bytes: int) -> tuple[PendingSegment, float]:
+        """Count a segment handed over at ``now_s``; return it and its first departure."""
         self._begin(now_s)
-        params = self.params
-        cost = size_bytes + params.overhead_bytes
-        counters = self.counters
-        counters.segments += 1
-        counters.payload_bytes += size_bytes
-        departure = self._depart(now_s, cost)
+        cost = size_bytes + self.params.overhead_bytes
+        self.counters.segments += 1
+        self.counters.payload_bytes += size_bytes
+        segment = PendingSegment(self._segments_sent, cost)
+        self._segments_sent += 1
+        return segment, self._depart(now_s, cost)
+
+    def attempt(self, segment: PendingSegment, departure_s: float) -> None:
+        """Carry one attempt of ``segment`` departing at ``departure_s``: its ``arrival_s``, or a hole to resend.
+
+        A loss drawn from the loss process leaves ``arrival_s`` None, with the lost attempt's departure and the
+        RTO deadline (``rto · 2^losses``); an attempt meeting an outage is resent at once on the backoff schedule.
+        """
+        params, counters = self.params, self.counters
         rto = params.rto_s
-        losses = 0
         while True:
-            if losses <= params.max_backoffs and self._loss.lost(self._rng):
+            if segment.losses <= params.max_backoffs and self._loss.lost(self._rng):
                 counters.lost_segments += 1
                 counters.retransmissions += 1
-                departure = self._resend(departure + rto * 2.0**losses, cost)
-                losses += 1
-                continue
-            arrival = departure + self._one_way_delay()
-            if self._outages is not None and self._outages.overlapping(departure, arrival) is not None:
+                segment.arrival_s = None
+                segment.lost_departure_s = departure_s
+                segment.deadline_s = departure_s + rto * 2.0**segment.losses
+                segment.losses += 1
+                return
+            arrival = departure_s + self._one_way_delay()
+            if self._outages is not None and self._outages.overlapping(departure_s, arrival) is not None:
                 counters.outage_losses += 1
                 counters.retransmissions += 1
-                departure = self._resend(departure + min(MAX_RTO_S, rto * 2.0 ** min(losses, 64)), cost)
-                losses += 1
+                departure_s = self._resend(departure_s + min(MAX_RTO_S, rto * 2.0 ** min(segment.losses, 64)),
+                                           segment.cost)
+                segment.losses += 1
                 continue
-            return arrival
+            segment.arrival_s = arrival
+            return
+
+    def _send_segment(self, now_s: float, size_bytes: int) -> float:
+        """Carry one TCP segment, every loss resent after its RTO; return its arrival time (before in-order delivery)."""
+        segment, departure = self._new_segment(now_s, size_bytes)
+        while True:
+            self.attempt(segment, departure)
+            if segment.arrival_s is not None:
+                return segment.arrival_s
+            departure = self._resend(segment.deadline_s, segment.cost)
 
     def transmit(self, now_s: float, size_bytes: int) -> float:
-        """Send one segment of ``size_bytes`` (1..mss) handed over at ``now_s``; return its delivery time."""
+        """Send one segment of ``size_bytes`` (1..mss) handed over at ``now_s``, losses recovered by RTO; return its
+        delivery time. ChannelError while ``send`` has left segments undecided."""
         self._check_segment(now_s, size_bytes)
+        if self.recovery.undecided:
+            raise ChannelError(f"transmit at {now_s!r}: {len(self.recovery.undecided)} segments sent with 'send' "
+                               "are undecided; carry on with send/decide")
         arrival = self._send_segment(now_s, size_bytes)
         self._last_delivery = max(arrival, self._last_delivery)
         return self._last_delivery
+
+    def send(self, now_s: float, size_bytes: int) -> list[float]:
+        """Send one segment of ``size_bytes`` (1..mss) handed over at ``now_s``, losses recovered as
+        ``params.recovery`` says; return the delivery times this call decided, oldest segment first (in-order).
+
+        Each segment sent gets exactly one delivery time, from this call or a later ``send``/``decide``; calls
+        come in non-decreasing time. RTOs due by ``now_s`` fire first.
+        """
+        self._check_segment(now_s, size_bytes)
+        recovery = self.recovery
+        if self.params.recovery == "rto" and not recovery.undecided:
+            return [self.transmit(now_s, size_bytes)]
+        decided = self.decide(now_s)
+        segment, departure = self._new_segment(now_s, size_bytes)
+        self.attempt(segment, departure)
+        recovery.add(segment, departure, self, count_arrivals=self.params.recovery == "fast")
+        return decided + self._in_order(recovery.decided_arrivals())
+
+    def decide(self, now_s: float) -> list[float]:
+        """Time has reached ``now_s``: resend the tail losses whose RTO fired; return the delivery times decided."""
+        if not self.recovery.holes:
+            return []
+        self.recovery.expire(now_s, self)
+        return self._in_order(self.recovery.decided_arrivals())
+
+    @property
+    def next_decision_s(self) -> float | None:
+        """When ``decide`` will next decide something if nothing is sent (the earliest RTO of a hole), or None."""
+        return self.recovery.next_deadline_s
+
+    def _in_order(self, arrivals: list[float]) -> list[float]:
+        deliveries = []
+        for arrival in arrivals:
+            self._last_delivery = max(arrival, self._last_delivery)
+            deliveries.append(self._last_delivery)
+        return deliveries
 
     def packet_fates(self, now_s: float, size_bytes: int) -> list[float]:
         """Delivery times of the copies of ONE IP packet of ``size_bytes`` handed over at ``now_s``.

@@ -74,16 +74,69 @@ class LinkDirectionModel(Protocol):
     def new_stream(self, now_s: float) -> None: ...
 
 
+class DeliverySchedule:
+    """Pairs one direction model's delivery decisions with the segments awaiting them, over all connections.
+
+    A ``LinkModel`` decides a segment behind a loss later (``send``/``decide``: fast recovery), and its
+    decisions come in send order; any other model (a cell's ``SharedFlow``) decides each segment at once.
+    """
+
+    def __init__(self, model: LinkDirectionModel) -> None:
+        self.model = model
+        self._link = model if isinstance(model, LinkModel) else None
+        self.waiting: collections.deque[tuple[_Direction, bytes]] = collections.deque()
+
+    @property
+    def next_decision_s(self) -> float | None:
+        """When time alone decides the oldest waiting segment (a tail loss's RTO), or None."""
+        return None if self._link is None else self._link.next_decision_s
+
+    def send(self, direction: _Direction, now_s: float, segment: bytes) -> None:
+        """Hand ``segment`` of ``direction`` to the model at ``now_s``; queue what that decided."""
+        if self._link is None:
+            direction.queue.append((self.model.transmit(now_s, len(segment)), segment))
+            return
+        direction.undecided += 1
+        self.waiting.append((direction, segment))
+        self._hand_out(self._link.send(now_s, len(segment)))
+
+    def decide(self, now_s: float) -> None:
+        """Time has reached ``now_s``: queue the segments it decided (tail losses resent by RTO)."""
+        if self._link is not None:
+            self._hand_out(self._link.decide(now_s))
+
+    def new_stream(self, now_s: float) -> None:
+        """A new TCP connection: the model starts a new stream and the old one's waiting segments are dropped."""
+        self.model.new_stream(now_s)
+        for direction, _ in self.waiting:
+            direction.undecided = 0
+        self.waiting.clear()
+
+    def _hand_out(self, deliveries: list[float]) -> None:
+        woken = set()
+        waiting = self.waiting
+        for delivery in deliveries:
+            direction, segment = waiting.popleft()
+            direction.undecided -= 1
+            direction.queue.append((delivery, segment))
+            woken.add(direction)
+        for direction in woken:
+            direction.wake()
+
+
 def undelivered_limit_bytes(params: LinkParameters, max_in_flight_bytes: int) -> int:
     """Bytes a direction may hold before it stops reading its source.
 
     ``max_in_flight_bytes`` waiting to be sent plus what the link itself holds in flight
-    (rate × (delay + jitter)), so that a long delay does not cap throughput below the rate.
-    An unlimited-rate link may hold ``UNLIMITED_RATE_WINDOW_BYTES`` in flight.
+    (rate × (delay + jitter)), so that a long delay does not cap throughput below the rate; with fast
+    recovery also what arrives behind a lost segment while its duplicate ACKs go back and its
+    retransmission comes (rate × 2 (delay + jitter) more), as a SACK sender's window and the
+    receiver's buffer hold it. An unlimited-rate link may hold ``UNLIMITED_RATE_WINDOW_BYTES`` in flight.
     """
     if params.rate_bps is None:
         return max_in_flight_bytes + UNLIMITED_RATE_WINDOW_BYTES
-    in_flight = params.rate_bps / 8.0 * (params.delay_s + params.jitter_s)
+    round_trips = 3 if params.recovery == "fast" else 1
+    in_flight = params.rate_bps / 8.0 * round_trips * (params.delay_s + params.jitter_s)
     return max_in_flight_bytes + int(in_flight) + 1
 
 
@@ -145,7 +198,9 @@ class _Direction:
         self.model = model
         self.proxy = proxy
         self.closing = closing
-        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()  # decided (delivery time, segment)
+        self.undecided = 0  # segments handed to the model whose delivery is not decided yet (behind a loss)
+        self.schedule = proxy.schedule_of(model)
         self.in_flight_bytes = 0
         self.finished = False
         self.destination_gone = False
@@ -154,8 +209,12 @@ class _Direction:
         self._stall = _StallTimer(proxy.write_timeout_s, self._write_timed_out)
 
     def finish(self) -> None:
-        """No more data will be queued: the writer exits once the queue is empty."""
+        """No more data will be read: the writer exits once every segment is decided and released."""
         self.finished = True
+        self._queued.set()
+
+    def wake(self) -> None:
+        """Segments were queued: the writer looks again."""
         self._queued.set()
 
     async def read_loop(self) -> None:
@@ -163,7 +222,7 @@ class _Direction:
         loop = asyncio.get_running_loop()
         mss = self.model.params.mss_bytes
         limit = undelivered_limit_bytes(self.model.params, self.proxy.max_in_flight_bytes)
-        transmit = self.model.transmit
+        send = self.schedule.send
         while True:
             while self.in_flight_bytes >= limit:
                 self._room.clear()
@@ -172,16 +231,17 @@ class _Direction:
             if not data:
                 return
             now = loop.time()
-            for offset in range(0, len(data), mss):
-                segment = data[offset:offset + mss]
-                self.queue.append((transmit(now, len(segment)), segment))
             self.in_flight_bytes += len(data)
+            for offset in range(0, len(data), mss):
+                send(self, now, data[offset:offset + mss])
             self._queued.set()
 
     async def write_loop(self) -> None:
         """Release queued segments at their delivery times; after ``finish``, drain and return.
 
-        Each segment's lateness (release time − modelled delivery time) goes into the proxy's ``lateness``.
+        While only undecided segments are left, wait for the reader's next segments or the model's next
+        decision (a tail loss's RTO), whichever comes first. Each segment's lateness (release time − modelled
+        delivery time) goes into the proxy's ``lateness``.
         """
         loop = asyncio.get_running_loop()
         queue = self.queue
@@ -189,10 +249,18 @@ class _Direction:
         try:
             while True:
                 if not queue:
-                    if self.finished:
+                    if self.finished and not self.undecided:
                         return
                     self._queued.clear()
-                    await self._queued.wait()
+                    decision_s = self.schedule.next_decision_s if self.undecided else None
+                    timer = None if decision_s is None else loop.call_at(decision_s, self._queued.set)
+                    try:
+                        await self._queued.wait()
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                    if self.undecided:
+                        self.schedule.decide(loop.time() + TIMER_SLACK_S)
                     continue
                 wait_s = queue[0][0] - TIMER_SLACK_S - loop.time()
                 if wait_s > 0:
@@ -366,6 +434,11 @@ class LinkProxy:
         self._callback_tasks: set[asyncio.Task[object]] = set()
         self._closing = False
         self.port: int | None = None
+        self._schedules = {id(model): DeliverySchedule(model) for model in (self.downlink_model, self.uplink_model)}
+
+    def schedule_of(self, model: LinkDirectionModel) -> DeliverySchedule:
+        """The delivery schedule of one of this proxy's direction models."""
+        return self._schedules[id(model)]
 
     @property
     def downlink_counters(self) -> LinkCounters:
@@ -549,8 +622,8 @@ class LinkProxy:
     ) -> None:
         if len(self._connection_tasks) <= 1:  # the only connection: a new TCP stream on the link
             now = asyncio.get_running_loop().time()
-            self.downlink_model.new_stream(now)
-            self.uplink_model.new_stream(now)
+            for schedule in self._schedules.values():
+                schedule.new_stream(now)
         try:
             try:
                 upstream_reader, upstream_writer = await wait_within(
