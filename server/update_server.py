@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from server.checkpoint import ServerState
 from server.data import DataArrival, Split, device_test_split, load_dataset_arrival
 from server.errors import ServerError
 from server.models import WeightDict, build_model, evaluate_accuracy, get_weights, set_weights
@@ -88,6 +89,33 @@ class UpdateServer:
         """Training-set size at the last round that started from w⁰ (round 0 or a re-init, sent or not)."""
         self.best_deployed: tuple[float, float] | None = None
         """(validation, test) accuracy of the deployed version that validated best so far."""
+
+    def checkpoint_state(self) -> ServerState:
+        """What carries from this round to the next (server.checkpoint): restored into a new server, the remaining
+        rounds give exactly what this server's would."""
+        return ServerState(
+            next_round=self.next_round, version=self.version,
+            deployed_weights=None if self.deployed_weights is None else {
+                name: array.copy() for name, array in self.deployed_weights.items()},
+            deployed_validation_accuracy=self.deployed_validation_accuracy,
+            size_at_last_init=self.size_at_last_init, best_deployed=self.best_deployed,
+        )
+
+    def restore(self, state: ServerState) -> None:
+        """Continue from `state` (of a server of the same scenario); ServerError if it does not fit this one."""
+        if not 0 <= state.next_round <= self.rounds:
+            raise ServerError(f"the checkpoint's next round {state.next_round} is outside rounds 0..{self.rounds}")
+        if state.deployed_weights is not None:
+            layout = {name: array.shape for name, array in self.initial_weights.items()}
+            restored = {name: array.shape for name, array in state.deployed_weights.items()}
+            if restored != layout:
+                raise ServerError("the checkpoint's weights do not fit the scenario's model")
+            set_weights(self.model, state.deployed_weights)
+        self.next_round, self.version = state.next_round, state.version
+        self.deployed_weights = state.deployed_weights
+        self.deployed_validation_accuracy = state.deployed_validation_accuracy
+        self.size_at_last_init = state.size_at_last_init
+        self.best_deployed = state.best_deployed
 
     def build_device_model(self) -> nn.Module:
         """A fresh model of the served architecture holding w⁰ (testbed.core.initial_weights from the seed)."""
