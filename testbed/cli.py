@@ -62,8 +62,11 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         help="print the version of edge-testbed and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run a scenario end to end")
-    run.add_argument("scenario", type=Path, help="scenario YAML file")
+    run.add_argument("scenario", type=Path, nargs="?", default=None, help="scenario YAML file (not with --resume)")
     run.add_argument("--out", type=Path, default=None, help="results folder (default: runs/<name>-<time>)")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                     help="continue the run whose results folder is DIR from its last checkpoint (DIR/checkpoint.pt, "
+                          "written after each round), with DIR's scenario.yaml")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                      help="override a scenario field, e.g. --set update.ratio=0.01 (repeatable)")
     run.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
@@ -307,21 +310,42 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
 
     from testbed.core.signing import SigningKey, SigningKeyError
 
-    scenario = _load(args.scenario, args.overrides, console)
-    if scenario is None:
+    resume = None
+    if args.resume is not None:
+        from testbed.run_checkpoint import ResumeError, read_resumable
+
+        if args.scenario is not None or args.overrides or args.out is not None:
+            console.print("[red]error:[/] --resume DIR runs DIR's own scenario.yaml into DIR: give no scenario file, "
+                          "--set or --out with it", highlight=False)
+            return EXIT_BAD_SCENARIO
+        try:
+            scenario, resume = read_resumable(args.resume)
+        except ResumeError as error:
+            console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
+            return EXIT_BAD_SCENARIO
+    elif args.scenario is None:
+        console.print("[red]error:[/] testbed run needs a scenario file, or --resume DIR", highlight=False)
         return EXIT_BAD_SCENARIO
+    else:
+        loaded = _load(args.scenario, args.overrides, console)
+        if loaded is None:
+            return EXIT_BAD_SCENARIO
+        scenario = loaded
     try:
         signing_key = None if args.signing_key is None else SigningKey.load(args.signing_key)
     except SigningKeyError as error:
         console.print(f"[red]error:[/] --signing-key: {error}", highlight=False)
         return EXIT_BAD_SCENARIO
-    out_dir = args.out or _default_out(scenario)
+    out_dir = args.resume or args.out or _default_out(scenario)
     console.print(f"[bold]{scenario.name}[/]: {scenario.rounds} rounds, strategy {scenario.update.strategy} "
                   f"at ratio {scenario.update.ratio}; results in {out_dir}")
+    if resume is not None:
+        console.print(f"resuming run {resume.run_id} at round {resume.server.next_round} (its checkpoint); results "
+                      f"of later rounds in results.jsonl are redone", highlight=False)
     progress = _RichProgress(console)
     started = time.monotonic()
     try:
-        result = asyncio.run(run_scenario(scenario, out_dir, progress, signing_key))
+        result = asyncio.run(run_scenario(scenario, out_dir, progress, signing_key, resume))
     except KeyboardInterrupt:  # a second Ctrl-C: no summary
         progress.stop()
         console.print("[yellow]aborted[/] (second Ctrl-C); results so far are in " + str(out_dir))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import numpy as np
 
+from server.checkpoint import weights_from_tensors, weights_to_tensors
 from testbed.core.manifest import DEFAULT_LIFETIME_S, UpdateManifest
 from testbed.core.signing import SigningKey
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes, update_key
@@ -28,6 +30,25 @@ class PublishedUpdate:
     index_bits: int
     value_bytes: int
     dense_bytes: int
+
+
+@dataclass(frozen=True)
+class PublisherState:
+    """A publisher between rounds, as a run's checkpoint keeps it (testbed.run_checkpoint)."""
+
+    latest_version: int
+    latest_weights: WeightDict | None
+    published_bytes: int
+
+    def to_saveable(self) -> dict[str, Any]:
+        """Tensors and numbers only (torch.load with weights_only reads it back)."""
+        return {"latest_version": self.latest_version, "latest_weights": weights_to_tensors(self.latest_weights),
+                "published_bytes": self.published_bytes}
+
+    @classmethod
+    def from_saveable(cls, saved: dict[str, Any]) -> PublisherState:
+        return cls(int(saved["latest_version"]), weights_from_tensors(saved["latest_weights"]),
+                   int(saved["published_bytes"]))
 
 
 class UpdatePublisher:
@@ -53,6 +74,18 @@ class UpdatePublisher:
         if base_version is None or base_version not in self.versions:
             return encode_full_model(weights, target_version)
         return encode_update(self.versions[base_version], weights, base_version, target_version)
+
+    def checkpoint_state(self) -> PublisherState:
+        """What a resumed run's publisher needs: the latest version and its weights (catch-ups from w⁰ or any other
+        version to it; fresh devices hold w⁰) and the bytes published so far."""
+        return PublisherState(self.latest_version, self.versions.get(self.latest_version), self.published_bytes)
+
+    def restore(self, state: PublisherState) -> None:
+        """Continue from `state`: versions other than w⁰ and the latest are gone (a catch-up from one is a snapshot)."""
+        if state.latest_weights is not None and state.latest_version > 0:
+            self.versions[state.latest_version] = {name: array.copy() for name, array in state.latest_weights.items()}
+        self.latest_version = state.latest_version
+        self.published_bytes = state.published_bytes
 
     async def publish_version(self, round_index: int, target_version: int, weights: WeightDict,
                               base_version: int | None, payload: bytes) -> PublishedUpdate:

@@ -80,6 +80,29 @@ class DurableJsonLines:
         self.syncs += 1
 
 
+def keep_records_before(path: Path, next_round: int) -> int:
+    """Cut results.jsonl back to the records of rounds before `next_round` (a resumed run redoes the rest), dropping a
+    line a kill cut short; rewritten atomically. The number of records kept."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run, cut short
+        if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] < next_round:
+            kept.append(line + "\n")
+    temporary = path.with_suffix(".jsonl.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.writelines(kept)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    return len(kept)
+
+
 class ResultsWriter:
     """Owns a run's output folder; every device record is appended and flushed to the kernel at once."""
 

@@ -117,6 +117,19 @@ class RunRecords:
         self.devices = {device_id: DeviceTally(profile) for device_id, profile in profiles.items()}
         self.pushgateway = PushTally()
 
+    def to_saveable(self) -> dict[str, Any]:
+        """The rounds so far, every device's standing and the pushes, as JSON-able data (a run's checkpoint)."""
+        return {"rounds": [vars(record) for record in self.rounds],
+                "devices": {device_id: vars(tally) for device_id, tally in self.devices.items()},
+                "pushgateway": vars(self.pushgateway)}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from what `to_saveable` kept (a resumed run's summary covers every round)."""
+        self.rounds = [RoundRecord(**record) for record in saved["rounds"]]
+        self.devices.update({device_id: DeviceTally(**tally) for device_id, tally in saved["devices"].items()
+                             if device_id in self.devices})
+        self.pushgateway = PushTally(**saved["pushgateway"])
+
     def held_version(self, device_id: str) -> int:
         """The version `device_id` last reported holding (0 before any report)."""
         return self.devices[device_id].final_version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import signal
@@ -27,7 +28,8 @@ from testbed.metrics import PushError, RunMetrics, push_metrics
 from testbed.preflight import check_ports, check_scenario, raise_open_files_limit
 from testbed.publisher import UpdatePublisher
 from testbed.report_collector import DeviceMessages, ReportCollector
-from testbed.results import ResultsWriter
+from testbed.results import ResultsWriter, keep_records_before
+from testbed.run_checkpoint import RunCheckpoint, scenario_digest
 from testbed.event_actions import register_actions
 from testbed.run_assembly import RunAssembly
 from testbed.run_events import RunEvents
@@ -59,17 +61,23 @@ class ScenarioRun:
     """One run of a scenario; `execute()` does it all and returns the results."""
 
     def __init__(self, scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None,
-                 signing_key: SigningKey | None = None) -> None:
+                 signing_key: SigningKey | None = None, resume: RunCheckpoint | None = None) -> None:
         self.scenario = scenario
+        self.resume = resume
+        """The checkpoint of the run this one continues (`testbed run --resume`), or None for a new run."""
+        self.scenario_digest = scenario_digest(scenario)
+        """What this run's checkpoints belong to (testbed.run_checkpoint)."""
         self.signing_key = signing_key or SigningKey.generate()
         """Signs every manifest of the run; devices get its public half with their configuration."""
         self.out_dir = Path(out_dir)
         self.progress = progress or (lambda event, data: None)
-        self.run_id = new_run_id(scenario)
+        self.run_id = new_run_id(scenario) if resume is None else resume.run_id
         self.topics = Topics(self.run_id)
         self.profiles = scenario.device_profiles()
         self.metrics = RunMetrics(self.run_id, scenario.update.strategy, scenario.name, scenario.update.ratio)
         self.records = RunRecords(scenario, self.run_id, self.profiles)
+        if resume is not None:
+            self.records.restore(resume.records)
         self.assembly = RunAssembly(scenario, self.run_id, self.out_dir, self.metrics, self._progress,
                                     self.signing_key.trusted_key)
         self.boards_seen_online: set[str] = set()
@@ -130,6 +138,9 @@ class ScenarioRun:
         assembly = self.assembly
         self.progress("preparing", {"run_id": self.run_id})
         server = await asyncio.to_thread(UpdateServer, scenario)
+        if self.resume is not None:
+            server.restore(self.resume.server)
+            keep_records_before(self.out_dir / "results.jsonl", server.next_round)
         links = DeviceLinks(scenario.channel, scenario.seed)
         downlink, uplink = links.default
         async with AsyncExitStack() as stack:
@@ -156,7 +167,10 @@ class ScenarioRun:
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
                                         self.records.held_version, scenario.round_timeout_s, self._progress,
                                         note_report=self._note_report, stop=self.stop_requested)
-            for round_index in range(server.rounds):
+            if self.resume is not None:
+                publisher.restore(self.resume.publisher)
+                await self._catch_up_resumed_devices(server.next_round - 1, publisher, collector)
+            for round_index in range(server.next_round, server.rounds):
                 if self.stop_requested.is_set():
                     break
                 await self._round(round_index, server, publisher, collector, results)
@@ -218,6 +232,9 @@ class ScenarioRun:
             timing=timing.to_dict(),
         )
         self.records.rounds.append(record)
+        checkpoint = RunCheckpoint(self.run_id, self.scenario_digest, server.checkpoint_state(),
+                                   publisher.checkpoint_state(), self.records.to_saveable())
+        await asyncio.to_thread(checkpoint.save, self.out_dir)
         self.progress("round", {"record": record, "reports": {device: report.to_dict()
                                                               for device, report in reports.items()}})
         warning = timing.warning(f"round {round_index}")
@@ -225,6 +242,24 @@ class ScenarioRun:
             logger.info("%s", warning)
             self.progress("warning", {"message": warning})
         await self._push_metrics()
+
+    async def _catch_up_resumed_devices(self, round_index: int, publisher: UpdatePublisher,
+                                        collector: ReportCollector) -> None:
+        """A resumed run's emulated devices are fresh, on w⁰: each gets a catch-up to the deployed version (what a
+        device that nacked from w⁰ would get), and the run waits for their reports before its next round."""
+        version = publisher.latest_version
+        emulated = {device_id: profile for device_id, profile in self.profiles.items()
+                    if device_id not in self.board_devices}
+        if version == 0 or not emulated:
+            return
+        for device_id in emulated:
+            catch_up = await publisher.publish_catch_up(round_index, device_id, 0)
+            self.metrics.record_published(catch_up.payload_bytes)
+            self.progress("catch-up", {"round": round_index, "device": device_id, "from": 0,
+                                       "bytes": catch_up.payload_bytes, "reason": "the run resumed from its checkpoint"})
+        waiting = copy.copy(collector)
+        waiting.profiles = emulated
+        await waiting.collect(round_index, version)
 
     async def _push_metrics(self) -> None:
         """Push to the scenario's Pushgateway, if any; a failure is logged, counted and reported, not fatal."""
@@ -257,6 +292,7 @@ class ScenarioRun:
 
 
 async def run_scenario(scenario: Scenario, out_dir: Path, progress: ProgressCallback | None = None,
-                       signing_key: SigningKey | None = None) -> RunResult:
-    """Run a scenario end to end and write its results to `out_dir` (updates signed with a fresh key unless given)."""
-    return await ScenarioRun(scenario, out_dir, progress, signing_key).execute()
+                       signing_key: SigningKey | None = None, resume: RunCheckpoint | None = None) -> RunResult:
+    """Run a scenario end to end and write its results to `out_dir` (updates signed with a fresh key unless given);
+    with `resume` (testbed.run_checkpoint.read_resumable), continue that run after its last checkpointed round."""
+    return await ScenarioRun(scenario, out_dir, progress, signing_key, resume).execute()

@@ -1,0 +1,155 @@
+"""`testbed run --resume DIR`: a run killed (SIGKILL) at any point continues from its last checkpoint into the same
+results, one record per device and round, ending on the final weights of an uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from server.checkpoint import load_checkpoint
+from testbed.cli import main
+from testbed.results import keep_records_before
+from testbed.run_checkpoint import CHECKPOINT_NAME, ResumeError, read_resumable
+from testbed.runner import ScenarioRun
+from tests.faults.matrix import RUN_TIMEOUT_S, FaultRun, assert_survived, fault_scenario, run_faults
+
+pytestmark = pytest.mark.timeout(600)
+
+KILL_WAIT_S = 180.0  # the killed run reaches the point it is killed at within this
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The summary of the run every resumed one must end like (same scenario and seed)."""
+    faults = asyncio.run(run_faults(fault_scenario([]), tmp_path_factory.mktemp("clean") / "out"))
+    assert_survived(faults)
+    return {**faults.result.summary, "out": str(faults.out)}
+
+
+def checkpoint_round(out: Path) -> int | None:
+    """The next round of `out`'s checkpoint, or None before the first one."""
+    if not (out / CHECKPOINT_NAME).exists():
+        return None
+    return int(load_checkpoint(out / CHECKPOINT_NAME)["server"]["next_round"])
+
+
+def record_count(out: Path) -> int:
+    path = out / "results.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def killed_run(tmp_path: Path, kill_when: Callable[[Path], bool]) -> Path:
+    """`testbed run` in its own process, SIGKILLed as soon as `kill_when(out)` holds; its results folder."""
+    scenario_file = tmp_path / "faults.yaml"
+    scenario_file.write_text(fault_scenario([]).to_yaml())
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(scenario_file), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + KILL_WAIT_S
+        while not kill_when(out):
+            assert process.poll() is None, "the run ended before the point it was to be killed at"
+            assert time.monotonic() < deadline, "the run did not reach the point it was to be killed at"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    return out
+
+
+async def resumed(out: Path) -> FaultRun:
+    scenario, checkpoint = read_resumable(out)
+    progress: list[tuple[str, dict[str, Any]]] = []
+    run = ScenarioRun(scenario, out, lambda event, data: progress.append((event, data)), resume=checkpoint)
+    result = await asyncio.wait_for(run.execute(), RUN_TIMEOUT_S)
+    return FaultRun(run, result, progress)
+
+
+def assert_ends_like(faults: FaultRun, uninterrupted: dict[str, Any]) -> None:
+    summary = faults.result.summary
+    assert_survived(faults)  # every device on the final hash, one record per device and round, no partial apply
+    assert summary["server"]["weights_hash"] == uninterrupted["server"]["weights_hash"]
+    assert summary["server"]["final_version"] == uninterrupted["server"]["final_version"]
+    deterministic = ("round", "version", "sent", "base_version", "server_accuracy", "update_bytes", "selected_weights")
+    assert [{key: record[key] for key in deterministic} for record in summary["rounds"]] == [
+        {key: record[key] for key in deterministic} for record in uninterrupted["rounds"]]
+    assert {record["run"] for record in faults.records()} == {summary["run_id"]}
+
+
+def test_killed_after_round_0s_checkpoint_it_resumes_to_the_uninterrupted_final_weights(
+        tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 1)
+    run_id = read_resumable(out)[1].run_id
+    faults = asyncio.run(resumed(out))
+    assert_ends_like(faults, uninterrupted)
+    assert faults.result.summary["run_id"] == run_id
+    assert len(faults.said("catch-up")) >= 3  # every fresh device caught up to v1 first
+
+
+def test_killed_mid_round_its_half_recorded_round_is_redone_once(tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    # round 1's first record is written: killed before (or, at worst, just after) round 1's checkpoint
+    out = killed_run(tmp_path, lambda out: record_count(out) > 3)
+    assert record_count(out) > 3
+    faults = asyncio.run(resumed(out))
+    assert_ends_like(faults, uninterrupted)
+
+
+def test_killed_after_the_last_round_it_writes_the_summary_with_devices_caught_up(
+        tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 3)
+    (out / "summary.json").unlink(missing_ok=True)  # as if killed before it was written
+    faults = asyncio.run(resumed(out))
+    assert_ends_like(faults, uninterrupted)
+    assert [record["round"] for record in faults.result.summary["rounds"]] == [0, 1, 2]
+
+
+def test_results_are_cut_back_to_the_checkpoint_and_a_cut_short_line_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    lines = [json.dumps({"round": round_index, "device": device}) for round_index in range(3) for device in "ab"]
+    path.write_text("\n".join(lines) + '\n{"round": 2, "dev')
+    assert keep_records_before(path, 2) == 4
+    assert path.read_text().splitlines() == lines[:4]
+    assert keep_records_before(tmp_path / "none.jsonl", 1) == 0
+
+
+def resume_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    output = capsys.readouterr().out.strip()
+    assert "\n" not in output, output
+    return output
+
+
+def test_resume_refuses_what_it_cannot_continue_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], uninterrupted: dict[str, Any]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no checkpoint.pt in it" in resume_error(["run", "--resume", str(empty)], capsys)
+    assert "no such folder" in resume_error(["run", "--resume", str(tmp_path / "missing")], capsys)
+    assert "give no scenario file" in resume_error(["run", "x.yaml", "--resume", str(empty)], capsys)
+    assert "needs a scenario file, or --resume DIR" in resume_error(["run"], capsys)
+    finished = Path(uninterrupted["out"])
+    assert "finished all 3 rounds; nothing to resume" in resume_error(["run", "--resume", str(finished)], capsys)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / CHECKPOINT_NAME).write_bytes((finished / CHECKPOINT_NAME).read_bytes())
+    edited = yaml.safe_load((finished / "scenario.yaml").read_text())
+    edited["seed"] += 1
+    (other / "scenario.yaml").write_text(yaml.safe_dump(edited))
+    assert "belongs to another scenario" in resume_error(["run", "--resume", str(other)], capsys)
+    saved = torch.load(finished / CHECKPOINT_NAME, weights_only=True)
+    torch.save({**saved, "format": 99}, other / CHECKPOINT_NAME)
+    (other / "scenario.yaml").write_text((finished / "scenario.yaml").read_text())
+    assert "is of format 99, this testbed resumes format 1" in resume_error(["run", "--resume", str(other)], capsys)
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        read_resumable(finished)
