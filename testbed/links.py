@@ -29,7 +29,7 @@ def link_parameters(spec: LinkSpec | None, profile: LinkParameters | None) -> Li
     changes: dict[str, Any] = {
         name: getattr(spec, name)
         for name in ("rate_bps", "delay_s", "jitter_s", "delay_distribution", "loss", "duplicate", "reorder",
-                     "overhead_bytes", "mss_bytes", "queue_bytes")
+                     "overhead_bytes", "mss_bytes", "queue_bytes", "recovery")
         if name in given
     }
     if "gilbert_elliott" in given and spec.gilbert_elliott is not None:

@@ -210,6 +210,7 @@ class LinkSpec(SectionModel):
     overhead_bytes: SizeBytes = Field(40, alias="overhead")
     mss_bytes: SizeBytes = Field(1460, alias="mss")
     queue_bytes: SizeBytes | None = Field(None, alias="queue")  # drop-tail bottleneck queue (tun, netem)
+    recovery: Literal["fast", "rto"] = "fast"  # TCP loss recovery of the proxy's link model (channel.recovery)
 
     @field_validator("loss")
     @classmethod

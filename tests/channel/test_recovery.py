@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from channel.errors import ChannelError
 from channel.link import LinkModel, LinkParameters
 from channel.recovery import DUPLICATE_ACK_THRESHOLD, Recovery
+from testbed.core.scenario import ScenarioError, parse_scenario
+from testbed.links import resolve_links
 
 
 class ScriptedDraws:
@@ -184,3 +188,13 @@ def test_schedule_invariants(rate: float | None, delay: float, jitter_share: flo
             if not handed_within:
                 continue  # nothing after it: a tail loss indeed
             assert len(handed_within) < DUPLICATE_ACK_THRESHOLD + model.counters.lost_segments
+
+
+def test_the_scenario_chooses_the_recovery_per_direction() -> None:
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "scenarios" / "lowband.yaml").read_text())
+    raw.setdefault("channel", {}).setdefault("downlink", {})["recovery"] = "rto"
+    downlink, uplink = resolve_links(parse_scenario(raw).channel)
+    assert (downlink.recovery, uplink.recovery) == ("rto", "fast")
+    raw["channel"]["downlink"]["recovery"] = "sack"
+    with pytest.raises(ScenarioError, match=r"channel.downlink.recovery: Input should be 'fast' or 'rto' \(got 'sack'\)"):
+        parse_scenario(raw)
