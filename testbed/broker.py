@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import logging
 import socket
 import ssl
@@ -28,6 +29,10 @@ default of 100 overflowed when a thousand devices connected at once, and every d
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
+
+AMQTT_RELEASE_CORRECTED = "0.12.1"
+"""The amqtt release whose retained-message delivery `_RunBroker` corrects: the override was written against its
+source (private methods and fields included), so the embedded broker starts on no other release."""
 
 
 class BrokerError(OrchestrationError):
@@ -131,8 +136,48 @@ class RunTopicPlugin(BaseTopicPlugin):
         return self.access.allows(session.username, "write" if action == Action.PUBLISH else "read", topic)
 
 
-class _BacklogBroker(Broker):
-    """amqtt's broker with a TCP listener that queues LISTEN_BACKLOG connections instead of asyncio's 100."""
+def check_amqtt_release(installed: str) -> None:
+    """Refuse an amqtt release other than the one `_RunBroker` corrects (BrokerError says what to install)."""
+    if installed != AMQTT_RELEASE_CORRECTED:
+        raise BrokerError(f"the embedded broker needs amqtt {AMQTT_RELEASE_CORRECTED} (testbed.broker corrects how "
+                          f"that release delivers retained messages), but amqtt {installed} is installed: "
+                          f"pip install 'amqtt=={AMQTT_RELEASE_CORRECTED}', or use broker: mosquitto")
+
+
+def retained_delivery_qos(granted_qos: int, retained_qos: int | None) -> int:
+    """QoS of a retained message sent for a subscription: the lower of the two (MQTT 3.1.1 section 3.8.4); a message
+    retained without a QoS (amqtt's API allows it) goes at the granted QoS."""
+    return granted_qos if retained_qos is None else min(granted_qos, retained_qos)
+
+
+class _RunBroker(Broker):
+    """amqtt's broker with a TCP listener that queues LISTEN_BACKLOG connections instead of asyncio's 100, and that
+    sends a client the retained messages of its own subscriptions only, each at the QoS the spec says."""
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        """Send `session` the retained messages matching `subscription`, if the session holds that subscription.
+
+        amqtt 0.12.1 calls this on every CONNECT for every filter any session holds (meaning to resume a persistent
+        session's own subscriptions), so a new client received the retained messages of other clients'
+        subscriptions, e.g. a device's `.../config` client got every `device/+/status`. It also sent a message
+        retained at QoS 0 at the subscription's QoS (`retained.qos or qos`), and at the requested QoS where the
+        broker granted less. Here only the session's own subscriptions count, at min(granted, retained) QoS.
+        """
+        topic_filter, _requested_qos = subscription
+        granted_qos = next((qos for holder, qos in self._subscriptions.get(topic_filter, ())
+                            if holder.client_id == session.client_id), None)
+        handler = self._get_handler(session)
+        if granted_qos is None or handler is None:
+            return
+        matching = [retained for topic, retained in self._retained_messages.items()
+                    if self._matches(topic, topic_filter)]
+        sends = [asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data,
+                                                            retained_delivery_qos(granted_qos, retained.qos),
+                                                            retain=True))
+                 for retained in matching]
+        if sends:
+            await asyncio.wait(sends)
 
     async def _create_server_instance(self, listener_name: str, listener_type: ListenerType, address: str | None,
                                       port: int, ssl_context: ssl.SSLContext | None) -> Any:
@@ -176,7 +221,8 @@ class EmbeddedBroker:
             plugins = {f"{__name__}.RunAuthPlugin": _access_config(self.access),
                        f"{__name__}.RunTopicPlugin": _access_config(self.access)}
         config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}, "plugins": plugins}
-        broker = _BacklogBroker(config)
+        check_amqtt_release(importlib.metadata.version("amqtt"))
+        broker = _RunBroker(config)
         try:
             await asyncio.wait_for(broker.start(), START_TIMEOUT_S)
         except Exception as error:  # amqtt raises its own BrokerError or OSError subclasses
