@@ -62,7 +62,13 @@ class EmulatedFleet:
     async def wait_online(self, timeout_s: float) -> None:
         """Wait until every agent has connected and subscribed; FleetError names the stragglers."""
         waits = [asyncio.create_task(agent.connected.wait()) for agent in self.agents]
-        done, pending = await asyncio.wait(waits, timeout=timeout_s)
+        if waits:
+            all_online = asyncio.ensure_future(asyncio.wait(waits))
+            first_failure = asyncio.ensure_future(asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED))
+            await asyncio.wait([all_online, first_failure], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            all_online.cancel()  # a member that failed (members never end on their own) ends the wait at once
+            first_failure.cancel()
+        pending = [task for task in waits if not task.done()]
         for task in pending:
             task.cancel()
         self.raise_if_failed()

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # that `testbed validate` loads nothing beyond testbed.core.
 COMMAND_MODULES = {"channel": "testbed.channel_command", "bench": "testbed.channel_command",
                    "board": "testbed.hil_commands", "attach": "testbed.hil_commands",
-                   "device": "testbed.device_commands",
+                   "device": "testbed.device_commands", "fleet": "testbed.fleet_commands",
                    "broker-config": "testbed.broker_config",
                    "keygen": "testbed.key_commands",
                    "data": "testbed.data_commands"}
@@ -173,6 +173,10 @@ class _RichProgress:
                 f"  testbed attach --name {data['device']} --broker {data['broker']} --port PORT"
                 + (f" --username {data['username']} --password-file FILE" if data.get("username") else ""),
                 highlight=False)
+        elif event == "waiting-for-fleet":
+            self.console.print(f"waiting for devices {data['devices']}: on the host that runs them, run\n"
+                               f"  testbed fleet --broker HOST:PORT --run {data['run_id']} --devices {data['devices']}",
+                               highlight=False, markup=False)
         elif event == "warning":  # before the run starts, too (e.g. an exporter reachable from the network)
             self.console.print(f"[yellow]warning:[/] {data['message']}", highlight=False)
         elif event == "board-status":

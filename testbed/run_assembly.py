@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -14,9 +15,7 @@ from typing import Any, Protocol
 import aiomqtt
 
 from channel.errors import ChannelError
-from devices.agent import DeviceAgent, DeviceConfig
 from devices.fleet import ExternalDevice, FleetMember
-from devices.profiles import get_device_profile
 from devices.serial_bridge import SerialBridge
 from server.update_server import UpdateServer
 from testbed.broker import EmbeddedBroker, LocalBroker
@@ -25,10 +24,14 @@ from testbed.broker_config import broker_access, scenario_without_secrets
 from testbed.core.messages import RunConfig, RunFinished
 from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, MqttEndpoint
 from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
-from testbed.core.seeds import Stream, derived_seed
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
+from testbed.core.fleet_checks import devices_with_events
+from testbed.core.fleet_plan import worker_count, worker_shares
 from testbed.device_commands import advertised_host, device_command_line
+from testbed.fleet_commands import WorkerProcesses
+from testbed.fleet_worker import (LINK_REPORT_PERIOD_S, REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice,
+                                  device_link_seed, emulated_agent, remote_link)
 from testbed.inference import TorchInference
 from testbed.links import DeviceLinks
 from testbed.metrics import MetricsExporter, RunMetrics
@@ -89,6 +92,13 @@ class RunAssembly:
         self.embedded_broker: LocalBroker | None = None
         """The broker broker() started (embedded amqtt, or a local Mosquitto), if the run started one."""
         self.device_links: dict[str, Any] = {}  # each device's open link (its backend's EmulatedLink), by device id
+        self.worker_shares: list[list[str]] = []
+        """The emulated devices each local worker process runs (testbed.fleet_worker); none: all in process."""
+        self.worker_devices: dict[str, WorkerDevice] = {}
+        """Devices a local worker runs, online when their status says so."""
+        self.remote_links: dict[str, RemoteLink] = {}
+        """The links of devices run by workers (local or `testbed fleet` elsewhere), as their reports give them."""
+        self.link_reports: LinkReports | None = None
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
         """The embedded broker or a local Mosquitto (started here, checking the run's identities if it has any) or the
@@ -148,9 +158,15 @@ class RunAssembly:
         """Each device's link to the broker, and behind it the device its kind calls for, in scenario order."""
         members: list[FleetMember] = []
         entries = self.scenario.device_entries()
+        self._plan_fleet(links)
         for index, (device_id, profile_name) in enumerate(self.profiles.items()):
-            seed = derived_seed(self.scenario.seed, Stream.DEVICE_LINK, index)
+            seed = device_link_seed(self.scenario, index)
             entry = entries[device_id]
+            if device_id in self.remote_links:  # run by a worker process, here or on another host
+                self.device_links[device_id] = self.remote_links[device_id]
+                self.metrics.add_device(device_id, profile_name, self.remote_links[device_id])
+                members.append(self.worker_devices.get(device_id) or self.external_devices[device_id])
+                continue
             listen_host = (entry.listen or "127.0.0.1") if entry.network else None  # a board on another host
             try:
                 link = await stack.enter_async_context(links.open(device_id, (endpoint.host, endpoint.port), seed=seed,
@@ -170,11 +186,8 @@ class RunAssembly:
         (attached by hand, or on the network: then the run says the command that joins it)."""
         if entry.kind == "emulated":
             inference = TorchInference(server.build_device_model(), server.device_test_split(index))
-            downlink, uplink = links.parameters(device_id)
-            config = DeviceConfig(device_id, get_device_profile(profile_name), downlink.rate_bps, uplink.rate_bps,
-                                  round_period_s=self.scenario.round_period_s,
-                                  init_seed=server.seed)
-            return DeviceAgent(config, self.topics, via, inference, self.trusted_key)
+            return emulated_agent(self.scenario, links, device_id, profile_name, inference, self.topics, via,
+                                  self.trusted_key, server.seed)
         if entry.kind == "serial":
             assert entry.serial is not None
             board = self.run_config(server.seed).board_config(device_id)
@@ -190,6 +203,58 @@ class RunAssembly:
                 host, via.port, device_id, self.run_id, self.trusted_key.text, via.username, via.tls_enabled))
         self.progress("waiting-for-board", waiting)
         return self.external_devices[device_id]
+
+    def _plan_fleet(self, links: DeviceLinks) -> None:
+        """Which emulated devices run in worker processes (`fleet.workers`) or on other hosts (`fleet.remote`)."""
+        scenario = self.scenario
+        remote = scenario.remote_devices()
+        entries = scenario.device_entries()
+        local = [device_id for device_id in self.profiles
+                 if entries[device_id].kind == "emulated" and device_id not in remote]
+        workers = worker_count(scenario.fleet.workers, len(local), os.cpu_count() or 1)
+        if scenario.fleet.workers == "auto" and (devices_with_events(scenario) or scenario.broker.device_credentials):
+            workers = 1  # events act on devices in this process; one identity per device is this process's too
+        cell_of = {device_id: cell for device_id in local if (cell := links.cell_of(device_id)) is not None}
+        self.worker_shares = worker_shares(local, cell_of, workers) if workers > 1 else []
+        timed = scenario.channel.backend == "proxy"
+        for index, share in enumerate(self.worker_shares):
+            ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            for device_id in share:
+                self.worker_devices[device_id] = WorkerDevice(device_id, ended)
+        for device_id in [*self.worker_devices, *remote]:
+            self.remote_links[device_id] = remote_link(timed or links.cell_of(device_id) is not None)
+        for device_id in remote:
+            self.external_devices[device_id] = ExternalDevice(device_id)
+        for selector in scenario.fleet.remote:
+            self.progress("waiting-for-fleet", {"devices": selector, "run_id": self.run_id})
+
+    async def fleet_workers(self, stack: AsyncExitStack, endpoint: MqttEndpoint) -> None:
+        """Start the local worker processes (after the run's config is on the broker: they read it there) and read
+        every worker's link reports; both stop when the run ends."""
+        if not self.remote_links:
+            return
+        self.link_reports = LinkReports(endpoint, self.topics, self.remote_links)
+        reader = asyncio.create_task(self.link_reports.run())
+        stack.push_async_callback(_cancel_task, reader)
+        if not self.worker_shares:
+            return
+        processes = await stack.enter_async_context(WorkerProcesses(endpoint, self.run_id, self.worker_shares,
+                                                                    self.out_dir / "fleet"))
+        for index, share in enumerate(self.worker_shares):
+            watch = asyncio.create_task(self._watch_worker(processes, index, self.worker_devices[share[0]]))
+            stack.push_async_callback(_cancel_task, watch)
+
+    async def _watch_worker(self, processes: WorkerProcesses, index: int, device: WorkerDevice) -> None:
+        code = await processes.ended(index)
+        if not device.worker_ended.done():
+            device.worker_ended.set_result(f"fleet worker {index} exited with code {code} "
+                                           f"(see {processes.log_path(index)})")
+
+    async def refresh_remote_links(self) -> None:
+        """Bring the links workers run up to date (before the run reads a round's counters and lateness)."""
+        if self.link_reports is not None and not await self.link_reports.refresh():
+            logger.info("not every fleet worker answered within %.0f s: its link counters may be up to %.1f s old",
+                        REFRESH_WAIT_S, LINK_REPORT_PERIOD_S)
 
     def run_config(self, init_seed: int) -> RunConfig:
         """The retained config message: how `testbed attach` learns the run's scenario and device numbers."""

@@ -151,6 +151,7 @@ class ScenarioRun:
             members = await assembly.fleet_members(stack, endpoint, links, server)
             messages = DeviceMessages(self.topics, self._record_status)
             control, pump = await assembly.control_connection(stack, endpoint, server.seed, messages)
+            await assembly.fleet_workers(stack, endpoint)
             fleet = await stack.enter_async_context(EmulatedFleet(members))
             self.progress("starting", {"devices": len(members), "broker": f"{endpoint.host}:{endpoint.port}",
                                        "signing_key": self.signing_key.trusted_key.text,
@@ -192,6 +193,7 @@ class ScenarioRun:
         started = time.monotonic()
         self.current_round = round_index
         assert self.timing is not None
+        await self.assembly.refresh_remote_links()
         self.timing.start_round()
         full_model_bytes = wire_full_model_bytes(outcome.weights)
         reports: dict[str, DeviceReport] = {}
@@ -211,6 +213,7 @@ class ScenarioRun:
             self._phase_reached(round_index, "report")  # nothing to publish: the round passes its phases
             self.progress("skipped", {"round": round_index, "version": outcome.version,
                                       "validation_accuracy": outcome.validation_accuracy})
+        await self.assembly.refresh_remote_links()
         timing = self.timing.end_round()
         self.metrics.record_round(round_index, outcome.version, outcome.server_accuracy, update_bytes, full_model_bytes,
                                   index_bits)
@@ -283,7 +286,7 @@ class ScenarioRun:
         if device_id not in self.profiles:
             return
         self.metrics.record_online(device_id, self.profiles[device_id], status.online)
-        external = self.assembly.external_devices.get(device_id)
+        external = self.assembly.external_devices.get(device_id) or self.assembly.worker_devices.get(device_id)
         if external is not None:
             external.set_online(status.online)
         if device_id in self.board_devices and (status.online or device_id in self.boards_seen_online):

@@ -483,6 +483,27 @@ class MetricsSpec(SectionModel):
         return url
 
 
+class FleetSpec(SectionModel):
+    """Where the emulated devices run: `workers` processes of this host, and devices a `testbed fleet` runs elsewhere.
+
+    `workers: N` runs the emulated devices in N worker processes (each with its devices' links and agents; a
+    cell's devices on one worker); `auto` starts one per core when the fleet has more than 200 emulated devices
+    and keeps it in process otherwise (testbed.core.fleet_plan). `remote` lists device selectors (`rpi4-0..99`, a
+    cell name, a device id) that `testbed fleet --devices SELECTOR` runs on another host: the run waits for them.
+    """
+
+    workers: int | Literal["auto"] = 1
+    remote: list[str] = Field(default_factory=list)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, workers: Any) -> Any:
+        if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int)
+                                  or not 1 <= workers <= 1024):
+            raise ValueError(f"workers must be 'auto' or a number of processes from 1 to 1024, got {workers!r}")
+        return workers
+
+
 class Scenario(SectionModel):
     """A whole experiment: data, model, update strategy, channel, devices, broker, metrics."""
 
@@ -501,6 +522,7 @@ class Scenario(SectionModel):
     broker: Annotated[BrokerSpec, BeforeValidator(_broker_from_shorthand)] = Field(default_factory=BrokerSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     events: list[ScenarioEvent] = Field(default_factory=list)  # timed faults (testbed.core.events)
+    fleet: FleetSpec = Field(default_factory=FleetSpec)
 
     @field_validator("devices")
     @classmethod
@@ -547,6 +569,24 @@ class Scenario(SectionModel):
         from testbed.core.event_checks import check_events
 
         return check_events(self)
+
+    @model_validator(mode="after")
+    def _fleet_fits_the_scenario(self) -> Scenario:
+        """`fleet.remote` selects emulated devices; events act only on devices the run's own process holds."""
+        from testbed.core.fleet_checks import fleet_problem
+
+        problem = fleet_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def remote_devices(self) -> list[str]:
+        """The emulated devices `testbed fleet` runs on other hosts (`fleet.remote`), in scenario order."""
+        from testbed.core.fleet_plan import select_devices
+
+        cells = {cell.name: cell.devices for cell in self.channel.cells}
+        return [device_id for selector in self.fleet.remote
+                for device_id in select_devices(selector, self.device_ids(), cells)]
 
     def device_ids(self) -> list[str]:
         """Every device id of the run, in scenario order."""

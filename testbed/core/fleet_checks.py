@@ -1,0 +1,45 @@
+"""Checks of a scenario's `fleet` section against its devices, events and broker identities."""
+
+from __future__ import annotations
+
+from testbed.core.event_checks import target_device_ids
+from testbed.core.fleet_plan import SelectorError, select_devices
+from testbed.core.scenario import Scenario
+
+
+def devices_with_events(scenario: Scenario) -> list[str]:
+    """The devices some event acts on (a crash, a link change, a chunk tap...): these stay in the run's process."""
+    targeted = {device_id for event in scenario.events for device_id in target_device_ids(event, scenario)}
+    return [device_id for device_id in scenario.device_ids() if device_id in targeted]
+
+
+def fleet_problem(scenario: Scenario) -> str | None:
+    """What is wrong with `fleet` in this scenario (one line naming the field), or None."""
+    fleet = scenario.fleet
+    entries = scenario.device_entries()
+    cells = {cell.name: cell.devices for cell in scenario.channel.cells}
+    remote: list[str] = []
+    for index, selector in enumerate(fleet.remote):
+        try:
+            selected = select_devices(selector, scenario.device_ids(), cells)
+        except SelectorError as error:
+            return f"fleet.remote.{index}: {error}"
+        boards = [device_id for device_id in selected if entries[device_id].kind != "emulated"]
+        if boards:
+            return (f"fleet.remote.{index}: {selector!r} selects {boards[0]!r}, a board in the loop; `testbed fleet` "
+                    "runs emulated devices only")
+        remote.extend(selected)
+    distributed = bool(remote) or (fleet.workers != "auto" and fleet.workers > 1)
+    if not distributed:
+        return None
+    if scenario.broker.device_credentials is not None:
+        return ("fleet: workers and remote devices connect as the run's identity; broker.device_credentials (one "
+                "identity per device) needs the fleet in the run's process (workers: 1, no remote)")
+    targeted = devices_with_events(scenario)
+    held_elsewhere = [device_id for device_id in targeted
+                      if device_id in remote or (fleet.workers != "auto" and fleet.workers > 1
+                                                 and entries[device_id].kind == "emulated")]
+    if held_elsewhere:
+        return (f"fleet: events act on {held_elsewhere[0]!r}, which a worker process or another host would run; "
+                "events need their devices in the run's process (workers: 1 or auto, and not in fleet.remote)")
+    return None
