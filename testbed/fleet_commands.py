@@ -22,12 +22,9 @@ from testbed.core.messages import MessageError, RunConfig, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.topics import Topics
+from testbed.hil_commands import CONFIG_WAIT_S, EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_OK, until_run_ends
 
 COMMANDS = ("fleet",)
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_ARGUMENTS = 2
-CONFIG_WAIT_S = 120.0
 PASSWORD_VARIABLE = "TESTBED_FLEET_PASSWORD"
 """How the run hands its own worker processes the broker password (never on a command line)."""
 STOP_WAIT_S = 10.0
@@ -142,7 +139,6 @@ async def find_fleet_run(endpoint: MqttEndpoint, selector: str, run_id: str | No
 
 async def _fleet(args: argparse.Namespace) -> int:
     from testbed.fleet_worker import FleetWorker
-    from testbed.hil_commands import until_run_ends
 
     try:
         endpoint = fleet_endpoint(args)

@@ -212,7 +212,8 @@ class RunAssembly:
         local = [device_id for device_id in self.profiles
                  if entries[device_id].kind == "emulated" and device_id not in remote]
         workers = worker_count(scenario.fleet.workers, len(local), os.cpu_count() or 1)
-        if scenario.fleet.workers == "auto" and (devices_with_events(scenario) or scenario.broker.device_credentials):
+        if scenario.fleet.workers == "auto" and (devices_with_events(scenario)
+                                                 or scenario.broker.device_credentials is not None):
             workers = 1  # events act on devices in this process; one identity per device is this process's too
         cell_of = {device_id: cell for device_id in local if (cell := links.cell_of(device_id)) is not None}
         self.worker_shares = worker_shares(local, cell_of, workers) if workers > 1 else []

@@ -227,3 +227,31 @@ def test_workers_end_when_the_run_is_killed_and_a_dead_worker_fails_the_run(tmp_
     output = (tmp_path / "failed" / "run.log").read_text()
     assert code == 1 and "fleet worker" in output and "exited with code -9" in output, output
     _wait_for(lambda: not any(_alive(pid) for pid in workers), 30, f"the other worker of {workers} ending")
+
+
+# --- testbed fleet's arguments and the console ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--broker", "nowhere", "--devices", "rpi4-0"],
+     "testbed fleet: error: --broker: expected HOST:PORT, got 'nowhere'"),
+    (["--broker", "127.0.0.1:1", "--devices", "rpi4-0", "--username", "u", "--password-file", "/nonexistent"],
+     "testbed fleet: error: --password-file: cannot read a password from '/nonexistent'"),
+])
+def test_bad_fleet_arguments_are_one_line_each(arguments: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "testbed", "fleet", *arguments], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+
+
+def test_the_console_prints_the_fleet_command_for_remote_devices(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from testbed.cli import _RichProgress
+
+    output = tmp_path / "console.txt"
+    with open(output, "w") as handle:
+        _RichProgress(Console(file=handle, soft_wrap=True, width=60))(
+            "waiting-for-fleet", {"devices": "rpi4-0..99", "run_id": "run-1"})
+    assert output.read_text().splitlines() == [
+        "waiting for devices rpi4-0..99: on the host that runs them, run",
+        "  testbed fleet --broker HOST:PORT --run run-1 --devices rpi4-0..99"]

@@ -1,4 +1,4 @@
-"""Which process runs which emulated device: device selectors, the `workers: auto` rule, shares that keep cells whole."""
+"""Which process runs which emulated device: device selectors, the `workers: auto` rule, shares keeping cells whole."""
 
 from __future__ import annotations
 
