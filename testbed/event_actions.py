@@ -20,7 +20,7 @@ from testbed.core.scenario import Scenario
 from testbed.events import FiredEvent
 from testbed.run_events import ActionHandler, RunEvents
 
-EMULATED_ACTIONS = ("broker_restart", "device_crash", "device_leave", "device_join", "board_reset", "outage", "link",
+EMULATED_ACTIONS = ("broker_restart", "server_restart", "device_crash", "device_leave", "device_join", "board_reset", "outage", "link",
                     "partition", "corrupt", "duplicate", "reorder")
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
@@ -28,14 +28,16 @@ Action = Callable[[], Awaitable[None]]
 
 
 def register_actions(events: RunEvents, scenario: Scenario, broker: LocalBroker | None,
-                     fleet: EmulatedFleet, device_links: Mapping[str, Any]) -> None:
-    """Perform broker restarts on `broker` (None: an external broker), what happens to devices in `fleet`
-    (testbed.device_actions) and what happens to links on `device_links` (each device's open link)."""
+                     fleet: EmulatedFleet, device_links: Mapping[str, Any], server_restarts: ActionHandler) -> None:
+    """Perform broker restarts on `broker` (None: an external broker), server restarts with `server_restarts`
+    (testbed.server_restart), what happens to devices in `fleet` (testbed.device_actions) and what happens to links
+    on `device_links` (each device's open link)."""
     downtime = DeviceDowntime(events, scenario, fleet)
     chunk_faults = ChunkFaultArming(downtime, scenario.seed)
     churn = DeviceChurn(downtime)
     handlers: dict[str, ActionHandler] = {
-        "broker_restart": BrokerRestarts(broker, scenario.broker.url), "device_crash": DeviceCrashes(downtime),
+        "broker_restart": BrokerRestarts(broker, scenario.broker.url), "server_restart": server_restarts,
+        "device_crash": DeviceCrashes(downtime),
         "device_leave": churn, "device_join": churn, "board_reset": BoardResets(fleet),
         "outage": Outages(events, scenario, device_links), "link": LinkChanges(events, scenario, device_links),
         "partition": Partitions(events, scenario, device_links),

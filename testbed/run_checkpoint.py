@@ -53,6 +53,14 @@ class RunCheckpoint:
         })
 
 
+def read_server_state(out_dir: Path) -> ServerState | None:
+    """The server's state in `out_dir`'s checkpoint (a server restart in the same run), None before the first one."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    return ServerState.from_saveable(load_checkpoint(path)["server"])
+
+
 def read_resumable(out_dir: Path) -> tuple[Scenario, RunCheckpoint]:
     """The scenario (`out_dir`/scenario.yaml) and checkpoint of a run to resume; ResumeError (one line) if the folder
     has no checkpoint, the checkpoint belongs to another scenario or format, or the run already finished."""

@@ -34,6 +34,7 @@ from testbed.event_actions import register_actions
 from testbed.run_assembly import RunAssembly
 from testbed.run_events import RunEvents
 from testbed.run_summary import RoundRecord, RunError, RunRecords, RunResult, host_facts
+from testbed.server_restart import ServerRestarts
 from testbed.timing_report import LoopLagProbe, RunTiming
 
 __all__ = ["ProgressCallback", "RoundRecord", "RunError", "RunResult", "ScenarioRun", "new_run_id", "run_scenario"]
@@ -90,11 +91,16 @@ class ScenarioRun:
         """How late the links and the event loop were, per round (testbed.timing_report); set once devices are up."""
         self.stop_requested = asyncio.Event()
         """Set by Ctrl-C (or `request_stop`): the round in progress ends, the summary is written, the run returns."""
+        self.round_interrupted = asyncio.Event()
+        """Set by a stop or a server restart: the wait for reports in progress ends within a second."""
+        self.server_restarts: ServerRestarts | None = None
+        """The `server_restart` event's restarts (testbed.server_restart); set once devices are up."""
 
     def request_stop(self) -> None:
         """End the run after the round in progress (its wait for reports ends within a second)."""
         if not self.stop_requested.is_set():
             self.stop_requested.set()
+            self.round_interrupted.set()
             self.progress("interrupting", {})
 
     @property
@@ -150,6 +156,7 @@ class ScenarioRun:
             await assembly.exporter(stack)
             members = await assembly.fleet_members(stack, endpoint, links, server)
             messages = DeviceMessages(self.topics, self._record_status)
+            stack.push_async_callback(self._close_restarted_session)  # after the session's own goodbye
             control, pump = await assembly.control_connection(stack, endpoint, server.seed, messages)
             await assembly.fleet_workers(stack, endpoint)
             fleet = await stack.enter_async_context(EmulatedFleet(members))
@@ -162,19 +169,22 @@ class ScenarioRun:
             self.timing = timing = RunTiming(assembly.device_links, await stack.enter_async_context(LoopLagProbe()))
             self.events = await stack.enter_async_context(RunEvents(scenario, self.out_dir, self.metrics,
                                                                     self._progress))
-            register_actions(self.events, scenario, assembly.embedded_broker, fleet, assembly.device_links)
+            self.server_restarts = ServerRestarts(scenario, self.out_dir, control, pump, messages, self._progress,
+                                                  self.round_interrupted)
+            register_actions(self.events, scenario, assembly.embedded_broker, fleet, assembly.device_links,
+                             self.server_restarts)
             publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, self.signing_key,
                                         server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
                                         self.records.held_version, scenario.round_timeout_s, self._progress,
-                                        note_report=self._note_report, stop=self.stop_requested)
+                                        note_report=self._note_report, stop=self.round_interrupted)
             if self.resume is not None:
                 publisher.restore(self.resume.publisher)
                 await self._catch_up_resumed_devices(server.next_round - 1, publisher, collector)
             for round_index in range(server.next_round, server.rounds):
                 if self.stop_requested.is_set():
                     break
-                await self._round(round_index, server, publisher, collector, results)
+                server = await self._round(round_index, server, publisher, collector, results)
             collector.drain_reports()
             final_hash = weights_hash(publisher.versions[publisher.latest_version]).hex()
             summary = self.records.summary(publisher.latest_version, final_hash, publisher.published_bytes,
@@ -185,11 +195,11 @@ class ScenarioRun:
         return RunResult(self.out_dir, summary, self.metrics_url, self.records.rounds)
 
     async def _round(self, round_index: int, server: UpdateServer, publisher: UpdatePublisher,
-                     collector: ReportCollector, results: ResultsWriter) -> None:
-        self.progress("training", {"round": round_index})
-        outcome: RoundOutcome = await asyncio.to_thread(server.run_round, round_index)
+                     collector: ReportCollector, results: ResultsWriter) -> UpdateServer:
+        """Run, publish, collect and record one round; the server it ends on (a restarted one after server_restart)."""
+        server, outcome = await self._train(round_index, server, collector)
         if self.stop_requested.is_set():
-            return  # stopped while training: this round's result is neither sent nor recorded
+            return server  # stopped while training: this round's result is neither sent nor recorded
         started = time.monotonic()
         self.current_round = round_index
         assert self.timing is not None
@@ -199,15 +209,17 @@ class ScenarioRun:
         reports: dict[str, DeviceReport] = {}
         update_bytes = index_bits = 0
         if outcome.sent:
-            self._phase_reached(round_index, "publish")
-            published = await publisher.publish_version(round_index, outcome.version, outcome.weights,
-                                                        outcome.base_version, outcome.payload)
-            update_bytes, index_bits = published.payload_bytes, published.index_bits
-            self.metrics.record_published(update_bytes)
-            self.progress("publishing", {"round": round_index, "version": outcome.version,
-                                         "update_bytes": update_bytes, "full_model_bytes": full_model_bytes})
-            self._phase_reached(round_index, "delivery")
+            update_bytes, index_bits = await self._publish(round_index, outcome, publisher, full_model_bytes)
             reports = await collector.collect(round_index, outcome.version)
+            while self.server_restarts is not None and self.server_restarts.requested:
+                # The server restarted in the round: it is repeated on the restored server (the same outcome, as
+                # rounds are deterministic under the seed); the reports so far stand, the others are awaited.
+                server, outcome = await self._train(round_index, server, collector)
+                if self.stop_requested.is_set():
+                    break
+                await self._publish(round_index, outcome, publisher, full_model_bytes)
+                remaining = [device_id for device_id in self.profiles if device_id not in reports]
+                reports.update(await self._collect_from(collector, remaining, round_index, outcome.version))
             self._phase_reached(round_index, "report")  # also when no device reported
         else:
             self._phase_reached(round_index, "report")  # nothing to publish: the round passes its phases
@@ -245,6 +257,46 @@ class ScenarioRun:
             logger.info("%s", warning)
             self.progress("warning", {"message": warning})
         await self._push_metrics()
+        return server
+
+    async def _close_restarted_session(self) -> None:
+        if self.server_restarts is not None:
+            await self.server_restarts.close()
+
+    async def _train(self, round_index: int, server: UpdateServer,
+                     collector: ReportCollector) -> tuple[UpdateServer, RoundOutcome]:
+        """Train round `round_index`; a server restart asked for before or meanwhile is performed first (a new
+        server from the last checkpoint, the session reconnected) and the round trained again on it."""
+        restarts = self.server_restarts
+        while True:
+            if restarts is not None and restarts.requested:
+                server = await restarts.perform(round_index)
+                collector.pump = restarts.pump
+                if not self.stop_requested.is_set():
+                    self.round_interrupted.clear()
+            self.progress("training", {"round": round_index})
+            outcome: RoundOutcome = await asyncio.to_thread(server.run_round, round_index)
+            if restarts is None or not restarts.requested or self.stop_requested.is_set():
+                return server, outcome
+
+    async def _publish(self, round_index: int, outcome: RoundOutcome, publisher: UpdatePublisher,
+                       full_model_bytes: int) -> tuple[int, int]:
+        """Publish the round's update (its publish and delivery phases); its payload bytes and index bits."""
+        self._phase_reached(round_index, "publish")
+        published = await publisher.publish_version(round_index, outcome.version, outcome.weights,
+                                                    outcome.base_version, outcome.payload)
+        self.metrics.record_published(published.payload_bytes)
+        self.progress("publishing", {"round": round_index, "version": outcome.version,
+                                     "update_bytes": published.payload_bytes, "full_model_bytes": full_model_bytes})
+        self._phase_reached(round_index, "delivery")
+        return published.payload_bytes, published.index_bits
+
+    async def _collect_from(self, collector: ReportCollector, device_ids: list[str], round_index: int,
+                            version: int) -> dict[str, DeviceReport]:
+        """Wait for the reports of `version` from `device_ids` only (the others reported already, or cannot)."""
+        waiting = copy.copy(collector)
+        waiting.profiles = {device_id: self.profiles[device_id] for device_id in device_ids}
+        return await waiting.collect(round_index, version)
 
     async def _catch_up_resumed_devices(self, round_index: int, publisher: UpdatePublisher,
                                         collector: ReportCollector) -> None:
@@ -260,9 +312,7 @@ class ScenarioRun:
             self.metrics.record_published(catch_up.payload_bytes)
             self.progress("catch-up", {"round": round_index, "device": device_id, "from": 0,
                                        "bytes": catch_up.payload_bytes, "reason": "the run resumed from its checkpoint"})
-        waiting = copy.copy(collector)
-        waiting.profiles = emulated
-        await waiting.collect(round_index, version)
+        await self._collect_from(collector, list(emulated), round_index, version)
 
     async def _push_metrics(self) -> None:
         """Push to the scenario's Pushgateway, if any; a failure is logged, counted and reported, not fatal."""

@@ -44,11 +44,6 @@ def checkpoint_round(out: Path) -> int | None:
     return int(load_checkpoint(out / CHECKPOINT_NAME)["server"]["next_round"])
 
 
-def record_count(out: Path) -> int:
-    path = out / "results.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def killed_run(tmp_path: Path, kill_when: Callable[[Path], bool]) -> Path:
     """`testbed run` in its own process, SIGKILLed as soon as `kill_when(out)` holds; its results folder."""
     scenario_file = tmp_path / "faults.yaml"
@@ -98,9 +93,13 @@ def test_killed_after_round_0s_checkpoint_it_resumes_to_the_uninterrupted_final_
 
 
 def test_killed_mid_round_its_half_recorded_round_is_redone_once(tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
-    # round 1's first record is written: killed before (or, at worst, just after) round 1's checkpoint
-    out = killed_run(tmp_path, lambda out: record_count(out) > 3)
-    assert record_count(out) > 3
+    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 2)  # in round 2, after round 1's checkpoint
+    records = (out / "results.jsonl").read_text().splitlines()
+    assert sorted({json.loads(line)["round"] for line in records}) == [0, 1]
+    # What a kill between two of round 2's appends leaves: one whole record of it and one cut short
+    half_recorded = {**json.loads(records[-1]), "round": 2}
+    with open(out / "results.jsonl", "a") as results:
+        results.write(json.dumps(half_recorded) + "\n" + json.dumps(half_recorded)[:20])
     faults = asyncio.run(resumed(out))
     assert_ends_like(faults, uninterrupted)
 
