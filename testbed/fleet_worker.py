@@ -236,6 +236,9 @@ class FleetWorker:
         from server.models import build_model
         from testbed.runner import online_timeout_s
 
+        import torch
+
+        torch.set_num_threads(1)  # the run and the other workers share the cores: one thread each, no oversubscription
         scenario, config = self.scenario, self.config
         seed = int(scenario.seed)
         arrival = await asyncio.to_thread(load_dataset_arrival, scenario.data, seed)
