@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from testbed.broker import (AMQTT_RELEASE_CORRECTED, BrokerError, EmbeddedBroker, _RunBroker, check_amqtt_release,
                             retained_delivery_qos)
+from testbed.broker_access import BrokerAccess, Identity
 from testbed.core.mqtt import MqttEndpoint
 
 WAIT_S = 15.0
@@ -202,6 +203,32 @@ def test_a_new_client_gets_no_retained_status_for_another_clients_subscription()
                     await attach.subscribe(config[0], qos=1)
                     await attach.subscribe("barrier/attach")
                     assert await _received_until(attach, Counter([config])) == Counter([config])
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_device_identity_gets_no_retained_message_its_topic_rules_deny() -> None:
+    """With device identities, the leak also crossed the ACLs: rpi4-1 received rpi4-0's retained status because
+    the server's identity held `testbed/+/device/#` (the retained path asks no topic plugin; its own filters were)."""
+    access = BrokerAccess(Identity("server", "s"),
+                          {"rpi4-0": Identity("rpi4-0", "0"), "rpi4-1": Identity("rpi4-1", "1")})
+    status: Delivery = ("testbed/r/device/rpi4-0/status", b"online", 1)
+    config: Delivery = ("testbed/r/config", b"config", 1)
+
+    async def scenario() -> None:
+        async with EmbeddedBroker(access=access) as broker:
+            endpoint = MqttEndpoint(broker.host, broker.port)
+            async with endpoint.with_credentials("rpi4-0", "0").client("rpi4-0") as device:
+                await device.publish(status[0], status[1], qos=1, retain=True)
+                await device.subscribe("testbed/r/manifest", qos=1)  # a round trip: the status is stored
+            async with endpoint.with_credentials("server", "s").client("server") as server:
+                await server.publish(config[0], config[1], qos=1, retain=True)
+                await server.subscribe("testbed/+/device/#", qos=1)
+                assert await _received_until(server, Counter([status])) == Counter([status])
+                async with endpoint.with_credentials("rpi4-1", "1").client("rpi4-1") as other:
+                    await other.subscribe(config[0], qos=1)
+                    await other.subscribe("testbed/r/manifest", qos=1)
+                    assert await _received_until(other, Counter([config])) == Counter([config])
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
