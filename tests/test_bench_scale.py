@@ -20,7 +20,7 @@ spec.loader.exec_module(scale)
 
 
 @pytest.mark.parametrize("devices", [10, 1000, 2500])
-def test_the_scale_scenario_validates_with_groups_of_at_most_a_thousand(devices: int, capsys) -> None:
+def test_the_scale_scenario_validates_for_fleets_past_a_thousand(devices: int, capsys) -> None:
     assert main(["validate", str(scale.BASE_SCENARIO), *scale.scenario_overrides(devices, "embedded", 3)]) == EXIT_OK
     assert f"valid, {devices} devices" in capsys.readouterr().out
 
