@@ -20,8 +20,8 @@ from testbed.core.scenario import Scenario
 from testbed.events import FiredEvent
 from testbed.run_events import ActionHandler, RunEvents
 
-EMULATED_ACTIONS = ("broker_restart", "server_restart", "device_crash", "device_leave", "device_join", "board_reset", "outage", "link",
-                    "partition", "corrupt", "duplicate", "reorder")
+EMULATED_ACTIONS = ("broker_restart", "server_restart", "device_crash", "device_leave", "device_join", "board_reset",
+                    "outage", "link", "partition", "corrupt", "duplicate", "reorder")
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
 Action = Callable[[], Awaitable[None]]

@@ -81,7 +81,7 @@ class UpdatePublisher:
         return PublisherState(self.latest_version, self.versions.get(self.latest_version), self.published_bytes)
 
     def restore(self, state: PublisherState) -> None:
-        """Continue from `state`: versions other than w⁰ and the latest are gone (a catch-up from one is a snapshot)."""
+        """Continue from `state`: versions other than w⁰ and the latest are gone (a catch-up from one: a snapshot)."""
         if state.latest_weights is not None and state.latest_version > 0:
             self.versions[state.latest_version] = {name: array.copy() for name, array in state.latest_weights.items()}
         self.latest_version = state.latest_version

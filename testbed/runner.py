@@ -311,7 +311,8 @@ class ScenarioRun:
             catch_up = await publisher.publish_catch_up(round_index, device_id, 0)
             self.metrics.record_published(catch_up.payload_bytes)
             self.progress("catch-up", {"round": round_index, "device": device_id, "from": 0,
-                                       "bytes": catch_up.payload_bytes, "reason": "the run resumed from its checkpoint"})
+                                       "bytes": catch_up.payload_bytes,
+                                       "reason": "the run resumed from its checkpoint"})
         await self._collect_from(collector, list(emulated), round_index, version)
 
     async def _push_metrics(self) -> None:

@@ -11,7 +11,6 @@ device sends meanwhile is lost (one that arrives twice is still one report: the 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from testbed.events import FiredEvent
 from testbed.report_collector import DeviceMessages
 from testbed.run_checkpoint import read_server_state
 from testbed.run_summary import RunError
-
-logger = logging.getLogger("testbed.runner")
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
