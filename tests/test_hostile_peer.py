@@ -36,7 +36,8 @@ def scenario_file(folder: Path, port: int) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "hostile", "seed": 4, "rounds": ROUNDS, "round_timeout": "20s",
         "data": {"initial_samples": 200, "new_samples_per_round": 60},
-        "update": {"epochs": 2, "ratio": 0.1}, "model": {"hidden": [16]},
+        # round0 full: the first deployment is a snapshot, whose layout the attacker copies for its forged "v1000"
+        "update": {"epochs": 2, "ratio": 0.1, "round0": "full"}, "model": {"hidden": [16]},
         "devices": [{"profile": "rpi4", "count": DEVICES}],
         "broker": {"url": f"mqtt://127.0.0.1:{port}"},
         "metrics": {"enabled": False},
