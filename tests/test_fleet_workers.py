@@ -94,6 +94,9 @@ def test_shares_without_cells_are_contiguous_and_even() -> None:
      "fleet: events act on 'rpi4-0', which a worker process or another host would run"),
     ({"remote": ["cell-a"]}, {"events": [{"at": "10s", "action": "outage", "cell": "cell-a", "for": "1s"}]},
      "fleet: events act on 'rpi4-2'"),
+    ({"workers": 2}, {"broker": {"url": "embedded", "username": "srv", "password": "pw",
+                                 "device_credentials": "/nonexistent"}},
+     "fleet: workers and remote devices connect as the run's identity; broker.device_credentials"),
 ])
 def test_a_fleet_section_that_cannot_be_is_one_line_naming_it(fleet: dict[str, Any], extra: dict[str, Any],
                                                               message: str) -> None:
@@ -241,6 +244,20 @@ def test_bad_fleet_arguments_are_one_line_each(arguments: list[str], message: st
     done = subprocess.run([sys.executable, "-m", "testbed", "fleet", *arguments], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+
+
+async def test_no_run_with_the_selected_devices_on_the_broker_is_one_line_naming_them() -> None:
+    from devices.errors import DeviceError
+    from testbed.broker import EmbeddedBroker
+    from testbed.core.mqtt import MqttEndpoint
+    from testbed.fleet_commands import find_fleet_run
+
+    async with EmbeddedBroker() as broker:
+        with pytest.raises(DeviceError) as raised:
+            await asyncio.wait_for(find_fleet_run(MqttEndpoint(broker.host, broker.port), "rpi4-0..9", None,
+                                                  wait_s=1.0), 30)
+    assert str(raised.value) == ("no config of any run with devices 'rpi4-0..9' on the broker within 1 s; start "
+                                 "`testbed run` first and check --broker")
 
 
 def test_the_console_prints_the_fleet_command_for_remote_devices(tmp_path: Path) -> None:
