@@ -451,7 +451,7 @@ class LinkModel:
             return
 
     def _send_segment(self, now_s: float, size_bytes: int) -> float:
-        """Carry one TCP segment, every loss resent after its RTO; return its arrival time (before in-order delivery)."""
+        """Carry one TCP segment, every loss resent after its RTO; its arrival time (before in-order delivery)."""
         segment, departure = self._new_segment(now_s, size_bytes)
         while True:
             self.attempt(segment, departure)

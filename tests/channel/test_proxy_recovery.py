@@ -1,4 +1,4 @@
-"""The proxy recovers losses as the link model decides them: fast retransmission under a bulk, the RTO for a tail loss."""
+"""The proxy recovers losses as the link model decides: fast retransmission in a bulk, the RTO for a tail loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss recovery of the link model's TCP stream (channel.recovery via LinkModel.send/decide): fast retransmit, RTO for tail losses."""
+"""Loss recovery of the link model's TCP stream (LinkModel.send/decide): fast retransmit, an RTO for tail losses."""
 
 from __future__ import annotations
 
@@ -184,7 +184,8 @@ def test_schedule_invariants(rate: float | None, delay: float, jitter_share: flo
             assert recovery.later_arrivals < DUPLICATE_ACK_THRESHOLD
             backoff = math.log2(waited / params.rto_s)
             assert backoff == pytest.approx(round(backoff), abs=1e-6) and 0 <= round(backoff) <= params.max_backoffs
-            handed_within = [handed for handed, _ in handovers if recovery.lost_departure_s < handed < recovery.resend_s]
+            handed_within = [handed for handed, _ in handovers
+                             if recovery.lost_departure_s < handed < recovery.resend_s]
             if not handed_within:
                 continue  # nothing after it: a tail loss indeed
             assert len(handed_within) < DUPLICATE_ACK_THRESHOLD + model.counters.lost_segments
@@ -196,5 +197,6 @@ def test_the_scenario_chooses_the_recovery_per_direction() -> None:
     downlink, uplink = resolve_links(parse_scenario(raw).channel)
     assert (downlink.recovery, uplink.recovery) == ("rto", "fast")
     raw["channel"]["downlink"]["recovery"] = "sack"
-    with pytest.raises(ScenarioError, match=r"channel.downlink.recovery: Input should be 'fast' or 'rto' \(got 'sack'\)"):
+    with pytest.raises(ScenarioError,
+                       match=r"channel.downlink.recovery: Input should be 'fast' or 'rto' \(got 'sack'\)"):
         parse_scenario(raw)
