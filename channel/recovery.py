@@ -1,4 +1,4 @@
-"""Loss recovery of a link model's TCP stream as TCP does it: fast retransmit after three later arrivals, else an RTO."""
+"""Loss recovery of a link model's TCP stream as TCP does it: fast retransmit after three later arrivals, else an RTO.
 
 ``LinkModel.send`` hands segments to a ``FastRecovery``; a segment lost on the link is a *hole*
 whose delivery is not decided until either
