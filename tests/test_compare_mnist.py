@@ -62,7 +62,7 @@ def test_a_short_comparison_on_real_mnist(mnist_directory: Path, tmp_path: Path,
     # Real digits: full updating on 1500 samples for 2 x 3 epochs reads far above chance; the synthetic IDX
     # files of the loader tests would not.
     assert accuracy["full", 2] > 0.85
-    # k = 0.005 of LeNet-300-100's 266,200 weights: round(1331.0) positions in every partial update sent.
+    # k·I = 0.005 · 266,200 (LeNet-300-100's weights) = 1331 positions in every partial update sent.
     sent = [row for row in rows if row["strategy"] == "dpu" and row["sent"] == "True"]
     assert sent and all(int(row["positions"]) == 1331 for row in sent)
     assert "Paper (DPU reference README), MNIST MLP, k = 0.005" in printed
