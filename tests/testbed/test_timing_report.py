@@ -84,13 +84,15 @@ async def test_the_probe_sees_a_blocked_loop() -> None:
 
 
 def tiny_scenario(**fields: Any) -> Any:
-    link = {"rate": "200kbit", "delay": "20ms"}  # round 0's update (half of ~19 kB of weights) takes ~0.5 s of airtime
+    link = {"rate": "200kbit", "delay": "20ms"}  # round 0's full snapshot (~19 kB) takes ~0.8 s of airtime
     return parse_scenario({
         "name": "timing", "seed": 5, "rounds": 2, "round_timeout": "60s",
         "data": {"initial_samples": 100, "new_samples_per_round": 20, "validation_samples": 20,
                  "test_samples": 20, "device_test_samples": 10},
         "model": {"kind": "mlp", "hidden": [64]},
-        "update": {"strategy": "dpu", "ratio": 0.5, "epochs": 1, "skip_if_worse": False},
+        # round0 full: the blocked-loop test holds the loop once 8 kB of round 0 went out; a k-sparse round 0 from
+        # w0 can be smaller than that, and then the loop is never blocked
+        "update": {"strategy": "dpu", "ratio": 0.5, "epochs": 1, "skip_if_worse": False, "round0": "full"},
         "channel": {"downlink": link, "uplink": link},
         "devices": [{"profile": "rpi4", "count": 2}],
         "metrics": {"enabled": False},
