@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -338,6 +339,7 @@ def _run_in_processes(scenario: Scenario, pending: Sequence[PlannedRun], workers
     pool = context.Pool(workers, initializer=_start_worker,
                         initargs=(rounds_queue, max(1, default_jobs() // workers)))
     expected = received = 0
+    previous_sigterm = _interrupt_on_sigterm()
     try:
         running = {pool.apply_async(_run_in_worker, (scenario, run)): run for run in pending}
         while running:
@@ -358,6 +360,20 @@ def _run_in_processes(scenario: Scenario, pending: Sequence[PlannedRun], workers
         pool.close()
     finally:
         pool.join()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt_on_sigterm() -> Any:
+    """While workers run, SIGTERM (`kill PID`) interrupts like Ctrl-C, so the workers are terminated with their
+    parent instead of running on alone; the previous handler, or None off the main thread (no handler set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _show_rounds(rounds_queue: Any, progress: ProgressCallback | None, wait_s: float) -> int:

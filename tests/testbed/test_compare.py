@@ -272,7 +272,8 @@ def test_cli_ablation_adds_the_two_by_two_rows(tmp_path: Path, capsys) -> None:
     assert len({path.name for path in (out / "cells").iterdir()}) == 1 + 5
 
 
-def test_ctrl_c_stops_the_worker_processes_and_keeps_finished_cells(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c to the group", "sigterm to the parent"])
+def test_ctrl_c_stops_the_worker_processes_and_keeps_finished_cells(tmp_path: Path, stop: str) -> None:
     import os
     import signal
     import subprocess
@@ -291,7 +292,10 @@ def test_ctrl_c_stops_the_worker_processes_and_keeps_finished_cells(tmp_path: Pa
         while not (out / "cells").is_dir() or not any((out / "cells").glob("*.json")):
             assert process.poll() is None and time.monotonic() < deadline, "no cell finished"
             time.sleep(0.2)
-        os.killpg(process.pid, signal.SIGINT)
+        if stop == "ctrl-c to the group":
+            os.killpg(process.pid, signal.SIGINT)
+        else:  # `kill PID`: only the parent hears it, and must take its workers with it
+            os.kill(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
