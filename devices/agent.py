@@ -15,6 +15,7 @@ import numpy as np
 from devices.chunk_faults import ChunkFaults, ReceivedMessage
 from devices.chunk_repair import DamagedTransfer
 from devices.energy import energy_by_phase, phase_times, radio_seconds
+from devices.latest_report import LatestReport
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
 from testbed.core.manifest import RejectReason, UpdateManifest, UpdateRejected
@@ -132,8 +133,10 @@ class DeviceAgent:
         """Modelled work of an apply: one operation per weight of the copy the update is applied to."""
         self.connected = asyncio.Event()
         self.reconnects = 0
-        self.unacknowledged_report: DeviceReport | None = None
-        """A report whose PUBACK never came (the connection dropped): sent again on the next connection."""
+        self.latest_report = LatestReport()
+        """The last report sent: sent again on each new connection and when the run asks (devices.latest_report)."""
+        self.report_in_flight = False
+        """A report is being published and its PUBACK has not come yet."""
         self.chunk_faults = ChunkFaults(config.downlink_rate_bps)
         """Faults the run arms on the chunks this device receives (after the channel, before the device)."""
         self.damage = DamagedTransfer(config.downlink_rate_bps)
@@ -147,15 +150,15 @@ class DeviceAgent:
 
     def rebooted(self) -> DeviceAgent:
         """A new agent for this device after a crash, from what a reboot keeps: the deployed version and weights
-        and the refusal counts (its UpdateReceiver, as if in flash), its counters, and a report the broker never
-        acknowledged (an outbox in flash). Updates in flight are gone; on connecting it nacks for a catch-up."""
+        and the refusal counts (its UpdateReceiver, as if in flash), its counters, and its latest report (an outbox
+        in flash). Updates in flight are gone; on connecting it nacks for a catch-up."""
         agent = DeviceAgent(self.config, self.topics, self.endpoint, self.inference, self.receiver.trust.trusted_key,
                             self.clock)
         self.receiver.drop_transfers()
         agent.receiver = self.receiver
         agent.state = self.state
         agent.inference.load_weights(self.receiver.weights)
-        agent.unacknowledged_report = self.unacknowledged_report
+        agent.latest_report = self.latest_report
         agent.chunk_faults = self.chunk_faults  # they are the channel's, not the device's
         agent.reconnects = self.reconnects + 1  # a new connection: ask for what was lost
         return agent
@@ -190,11 +193,11 @@ class DeviceAgent:
             await self._publish(client, self.topics.device(self.device_id, "status"), DeviceStatus(online=True),
                                 retain=True)
             await self._publish(client, self.topics.device(self.device_id, "hello"), self._hello())
-            if self.unacknowledged_report is not None:
-                # The connection dropped before the broker acknowledged it: the run never saw it (a report
-                # it did see twice is still one record: the run keeps one report per device and round).
-                await self._publish(client, self.topics.device(self.device_id, "report"), self.unacknowledged_report)
-                self.unacknowledged_report = None
+            report = self.latest_report.on_reconnect() if self.reconnects > 0 else None
+            if report is not None:
+                # The run may have missed it (a connection that dropped before the PUBACK, a broker restart
+                # before it was forwarded); one it sees twice is still one record.
+                await self._publish(client, self.topics.device(self.device_id, "report"), report)
             if self.reconnects > 0:
                 # Chunks in flight when the connection dropped are gone (clean session): ask for a
                 # catch-up from the version held; the server ignores it if nothing newer exists.
@@ -270,6 +273,11 @@ class DeviceAgent:
         self.state.total_received_bytes += wire_bytes
         if qos > 0:
             self.accounting.transmitted_bytes += PUBACK_BYTES
+        if topic == self.topics.report_request:
+            report = self.latest_report.answer(payload)
+            if report is not None:
+                await self._publish(client, self.topics.device(self.device_id, "report"), report)
+            return
         try:
             completed = self._receive(topic, payload)
             if completed is not None:
@@ -307,9 +315,13 @@ class DeviceAgent:
         self.receiver.commit(version, new_weights)
         self.state.applied_updates += 1
         accuracy = self.inference.accuracy()
-        self.unacknowledged_report = self._report(completed.manifest, accuracy, delivered_at, len(completed.payload))
-        await self._publish(client, self.topics.device(self.device_id, "report"), self.unacknowledged_report)
-        self.unacknowledged_report = None
+        report = self._report(completed.manifest, accuracy, delivered_at, len(completed.payload))
+        self.latest_report.keep(report)
+        self.report_in_flight = True
+        try:
+            await self._publish(client, self.topics.device(self.device_id, "report"), report)
+        finally:
+            self.report_in_flight = False
 
     def _report(self, manifest: UpdateManifest, accuracy: float, delivered_at: float, update_bytes: int) -> DeviceReport:
         """The report of an applied update. Its energy comes from the model alone (profile, bytes, the model's

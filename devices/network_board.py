@@ -10,6 +10,7 @@ import aiomqtt
 
 from devices.agent import PUBACK_BYTES, device_client
 from devices.board_updates import BoardUpdates
+from devices.latest_report import LatestReport
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate
 from testbed.core.manifest import UpdateRejected
@@ -30,7 +31,7 @@ class NetworkBoard:
     measured energy per phase). Like an emulated device it subscribes to the run's update topics, says it
     is online (retained; its will says offline), reconnects with jittered backoff, asks for a catch-up
     after a reconnect or when it resumed a saved version, and sends again a report or nack whose PUBACK
-    never came. Its byte counts are the MQTT packets it received and sent, as an emulated device counts
+    never came, and its latest report after a reconnect or when the run asks (devices.latest_report). Its byte counts are the MQTT packets it received and sent, as an emulated device counts
     them; its delivery time is the board's clock at completion less the manifest's publication time (keep
     the board's clock synchronised, e.g. NTP).
     """
@@ -47,6 +48,7 @@ class NetworkBoard:
         self.transmitted_bytes = 0
         self.total_received_bytes = 0
         self._unacknowledged: list[tuple[str, Message]] = []  # reports and nacks whose PUBACK never came
+        self.latest_report = LatestReport()  # sent again on a reconnect and when the run asks (devices.latest_report)
 
     @property
     def device_id(self) -> str:
@@ -77,6 +79,9 @@ class NetworkBoard:
                 device=self.device_id, profile=self.updates.profile.name, version=version, kind_of_device="network",
                 board=self.updates.board_name, capabilities=[f"energy:{self.updates.energy.meter.name}"]))
             pending, self._unacknowledged = self._unacknowledged, []
+            latest = self.latest_report.on_reconnect() if self.sessions > 1 else None
+            if latest is not None and ("report", latest) not in pending:
+                pending.insert(0, ("report", latest))  # the run may have missed it though the broker took it
             for kind, message in pending:
                 await self._send(client, kind, message)
             if self.sessions > 1 or version > 0:
@@ -104,6 +109,11 @@ class NetworkBoard:
         self.total_received_bytes += wire_bytes
         if qos > 0:
             self.transmitted_bytes += PUBACK_BYTES
+        if topic == self.topics.report_request:
+            report = self.latest_report.answer(payload)
+            if report is not None:
+                await self._send(client, "report", report)
+            return
         receiver = self.updates.deployed().receiver
         chunk = self.topics.parse_update_chunk(topic)
         if chunk is None and topic not in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
@@ -139,6 +149,7 @@ class NetworkBoard:
             total_received_bytes=self.total_received_bytes,
             delivery_seconds=max(0.0, delivered_at - completed.manifest.published_at))
         self.received_bytes = self.transmitted_bytes = 0
+        self.latest_report.keep(report)
         await self._send(client, "report", report)
         logger.info("board %s: applied %s: version %d, accuracy %.4f, %.3f J since the last report", self.device_id,
                     completed.manifest.key, report.version, report.accuracy, report.energy_joules)

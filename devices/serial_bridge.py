@@ -15,6 +15,7 @@ import aiomqtt
 from devices.agent import device_client
 from devices.board_agent import board_config_payload
 from devices.frame_order import LinkSettings
+from devices.latest_report import LatestReport
 from devices.reliable_serial import ReliableSerialLink
 from devices.serial_framing import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -88,7 +89,7 @@ class SerialBridge:
     """One serial-attached board as a device of the run. `await bridge.run()` serves until cancelled.
 
     MQTT side: subscribes like an emulated device and publishes the board's hello, status (online while
-    the board answers), reports and nacks. Serial side: hello -> config -> ready handshake, then manifests
+    the board answers), reports and nacks; its latest report again after a reconnect and when the run asks. Serial side: hello -> config -> ready handshake, then manifests
     and chunks forwarded as frames paced at the line rate, pings every PING_INTERVAL_S; a board silent
     for SILENCE_TIMEOUT_S, a lost port or a board that says hello again (it rebooted) is marked offline,
     and when it is ready again the bridge asks the run for a catch-up from the version the board holds.
@@ -125,6 +126,7 @@ class SerialBridge:
         self.frames_forwarded = 0
         self._outbox: asyncio.Queue[tuple[str, Message, bool]] = asyncio.Queue()
         self._unsent: tuple[str, Message, bool] | None = None
+        self.latest_report = LatestReport()  # sent again on a reconnect and when the run asks (devices.latest_report)
         self._to_board: asyncio.Queue[tuple[MessageType, bytes, int]] = asyncio.Queue()
         self.frames_sent_again = 0  # by the links of earlier sessions and the current one
         self.line_drops = 0
@@ -168,6 +170,9 @@ class SerialBridge:
             reconnected = self.mqtt_ready.is_set() or self._unsent is not None
             self.mqtt_ready.set()
             self._update_connected()
+            latest = self.latest_report.on_reconnect() if reconnected else None
+            if latest is not None and (self._unsent is None or self._unsent[1] is not latest):
+                self._publish("report", latest)  # the run may have missed it though the broker took it
             if reconnected and self.board_ready.is_set():
                 self._ask_catch_up("bridge reconnected to the broker; updates in flight were lost")
             await run_together(self._drain_outbox(client), self._receive_mqtt(client))
@@ -187,6 +192,10 @@ class SerialBridge:
                 chunk = self.topics.parse_update_chunk(topic)
                 if chunk is not None:
                     self._forward_chunk(chunk[0], chunk[1], payload)
+                elif topic == self.topics.report_request:
+                    report = self.latest_report.answer(payload)
+                    if report is not None:
+                        self._publish("report", report)
                 elif topic in (self.topics.manifest, self.topics.device(self.device_id, "manifest")):
                     self._forward_manifest(payload)
             except Exception:  # noqa: BLE001 — one message the bridge cannot handle must not end the bridge
@@ -366,7 +375,9 @@ class SerialBridge:
         delivery_s = 0.0
         if report.published_at is not None and report.report_delay_seconds is not None:
             delivery_s = max(0.0, time.time() - line_s - report.report_delay_seconds - report.published_at)
-        self._publish("report", report.model_copy(update={"device": self.device_id, "delivery_seconds": delivery_s}))
+        report = report.model_copy(update={"device": self.device_id, "delivery_seconds": delivery_s})
+        self.latest_report.keep(report)
+        self._publish("report", report)
 
     def _on_apply_result(self, frame: Frame) -> None:
         """The board rejected an update (or lost one in transfer): the run's nack, from the version it holds."""

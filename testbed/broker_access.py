@@ -82,16 +82,17 @@ class BrokerAccess:
 
 
 def server_rules() -> tuple[TopicRule, ...]:
-    """The server publishes manifests, the run config and every update; it reads every device topic."""
+    """The server publishes manifests, the run config, every update and report requests; it reads every device topic."""
     writes = (ANY_RUN.manifest, ANY_RUN.config, ANY_RUN.update_chunks, ANY_RUN.device("+", "manifest"),
-              ANY_RUN.device_update_chunks("+"))
+              ANY_RUN.device_update_chunks("+"), ANY_RUN.report_request)
     return (*(TopicRule("write", topic) for topic in writes), TopicRule("read", ANY_RUN.prefix + "device/#"))
 
 
 def device_rules(device_id: str) -> tuple[TopicRule, ...]:
-    """A device publishes only its own hello, status, report and nack; it reads the broadcasts and its own updates."""
+    """A device publishes only its own hello, status, report and nack; it reads the broadcasts (report requests
+    too) and its own updates."""
     reads = (ANY_RUN.manifest, ANY_RUN.config, ANY_RUN.update_chunks, ANY_RUN.device(device_id, "manifest"),
-             ANY_RUN.device_update_chunks(device_id))
+             ANY_RUN.device_update_chunks(device_id), ANY_RUN.report_request)
     return (*(TopicRule("write", ANY_RUN.device(device_id, kind)) for kind in DEVICE_PUBLISHES),
             *(TopicRule("read", topic) for topic in reads))
 

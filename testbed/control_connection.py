@@ -45,6 +45,11 @@ class ControlConnection:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a session is up now."""
+        return self._connected.is_set()
+
     async def wait_connected(self, timeout_s: float) -> None:
         """Until a session is up; RunError after `timeout_s`."""
         try:

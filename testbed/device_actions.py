@@ -22,7 +22,7 @@ Action = Callable[[], Awaitable[None]]
 
 def _describe_work(agent: DeviceAgent) -> str:
     """What a device was doing when it was stopped, for the log (and the fault tests)."""
-    if agent.unacknowledged_report is not None:
+    if agent.report_in_flight:
         return "update applied, its report not acknowledged yet"
     if agent.receiver.transfers_in_flight:
         return "update in flight"

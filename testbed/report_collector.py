@@ -8,8 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiomqtt
+
 from devices.fleet import EmulatedFleet
-from testbed.core.messages import DeviceNack, DeviceReport, DeviceStatus, MessageError, decode_device_message
+from testbed.control_connection import ControlConnection
+from testbed.core.messages import (DeviceNack, DeviceReport, DeviceStatus, MessageError, ReportRequest,
+                                   decode_device_message)
 from testbed.core.topics import Topics
 from testbed.metrics import RunMetrics
 from testbed.publisher import UpdatePublisher
@@ -21,6 +25,9 @@ MAX_CATCH_UPS_PER_ROUND = 3
 """A device's catch-ups in one round, at most (one per version it held and connection it nacked from)."""
 DEVICE_MESSAGE_KINDS = ("status", "report", "nack")
 """What the run reads from its devices (hello is for people watching the broker)."""
+
+REPORT_REQUEST_TIMEOUT_S = 5.0
+"""How long the run tries to publish a report request before it tries again (at the next check, within a second)."""
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 StatusCallback = Callable[[str, DeviceStatus], None]
@@ -87,7 +94,7 @@ class ReportCollector:
                  publisher: UpdatePublisher, metrics: RunMetrics, profiles: dict[str, str],
                  held_version: Callable[[str], int], round_timeout_s: float,
                  progress: ProgressCallback, note_report: ReportCallback = lambda report: None,
-                 stop: asyncio.Event | None = None) -> None:
+                 stop: asyncio.Event | None = None, control: ControlConnection | None = None) -> None:
         self.messages = messages
         self.pump = pump
         self.fleet = fleet
@@ -102,6 +109,11 @@ class ReportCollector:
         """When set (Ctrl-C), a round's wait ends within a second with the reports so far."""
         self.coalesced_nacks = 0
         self.stale_nacks = 0
+        self.control = control
+        """The run's own session: when it has come back (a broker restart), devices are asked for their reports
+        again, as the ones sent while it was away are lost (devices.latest_report)."""
+        self.report_requests = 0
+        self._sessions_asked = control.connections if control is not None else 0
 
     async def collect(self, round_index: int, version: int) -> dict[str, DeviceReport]:
         """Wait until every device reports `version` (or the round times out); the reports by device."""
@@ -117,6 +129,7 @@ class ReportCollector:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.stop is not None and self.stop.is_set()):
                 break
+            await self._ask_again_after_reconnect(round_index, version)
             report_wait = asyncio.create_task(self.messages.reports.get())
             nack_wait = asyncio.create_task(self.messages.nacks.get())
             done, _ = await asyncio.wait({report_wait, nack_wait, self.pump}, timeout=min(remaining, 1.0),
@@ -141,6 +154,25 @@ class ReportCollector:
                 if nack.device in self.profiles and nack.device not in reports:
                     await self._answer_nack(round_index, version, nack, catch_ups)
         return reports
+
+    async def _ask_again_after_reconnect(self, round_index: int, version: int) -> None:
+        """If the run's session came back since it last asked, ask every device for its report of `version` again."""
+        control = self.control
+        if control is None or control.connections <= self._sessions_asked:
+            return
+        sessions = control.connections
+        try:
+            await asyncio.wait_for(control.publish(self.messages.topics.report_request,
+                                                   ReportRequest(round=round_index, version=version).encode()),
+                                   REPORT_REQUEST_TIMEOUT_S)
+        except (asyncio.TimeoutError, aiomqtt.MqttError, RunError) as error:
+            logger.info("could not ask the devices for their reports of version %d again (%r); trying again",
+                        version, error)
+            return
+        self._sessions_asked = sessions
+        self.report_requests += 1
+        logger.info("the run's broker session came back in round %d: asked the devices for their reports of "
+                    "version %d again", round_index, version)
 
     def drain_reports(self) -> None:
         """Note the reports that arrived after the last round's wait (devices' state at the end of the run)."""

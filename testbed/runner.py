@@ -177,7 +177,8 @@ class ScenarioRun:
                                         server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
                                         self.records.held_version, scenario.round_timeout_s, self._progress,
-                                        note_report=self._note_report, stop=self.round_interrupted)
+                                        note_report=self._note_report, stop=self.round_interrupted,
+                                        control=control)
             if self.resume is not None:
                 publisher.restore(self.resume.publisher)
                 await self._catch_up_resumed_devices(server.next_round - 1, publisher, collector)

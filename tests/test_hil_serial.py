@@ -267,7 +267,8 @@ def test_board_and_attach_reject_bad_arguments_with_one_line(capsys: pytest.Capt
 
 
 async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosquitto: tuple[str, int]) -> None:
-    """Duplicates are the link's business (by sequence): equal payloads sent twice on purpose both arrive."""
+    """Duplicates are the link's business (by sequence): equal payloads sent twice on purpose both arrive; and the
+    latest is sent again when the run asks."""
     import aiomqtt
 
     from devices.frame_order import LinkSettings
@@ -275,7 +276,7 @@ async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosq
     from devices.serial_bridge import SerialBridge
     from devices.serial_framing import Hello, MessageType, json_payload
     from devices.serial_link import SerialLink
-    from testbed.core.messages import BoardConfig, DeviceReport
+    from testbed.core.messages import BoardConfig, DeviceReport, ReportRequest
     from testbed.core.mqtt import MqttEndpoint
     from testbed.core.topics import Topics
 
@@ -311,6 +312,12 @@ async def test_the_bridge_relays_two_identical_reports_from_the_board_twice(mosq
                     if len(received) == 2:
                         break
             assert [item.weights_hash for item in received] == ["ab", "ab"]
+            # the run, back from a broker restart, asks again: the bridge sends the board's latest report again
+            await client.publish(topics.report_request, ReportRequest(round=0, version=1).encode(), qos=1)
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    assert DeviceReport.decode(bytes(message.payload)) == received[-1]
+                    break
     finally:
         bridge_task.cancel()
         await asyncio.gather(bridge_task, return_exceptions=True)

@@ -27,7 +27,7 @@ from server.update_server import UpdateServer
 from testbed.broker_config import scenario_without_secrets
 from testbed.cli import _RichProgress
 from testbed.core.manifest import UpdateManifest
-from testbed.core.messages import BoardConfig
+from testbed.core.messages import BoardConfig, ReportRequest
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.signing import SigningKey
@@ -256,6 +256,9 @@ async def test_a_forged_update_is_refused_and_the_genuine_one_applies(
             kind, report = await asyncio.wait_for(replies.get(), 60)
             assert kind == "report" and report["version"] == 2
             assert report["weights_hash"] == weights_hash(second.weights).hex()
+            # the run, back from a broker restart, asks again: the same report comes back
+            await control.publish(topics.report_request, ReportRequest(round=1, version=2).encode(), qos=1)
+            assert await asyncio.wait_for(replies.get(), 60) == ("report", report)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -224,6 +224,16 @@ class RunFinished(Message):
     finished: Literal[True] = True
 
 
+class ReportRequest(Message):
+    """Published on ``testbed/<run>/report-request`` after the run's own session came back (a broker restart): a
+    device whose latest report is of `version` sends it again, as the run may have missed it while away."""
+
+    message_name: ClassVar[str] = "report request"
+
+    round: Count
+    version: Count
+
+
 def decode_config_topic(payload: bytes | bytearray | memoryview) -> RunConfig | RunFinished | None:
     """What is on the config topic: the run's config, its end, or None for the empty payload that clears it."""
     data = bytes(payload)

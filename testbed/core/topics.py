@@ -30,6 +30,11 @@ class Topics:
         """Retained: the run's scenario and device list, for boards attached from outside the run."""
         return self.prefix + "config"
 
+    @property
+    def report_request(self) -> str:
+        """The run asks devices to send their latest report again (testbed.core.messages.ReportRequest)."""
+        return self.prefix + "report-request"
+
     def update_chunk(self, update_key: str, chunk_index: int) -> str:
         """One chunk of an encoded update; `update_key` is the target version, or `<target>-from-<base>`."""
         return f"{self.prefix}update/{update_key}/{chunk_index}"
@@ -54,9 +59,9 @@ class Topics:
         return f"{self.prefix}device/{device_id}/{kind}"
 
     def device_subscriptions(self, device_id: str) -> tuple[str, ...]:
-        """What a device subscribes to: the broadcast manifest and chunks, and its own catch-ups."""
+        """What a device subscribes to: the broadcast manifest and chunks, its own catch-ups, and report requests."""
         return (self.manifest, self.device(device_id, "manifest"), self.update_chunks,
-                self.device_update_chunks(device_id))
+                self.device_update_chunks(device_id), self.report_request)
 
     def devices(self, kind: str) -> str:
         """Wildcard matching one kind of message from every device."""
