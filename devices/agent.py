@@ -20,7 +20,7 @@ from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
 from testbed.core.manifest import RejectReason, UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
-from testbed.core.mqtt import MqttEndpoint, keep_session, publish_until_disconnected
+from testbed.core.mqtt import MqttEndpoint, handle_contained, keep_session, publish_until_disconnected
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
 from testbed.core.wire import weights_hash
@@ -258,14 +258,11 @@ class DeviceAgent:
 
     async def _handle_contained(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
         """Handle one message; whatever it raises costs only that message (the connection's errors excepted)."""
-        try:
-            await self._handle(client, topic, payload, qos)
-        except (aiomqtt.MqttError, asyncio.CancelledError):
-            raise
-        except Exception:  # noqa: BLE001 — a message the device cannot handle must not end the device
-            self.state.failed_messages += 1
-            logger.exception("device %s: dropped a message on %.200s (%d bytes) that failed to be handled",
-                             self.device_id, topic, len(payload))
+        await handle_contained(self._handle(client, topic, payload, qos), self._count_failed_message,
+                               f"device {self.device_id}", topic, len(payload), logger)
+
+    def _count_failed_message(self) -> None:
+        self.state.failed_messages += 1
 
     async def _handle(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
         wire_bytes = mqtt_publish_wire_bytes(topic, len(payload), qos)

@@ -15,7 +15,7 @@ from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate
 from testbed.core.manifest import UpdateRejected
 from testbed.core.messages import BoardConfig, DeviceHello, DeviceStatus, Message
-from testbed.core.mqtt import MqttEndpoint, keep_session, publish_until_disconnected
+from testbed.core.mqtt import MqttEndpoint, handle_contained, keep_session, publish_until_disconnected
 from testbed.core.topics import Topics, mqtt_publish_wire_bytes
 
 logger = logging.getLogger("devices.network_board")
@@ -94,14 +94,11 @@ class NetworkBoard:
 
     async def _take_contained(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
         """Handle one message; whatever it raises costs only that message (the connection's errors excepted)."""
-        try:
-            await self._take(client, topic, payload, qos)
-        except (aiomqtt.MqttError, asyncio.CancelledError):
-            raise
-        except Exception:  # noqa: BLE001 — a message the board cannot handle must not end the board
-            self.failed_messages += 1
-            logger.exception("board %s: dropped a message on %.200s (%d bytes) that failed to be handled",
-                             self.device_id, topic, len(payload))
+        await handle_contained(self._take(client, topic, payload, qos), self._count_failed_message,
+                               f"board {self.device_id}", topic, len(payload), logger)
+
+    def _count_failed_message(self) -> None:
+        self.failed_messages += 1
 
     async def _take(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
         wire_bytes = mqtt_publish_wire_bytes(topic, len(payload), qos)

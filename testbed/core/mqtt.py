@@ -205,3 +205,17 @@ async def keep_session(session: Callable[[], Awaitable[None]], client_id: str, c
             delay = backoff.next_delay()
             logger.warning("%s: MQTT connection lost (%s); reconnecting in %.2f s", who, error, delay)
             await asyncio.sleep(delay)
+
+
+async def handle_contained(handling: Awaitable[None], on_failure: Callable[[], None], who: str, topic: str,
+                           payload_bytes: int, log: logging.Logger = logger) -> None:
+    """Await one message's `handling`; whatever it raises costs only that message: `on_failure` counts it and
+    `log` says so, naming `who` dropped it. The connection's own errors and cancellation pass through."""
+    try:
+        await handling
+    except (aiomqtt.MqttError, asyncio.CancelledError):
+        raise
+    except Exception:  # noqa: BLE001 — a message that cannot be handled must not end its client
+        on_failure()
+        log.exception("%s: dropped a message on %.200s (%d bytes) that failed to be handled", who, topic,
+                      payload_bytes)
