@@ -401,6 +401,10 @@ class LinkModel:
         self.counters.queueing_delay_s += departure - resend_s
         return departure
 
+    def _outage_meets(self, departure_s: float, arrival_s: float) -> bool:
+        """Whether an attempt in flight over ``[departure_s, arrival_s]`` meets an outage (a cell's flow adds its own)."""
+        return self._outages is not None and self._outages.overlapping(departure_s, arrival_s) is not None
+
     def _one_way_delay(self) -> float:
         return self._sample_delay(self._rng, self.params.delay_s, self.params.jitter_s)
 
@@ -440,7 +444,7 @@ class LinkModel:
                 segment.losses += 1
                 return
             arrival = departure_s + self._one_way_delay()
-            if self._outages is not None and self._outages.overlapping(departure_s, arrival) is not None:
+            if self._outage_meets(departure_s, arrival):
                 counters.outage_losses += 1
                 counters.retransmissions += 1
                 departure_s = self._resend(departure_s + min(MAX_RTO_S, rto * 2.0 ** min(segment.losses, 64)),

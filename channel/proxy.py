@@ -15,6 +15,7 @@ from channel.backend import LinkRequest
 from channel.errors import ChannelError
 from testbed.core.plugins import register_link_backend
 from channel.link import LinkCounters, LinkModel, LinkParameters
+from channel.shared import SharedFlow
 from channel.timing import LatenessSketch
 
 logger = logging.getLogger("channel.proxy")
@@ -62,7 +63,8 @@ def _retrieve_outcome(task: asyncio.Future[object]) -> None:
 class LinkDirectionModel(Protocol):
     """What the proxy needs of one direction's model: ``LinkModel``, or a ``channel.shared.SharedFlow``."""
 
-    params: LinkParameters
+    @property
+    def params(self) -> LinkParameters: ...
 
     @property
     def counters(self) -> LinkCounters: ...
@@ -77,13 +79,13 @@ class LinkDirectionModel(Protocol):
 class DeliverySchedule:
     """Pairs one direction model's delivery decisions with the segments awaiting them, over all connections.
 
-    A ``LinkModel`` decides a segment behind a loss later (``send``/``decide``: fast recovery), and its
-    decisions come in send order; any other model (a cell's ``SharedFlow``) decides each segment at once.
+    A ``LinkModel`` or a cell's ``SharedFlow`` decides a segment behind a loss later (``send``/``decide``: fast
+    recovery), and its decisions come in send order; any other model decides each segment at once.
     """
 
     def __init__(self, model: LinkDirectionModel) -> None:
         self.model = model
-        self._link = model if isinstance(model, LinkModel) else None
+        self._link = model if isinstance(model, (LinkModel, SharedFlow)) else None
         self.waiting: collections.deque[tuple[_Direction, bytes]] = collections.deque()
 
     @property
@@ -403,8 +405,6 @@ class LinkProxy:
             )
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
-        self.downlink = self.downlink_model.params
-        self.uplink = self.uplink_model.params
         self.seed = seed
         self.name = name
         self.listen_host = listen_host
@@ -439,6 +439,16 @@ class LinkProxy:
     def schedule_of(self, model: LinkDirectionModel) -> DeliverySchedule:
         """The delivery schedule of one of this proxy's direction models."""
         return self._schedules[id(model)]
+
+    @property
+    def downlink(self) -> LinkParameters:
+        """The upstream → client direction's parameters now (a cell's: its shared link's)."""
+        return self.downlink_model.params
+
+    @property
+    def uplink(self) -> LinkParameters:
+        """The client → upstream direction's parameters now."""
+        return self.uplink_model.params
 
     @property
     def downlink_counters(self) -> LinkCounters:
@@ -528,15 +538,20 @@ class LinkProxy:
 
     def add_outage(self, duration_s: float, downlink: bool = True, uplink: bool = True) -> None:
         """Take the link down from now for ``duration_s`` (one direction or both), as a scheduled outage would;
-        one longer than ``outage_reset_after_s`` resets the connections. ChannelError if a direction's model
-        (e.g. a cell's shared flow) cannot take an outage."""
+        one longer than ``outage_reset_after_s`` resets the connections. On a cell's shared flow only this device's
+        flow goes down. ChannelError if a direction's model cannot take an outage."""
         now = asyncio.get_running_loop().time()
         models = [model for model, chosen in ((self.downlink_model, downlink), (self.uplink_model, uplink)) if chosen]
         for model in models:
-            if not isinstance(model, LinkModel):
+            if not isinstance(model, (LinkModel, SharedFlow)):
                 raise ChannelError(f"{self.name}: a {type(model).__name__} link cannot take an outage at run time")
         for model in models:
             model.add_outage(now, now + duration_s)
+        self.watch_outages()
+
+    def watch_outages(self) -> None:
+        """From now on, reset the connections once an outage of either direction has lasted ``outage_reset_after_s``
+        (an outage added at run time, here or on a cell's shared link); nothing if that is off or already watched."""
         if self.outage_reset_after_s is not None and self._outage_watch is None and not self._closing:
             self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
 
@@ -552,10 +567,8 @@ class LinkProxy:
         for model, params in changes:
             assert isinstance(model, LinkModel)
             model.reconfigure(params, now)
-        self.downlink, self.uplink = self.downlink_model.params, self.uplink_model.params
-        if self.outage_reset_after_s is not None and self._outage_watch is None and not self._closing and any(
-                params.outages or params.random_outages is not None for params in (self.downlink, self.uplink)):
-            self._outage_watch = asyncio.create_task(self._watch_outages(), name=f"{self.name}-outages")
+        if any(params.outages or params.random_outages is not None for params in (self.downlink, self.uplink)):
+            self.watch_outages()
 
     async def partition(self, duration_s: float) -> None:
         """Cut the device off for ``duration_s``: every connection is reset now and new ones are refused until then."""
