@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from devices.agent import DeviceAgent
@@ -31,7 +32,10 @@ def _describe_work(agent: DeviceAgent) -> str:
 
 class DeviceDowntime:
     """Which emulated devices are down (crashed, or gone after device_leave) and bringing them back, in one place:
-    a crash's reboot does not bring back a device that left meanwhile, and a join brings back a crashed one."""
+    a crash's reboot does not bring back a device that left meanwhile, and a join brings back a crashed one.
+
+    It is the run's FleetPresence (testbed.report_collector): a device that left, or that crashed with its reboot
+    due after a round's deadline, does not hold that round."""
 
     def __init__(self, events: RunEvents, scenario: Scenario, fleet: EmulatedFleet) -> None:
         self.events = events
@@ -40,6 +44,8 @@ class DeviceDowntime:
         self.down: set[str] = set()
         self.away: set[str] = set()
         """Devices that left (device_leave) and have not joined again."""
+        self.back_at: dict[str, float] = {}
+        """Down devices whose reboot is due (a crash with `for`): when (time.monotonic)."""
         self.interrupted: list[tuple[str, str]] = []
         """(device, what it was doing) for every device stopped, in order."""
 
@@ -58,8 +64,18 @@ class DeviceDowntime:
         assert isinstance(member, DeviceAgent), f"{device_id} is not an emulated device"
         return member
 
-    async def stop(self, device_id: str, how: str) -> None:
-        """Stop the device's agent (its task cancelled: what it held in memory is gone) unless it is down already."""
+    def out_of_run(self, device_id: str, until_s: float) -> bool:
+        """Whether `device_id` stays out of the run through `until_s` (time.monotonic): it left and has not joined,
+        or it is down with its reboot due after `until_s` (a device down for a moment, or rebooting before, is in)."""
+        if device_id in self.away:
+            return True
+        return device_id in self.down and self.back_at.get(device_id, until_s) > until_s
+
+    async def stop(self, device_id: str, how: str, back_in_s: float | None = None) -> None:
+        """Stop the device's agent (its task cancelled: what it held in memory is gone) unless it is down already;
+        `back_in_s`: when its reboot is due from now (a crash with `for`)."""
+        if back_in_s is not None:
+            self.back_at[device_id] = time.monotonic() + back_in_s
         if device_id in self.down:
             return
         doing = _describe_work(self.agent(device_id))
@@ -74,6 +90,7 @@ class DeviceDowntime:
             return
         self.fleet.restart(device_id, self.agent(device_id).rebooted())
         self.down.discard(device_id)
+        self.back_at.pop(device_id, None)
         logger.info("device %s %s", device_id, how)
 
 
@@ -100,7 +117,7 @@ class DeviceCrashes:
         async def crash_and_or_reboot() -> None:
             for device_id in device_ids:
                 if crash:
-                    await downtime.stop(device_id, "crashed")
+                    await downtime.stop(device_id, "crashed", None if reboot else fired.event.duration_s)
                 if reboot:
                     downtime.start(device_id, "rebooted")
         return crash_and_or_reboot

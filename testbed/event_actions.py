@@ -28,10 +28,11 @@ Action = Callable[[], Awaitable[None]]
 
 
 def register_actions(events: RunEvents, scenario: Scenario, broker: LocalBroker | None,
-                     fleet: EmulatedFleet, device_links: Mapping[str, Any], server_restarts: ActionHandler) -> None:
+                     fleet: EmulatedFleet, device_links: Mapping[str, Any],
+                     server_restarts: ActionHandler) -> DeviceDowntime:
     """Perform broker restarts on `broker` (None: an external broker), server restarts with `server_restarts`
     (testbed.server_restart), what happens to devices in `fleet` (testbed.device_actions) and what happens to links
-    on `device_links` (each device's open link)."""
+    on `device_links` (each device's open link); the fleet's downtime (who is in the run, for the report collector)."""
     downtime = DeviceDowntime(events, scenario, fleet)
     chunk_faults = ChunkFaultArming(downtime, scenario.seed)
     churn = DeviceChurn(downtime)
@@ -46,6 +47,7 @@ def register_actions(events: RunEvents, scenario: Scenario, broker: LocalBroker 
     assert set(handlers) == set(EMULATED_ACTIONS)
     for action, handler in handlers.items():
         events.on(action, handler)
+    return downtime
 
 
 class BrokerRestarts:

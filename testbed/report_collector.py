@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 
@@ -30,6 +30,23 @@ REPORT_REQUEST_TIMEOUT_S = 5.0
 """How long the run tries to publish a report request before it tries again (at the next check, within a second)."""
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+class FleetPresence(Protocol):
+    """Who is part of the run (testbed.device_actions.DeviceDowntime): a round waits only for those who are."""
+
+    def out_of_run(self, device_id: str, until_s: float) -> bool:
+        """Whether `device_id` stays out of the run through `until_s` (time.monotonic): it left and has not joined
+        again, or it is down with its return due after `until_s`."""
+
+
+class EveryoneIn:
+    """A fleet nobody leaves (no events act on devices): every device is waited for."""
+
+    def out_of_run(self, device_id: str, until_s: float) -> bool:
+        return False
+
+
 StatusCallback = Callable[[str, DeviceStatus], None]
 ReportCallback = Callable[[DeviceReport], None]
 
@@ -87,14 +104,18 @@ class ReportCollector:
 
     Every report of a known device, of whatever version, goes to `note_report` first: what a device last said
     it holds is its state in the results. Repair traffic is bounded: nacks from one device for the same held
-    version on the same connection coalesce into one catch-up per round.
+    version on the same connection coalesce into one catch-up per round. The wait is for the devices `presence`
+    has in the run, looked at again at least once a second: one that leaves stops holding the round (it is
+    recorded as not delivered), one that joins is waited for from then on; a device that is in the run but does
+    not answer (a link down, a crash it comes back from before the round's deadline) holds it to `round_timeout`.
     """
 
     def __init__(self, messages: DeviceMessages, pump: asyncio.Task[None], fleet: EmulatedFleet,
                  publisher: UpdatePublisher, metrics: RunMetrics, profiles: dict[str, str],
                  held_version: Callable[[str], int], round_timeout_s: float,
                  progress: ProgressCallback, note_report: ReportCallback = lambda report: None,
-                 stop: asyncio.Event | None = None, control: ControlConnection | None = None) -> None:
+                 stop: asyncio.Event | None = None, control: ControlConnection | None = None,
+                 presence: FleetPresence | None = None) -> None:
         self.messages = messages
         self.pump = pump
         self.fleet = fleet
@@ -114,9 +135,12 @@ class ReportCollector:
         again, as the ones sent while it was away are lost (devices.latest_report)."""
         self.report_requests = 0
         self._sessions_asked = control.connections if control is not None else 0
+        self.presence: FleetPresence = presence or EveryoneIn()
+        self.not_waited_for: dict[int, set[str]] = {}
+        """By round: the devices a wait ended without, as they were out of the run (left, or down past it)."""
 
     async def collect(self, round_index: int, version: int) -> dict[str, DeviceReport]:
-        """Wait until every device reports `version` (or the round times out); the reports by device."""
+        """Wait until every device in the run reports `version` (or the round times out); the reports by device."""
         deadline = time.monotonic() + self.round_timeout_s
         reports: dict[str, DeviceReport] = {}
         catch_ups: dict[str, list[tuple[int, int | None]]] = {}
@@ -125,7 +149,7 @@ class ReportCollector:
             # fit (a base it lacks) nacks again, in this round.
             self.messages.nacks.get_nowait()
             self.stale_nacks += 1
-        while len(reports) < len(self.profiles):
+        while self._still_waited_for(round_index, reports, deadline):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.stop is not None and self.stop.is_set()):
                 break
@@ -154,6 +178,19 @@ class ReportCollector:
                 if nack.device in self.profiles and nack.device not in reports:
                     await self._answer_nack(round_index, version, nack, catch_ups)
         return reports
+
+    def _still_waited_for(self, round_index: int, reports: dict[str, DeviceReport], deadline: float) -> bool:
+        """Whether a device in the run has not reported yet; those out of it are noted (and logged) once a round."""
+        waiting = False
+        for device_id in self.profiles:
+            if device_id in reports:
+                continue
+            if not self.presence.out_of_run(device_id, deadline):
+                waiting = True
+            elif device_id not in self.not_waited_for.setdefault(round_index, set()):
+                self.not_waited_for[round_index].add(device_id)
+                logger.info("round %d does not wait for device %s: it is out of the run", round_index, device_id)
+        return waiting
 
     async def _ask_again_after_reconnect(self, round_index: int, version: int) -> None:
         """If the run's session came back since it last asked, ask every device for its report of `version` again."""

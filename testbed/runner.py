@@ -171,14 +171,14 @@ class ScenarioRun:
                                                                     self._progress))
             self.server_restarts = ServerRestarts(scenario, self.out_dir, control, pump, messages, self._progress,
                                                   self.round_interrupted)
-            register_actions(self.events, scenario, assembly.embedded_broker, fleet, assembly.device_links,
-                             self.server_restarts)
+            presence = register_actions(self.events, scenario, assembly.embedded_broker, fleet,
+                                        assembly.device_links, self.server_restarts)
             publisher = UpdatePublisher(control, self.topics, scenario.update.chunk_size, self.signing_key,
                                         server.initial_weights)
             collector = ReportCollector(messages, pump, fleet, publisher, self.metrics, self.profiles,
                                         self.records.held_version, scenario.round_timeout_s, self._progress,
                                         note_report=self._note_report, stop=self.round_interrupted,
-                                        control=control)
+                                        control=control, presence=presence)
             if self.resume is not None:
                 publisher.restore(self.resume.publisher)
                 await self._catch_up_resumed_devices(server.next_round - 1, publisher, collector)

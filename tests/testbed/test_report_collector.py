@@ -208,6 +208,36 @@ async def test_a_stop_ends_the_wait_with_the_reports_so_far(wiring: Wiring) -> N
     assert list(reports) == ["dev-a"]
 
 
+@dataclass
+class Departures:
+    """Who is out of the run, as the run's DeviceDowntime answers it (a device that left and has not joined)."""
+
+    away: set[str]
+
+    def out_of_run(self, device_id: str, until_s: float) -> bool:
+        return device_id in self.away
+
+
+async def test_a_device_out_of_the_run_does_not_hold_the_round_and_one_that_joins_is_waited_for(
+        wiring: Wiring) -> None:
+    presence = Departures({"dev-b"})
+    wait = ReportCollector(wiring.messages, wiring.pump, HealthyFleet(), FakePublisher(), FakeMetrics(),  # type: ignore[arg-type]
+                           PROFILES, lambda device_id: 0, 60.0, lambda event, data: None, presence=presence)
+    await wiring.send("dev-a", "report", report("dev-a", 1).encode())
+    started = time.monotonic()
+    reports = await asyncio.wait_for(wait.collect(0, 1), 50)  # the round's own timeout is 60 s
+    assert list(reports) == ["dev-a"] and time.monotonic() - started < 50
+    assert wait.not_waited_for == {0: {"dev-b"}}
+    collecting = asyncio.create_task(wait.collect(1, 2))
+    presence.away.clear()  # dev-b joins before dev-a reports: the round waits for both from now on
+    await wiring.send("dev-a", "report", report("dev-a", 2).encode())
+    await asyncio.sleep(1.5)  # more than the wait's one-second look: it would have ended with dev-a alone
+    assert not collecting.done()
+    await wiring.send("dev-b", "report", report("dev-b", 2).encode())
+    reports = await asyncio.wait_for(collecting, 50)
+    assert sorted(reports) == ["dev-a", "dev-b"] and 1 not in wait.not_waited_for
+
+
 async def test_a_lost_broker_connection_ends_the_round_with_run_error(wiring: Wiring) -> None:
     async def lost() -> None:
         raise aiomqtt.MqttError("connection lost")
