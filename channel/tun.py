@@ -303,6 +303,28 @@ class TunLink(RelayedLink):
     def uplink_counters(self) -> LinkCounters:
         return self.uplink_model.counters
 
+    def reconfigure(self, downlink: LinkParameters | None = None, uplink: LinkParameters | None = None) -> None:
+        """Carry the packets of the given directions with new parameters from now on (a `link` event); packets
+        already given a delivery time keep it (``LinkModel.reconfigure``)."""
+        now = asyncio.get_running_loop().time()
+        for model, params in ((self.downlink_model, downlink), (self.uplink_model, uplink)):
+            if params is not None:
+                model.reconfigure(params, now)
+        self.downlink, self.uplink = self.downlink_model.params, self.uplink_model.params
+
+    def add_outage(self, duration_s: float, downlink: bool = True, uplink: bool = True) -> None:
+        """Drop every packet of the chosen directions from now for ``duration_s`` (an `outage` event, or a one-way
+        `partition`): the kernel's TCP in the namespace sees the loss and recovers, or gives up, by itself."""
+        now = asyncio.get_running_loop().time()
+        for model, chosen in ((self.downlink_model, downlink), (self.uplink_model, uplink)):
+            if chosen:
+                model.add_outage(now, now + duration_s)
+
+    async def partition(self, duration_s: float) -> None:
+        """Cut the device off both ways for ``duration_s``: at the packet level that is an outage of both directions
+        (the connections live on in the kernel, as they would across a real cut, until TCP gives up on them)."""
+        self.add_outage(duration_s)
+
     @property
     def error(self) -> BaseException | None:
         """The emulator's first failure (it keeps running past model errors), or None."""

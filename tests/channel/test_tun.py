@@ -277,3 +277,51 @@ async def test_cleanup_removes_namespace_and_tun_devices_even_on_error(make_link
     assert f" {name}:" not in _host_links()
     with pytest.raises(ChannelError, match="not running"):
         _ = link.address
+
+
+async def _udp_arrivals(link: TunLink, count: int, settle_s: float = 0.3) -> int:
+    """Send `count` datagrams host → device now; how many arrived after `settle_s`."""
+    receiver = socket_in(link.device_namespace, socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind((link.device_address, 0))
+        receiver.setblocking(False)
+        for index in range(count):
+            sender.sendto(index.to_bytes(4, "big"), (link.device_address, receiver.getsockname()[1]))
+        await asyncio.sleep(settle_s)
+        arrived = 0
+        while True:
+            try:
+                receiver.recv(65536)
+            except BlockingIOError:
+                return arrived
+            arrived += 1
+    finally:
+        receiver.close()
+        sender.close()
+
+
+async def test_an_outage_added_at_run_time_drops_the_packets_of_its_direction_until_it_ends(make_link) -> None:
+    async with make_link("127.0.0.1", 9, UNLIMITED, UNLIMITED, seed=1) as link:
+        assert await _udp_arrivals(link, 10) == 10
+        link.add_outage(5.0, downlink=True, uplink=False)  # the datagrams are sent well inside it
+        assert await _udp_arrivals(link, 10) == 0
+        assert link.counters.downlink.dropped_packets == 10
+        await asyncio.sleep(5.0)
+        assert await _udp_arrivals(link, 10) == 10
+
+
+async def test_a_link_reconfigured_at_run_time_carries_new_packets_with_its_new_delay(make_link, sink_server) -> None:
+    port, _ = sink_server
+    async with make_link("127.0.0.1", port, UNLIMITED, UNLIMITED, seed=1) as link:
+        delayed = LinkParameters(rate_bps=None, delay_s=0.080)
+        link.reconfigure(downlink=delayed, uplink=delayed)
+        assert (link.downlink, link.uplink) == (delayed, delayed)
+        start = time.monotonic()
+        _, writer = await asyncio.wait_for(link.open_device_connection(), 5)
+        writer.close()
+        # never early (the emulator releases a packet at most TIMER_SLACK_S before its time): SYN and SYN-ACK
+        # each wait 80 ms now
+        assert time.monotonic() - start >= 0.160 - 2 * TIMER_SLACK_S
+        link.reconfigure(uplink=UNLIMITED)
+        assert (link.downlink, link.uplink) == (delayed, UNLIMITED)
