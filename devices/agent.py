@@ -303,7 +303,7 @@ class DeviceAgent:
 
     def _nack(self, reason: str) -> DeviceNack:
         return DeviceNack(device=self.device_id, version=self.state.version, reason=reason[:1024],
-                          session=self.reconnects)
+                          session=self.reconnects, repair=self.damage.repairs_asked or None)
 
     async def _apply_and_report(self, client: aiomqtt.Client, completed: CompletedUpdate, version: int,
                                 new_weights: dict[str, np.ndarray], delivered_at: float) -> None:

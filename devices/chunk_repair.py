@@ -27,6 +27,8 @@ class DamagedTransfer:
         self._last_chunk_s = 0.0
         self._quiet_s = REPAIR_QUIET_MIN_S
         self.repairs_asked = 0
+        """Repairs asked so far; the device's nacks carry it (DeviceNack.repair), so the run tells a repair asked
+        again (the catch-up that answered the last one came damaged too) from the same one asked twice."""
 
     def chunk_arrived(self, now_s: float, chunk_bytes: int) -> None:
         """A chunk came in (good or not): the transfer is still moving."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
@@ -22,7 +23,8 @@ from testbed.run_summary import RunError
 logger = logging.getLogger("testbed.runner")
 
 MAX_CATCH_UPS_PER_ROUND = 3
-"""A device's catch-ups in one round, at most (one per version it held and connection it nacked from)."""
+"""A device's catch-ups in one round, at most (one per version it held, connection it nacked from and repair it
+asked for)."""
 DEVICE_MESSAGE_KINDS = ("status", "report", "nack")
 """What the run reads from its devices (hello is for people watching the broker)."""
 
@@ -49,6 +51,22 @@ class EveryoneIn:
 
 StatusCallback = Callable[[str, DeviceStatus], None]
 ReportCallback = Callable[[DeviceReport], None]
+
+
+@dataclass(frozen=True)
+class ServedNack:
+    """What a nack asked for: a catch-up from `held`, over connection `session` (None: unsaid), for repair `repair`
+    (0: none asked; DeviceNack.repair)."""
+
+    held: int
+    session: int | None
+    repair: int
+
+    def answered_by(self, earlier: ServedNack) -> bool:
+        """Whether the catch-up served for `earlier` answers this too: the same held version, from no newer a
+        connection (either unsaid counts as the same) and no later a repair."""
+        same_session = self.session is None or earlier.session is None or self.session <= earlier.session
+        return self.held == earlier.held and same_session and self.repair <= earlier.repair
 
 
 class DeviceMessages:
@@ -104,7 +122,8 @@ class ReportCollector:
 
     Every report of a known device, of whatever version, goes to `note_report` first: what a device last said
     it holds is its state in the results. Repair traffic is bounded: nacks from one device for the same held
-    version on the same connection coalesce into one catch-up per round. The wait is for the devices `presence`
+    version on the same connection and the same repair (DeviceNack.repair) coalesce into one catch-up, and a
+    device gets MAX_CATCH_UPS_PER_ROUND a round at most. The wait is for the devices `presence`
     has in the run, looked at again at least once a second: one that leaves stops holding the round (it is
     recorded as not delivered), one that joins is waited for from then on; a device that is in the run but does
     not answer (a link down, a crash it comes back from before the round's deadline) holds it to `round_timeout`.
@@ -143,7 +162,7 @@ class ReportCollector:
         """Wait until every device in the run reports `version` (or the round times out); the reports by device."""
         deadline = time.monotonic() + self.round_timeout_s
         reports: dict[str, DeviceReport] = {}
-        catch_ups: dict[str, list[tuple[int, int | None]]] = {}
+        catch_ups: dict[str, list[ServedNack]] = {}
         while not self.messages.nacks.empty():
             # Sent before this version was published: its broadcast answers them, and a device it does not
             # fit (a base it lacks) nacks again, in this round.
@@ -219,23 +238,22 @@ class ReportCollector:
                 self.note_report(report)
 
     async def _answer_nack(self, round_index: int, version: int, nack: DeviceNack,
-                           catch_ups: dict[str, list[tuple[int, int | None]]]) -> None:
-        """Serve `nack.device` a catch-up from the version it holds: once per (held version, connection) a round,
-        at most MAX_CATCH_UPS_PER_ROUND times."""
+                           catch_ups: dict[str, list[ServedNack]]) -> None:
+        """Serve `nack.device` a catch-up from the version it holds: once per (held version, connection, repair) a
+        round, at most MAX_CATCH_UPS_PER_ROUND times."""
         device_id, held = nack.device, nack.version
         if held >= version or held < self.held_version(device_id):
             return  # stale: the device has moved on since it sent this nack
         self.metrics.record_nack(device_id, self.profiles[device_id])
         served = catch_ups.setdefault(device_id, [])
-        if any(served_version == held and (nack.session is None or served_session is None
-                                           or nack.session <= served_session)
-               for served_version, served_session in served):
-            self.coalesced_nacks += 1  # a catch-up from this version is already on its way over this connection
+        asked = ServedNack(held, nack.session, nack.repair or 0)
+        if any(asked.answered_by(earlier) for earlier in served):
+            self.coalesced_nacks += 1  # a catch-up for this is already on its way over this connection
             return
         if len(served) >= MAX_CATCH_UPS_PER_ROUND:
             logger.warning("device %s keeps rejecting version %s: %s", device_id, version, nack.reason)
             return
-        served.append((held, nack.session))
+        served.append(asked)
         catch_up = await self.publisher.publish_catch_up(round_index, device_id, held)
         self.metrics.record_published(catch_up.payload_bytes)
         self.progress("catch-up", {"round": round_index, "device": device_id, "from": held,

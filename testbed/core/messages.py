@@ -174,6 +174,9 @@ class DeviceNack(Message):
     reason: str = Field(max_length=1024)
     session: Count | None = None
     """Which of the device's connections sent it: one catch-up per version and connection is enough."""
+    repair: Count | None = None
+    """How many repairs the device has asked for (damaged transfers, devices.chunk_repair), when any: a nack with a
+    higher count than the one a catch-up answered asks again (that catch-up came damaged too); omitted when 0."""
 
 
 DEVICE_MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -27,6 +27,20 @@ async def test_corrupted_chunks_are_refused_by_digest_and_repaired(tmp_path: Pat
     assert [(data["round"], data["from"]) for data in repairs] == [(1, 1)] and "digest" in repairs[0]["reason"]
 
 
+async def test_a_damaged_repair_is_asked_for_again_and_repaired_within_the_round(tmp_path: Path) -> None:
+    # 6 chunks corrupted: round 1's 4 and the first 2 of the catch-up that repairs them, so rpi4-0 asks again on
+    # the same connection from the same version (its second repair), and ends on round 1's version in round 1
+    faults = await run_faults(fault_scenario([{"round": 1, "action": "corrupt", "device": "rpi4-0", "chunks": 6}]),
+                              tmp_path / "out")
+    assert_survived(faults)  # rpi4-0 delivered in round 1, on the server's hash
+    assert not faults.event_warnings()
+    agent = faults.agents()["rpi4-0"]
+    assert agent.chunk_faults.corrupted == 6 and agent.damage.repairs_asked == 2 and agent.reconnects == 0
+    assert faults.result.summary["devices"]["rpi4-0"]["rejected_by_reason"] == {"bad_chunk": 6}
+    repairs = [(data["round"], data["from"]) for data in faults.said("catch-up") if data["device"] == "rpi4-0"]
+    assert repairs == [(1, 1), (1, 1)]
+
+
 async def test_duplicated_chunks_are_taken_once(tmp_path: Path) -> None:
     # every chunk of round 0 (4) and the first 2 of round 1 reach every device twice
     faults = await run_faults(fault_scenario([{"round": 0, "action": "duplicate", "all": True, "chunks": 6}]),

@@ -181,6 +181,30 @@ async def test_a_reconnected_device_gets_a_new_catch_up_up_to_the_bound(wiring: 
     assert [data["reason"] for event, data in events if event == "catch-up"] == ["reconnected"] * MAX_CATCH_UPS_PER_ROUND
 
 
+async def test_a_repair_asked_again_gets_another_catch_up_on_the_same_connection_up_to_the_bound(
+        wiring: Wiring) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    publisher = FakePublisher()
+    wait = collector(wiring, publisher, events, held={"dev-a": 1}, timeout_s=3.0)
+    collecting = asyncio.create_task(wait.collect(2, 3))
+    await asyncio.sleep(0)
+    # its broadcast came damaged (repair 1), then each catch-up too (repairs 2, 3, 4); every nack twice
+    for repair in (1, 1, 2, 2, 3, 3, 4):
+        await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="a chunk failed its digest",
+                                                      session=0, repair=repair).encode())
+    await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="no repair count",
+                                                  session=0).encode())  # a device that does not count: as before
+    assert await asyncio.wait_for(collecting, 30) == {}
+    assert publisher.catch_ups == [(2, "dev-a", 1)] * MAX_CATCH_UPS_PER_ROUND
+    assert wait.coalesced_nacks == 4  # the second nack of repairs 1-3, and the one without a count
+
+
+def test_a_nack_says_its_repair_count_only_when_it_has_one() -> None:
+    assert b"repair" not in DeviceNack(device="d", version=1, reason="r", session=0).encode()
+    nack = DeviceNack(device="d", version=1, reason="r", session=0, repair=2)
+    assert DeviceNack.decode(nack.encode()) == nack and b'"repair": 2' in nack.encode()
+
+
 async def test_nacks_queued_before_the_round_are_answered_by_its_broadcast_not_a_catch_up(wiring: Wiring) -> None:
     publisher = FakePublisher()
     await wiring.send("dev-a", "nack", DeviceNack(device="dev-a", version=1, reason="reconnected", session=1).encode())
