@@ -3,16 +3,20 @@ broker and the links here, the devices in testbed.device_actions."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from channel.link import LinkModel
+from channel.link import LinkParameters
 from channel.proxy import LinkProxy
+from channel.shared import SharedFlow, SharedLink
 
 from devices.fleet import EmulatedFleet
 from testbed.broker import LocalBroker
 from testbed.core.event_checks import target_device_ids
-from testbed.core.events import LinkEvent, OutageEvent, PartitionEvent
+from testbed.core.events import LinkEvent, OutageEvent, PartitionEvent, TargetedEvent
 from testbed.core.plugins import LINK_PROFILES
 from testbed.device_actions import BoardResets, ChunkFaultArming, DeviceChurn, DeviceCrashes, DeviceDowntime
 from testbed.links import link_parameters
@@ -68,33 +72,91 @@ class BrokerRestarts:
         return broker.start
 
 
-def _proxies(events: RunEvents, fired: FiredEvent, scenario: Scenario,
-             device_links: Mapping[str, Any]) -> list[LinkProxy]:
-    """The links of the event's targets that can change at run time (a device's own link on the proxy backend);
-    the others are warned about as not emulated yet."""
-    proxies: list[LinkProxy] = []
+@dataclass
+class _CellLinks:
+    """A cell's shared bottleneck (one SharedLink per direction) and the links of its members an event reaches."""
+
+    shared_downlink: SharedLink
+    shared_uplink: SharedLink
+    proxies: list[LinkProxy] = field(default_factory=list)
+
+    @property
+    def downlink(self) -> LinkParameters:
+        return self.shared_downlink.params
+
+    @property
+    def uplink(self) -> LinkParameters:
+        return self.shared_uplink.params
+
+    def reconfigure(self, downlink: LinkParameters | None, uplink: LinkParameters | None) -> None:
+        """From now on, the directions given carry their new parameters (once for the cell, not per member)."""
+        now = asyncio.get_running_loop().time()
+        for shared, params in ((self.shared_downlink, downlink), (self.shared_uplink, uplink)):
+            if params is not None:
+                shared.reconfigure(params, now)
+        if any(params.outages or params.random_outages is not None for params in (self.downlink, self.uplink)):
+            for proxy in self.proxies:
+                proxy.watch_outages()
+
+    def add_outage(self, duration_s: float, downlink: bool, uplink: bool) -> None:
+        """The shared link carries nothing for any member in the chosen directions for ``duration_s`` from now."""
+        now = asyncio.get_running_loop().time()
+        for shared, chosen in ((self.shared_downlink, downlink), (self.shared_uplink, uplink)):
+            if chosen:
+                shared.add_outage(now, now + duration_s)
+        for proxy in self.proxies:
+            proxy.watch_outages()
+
+
+@dataclass
+class _LinkTargets:
+    """Whose links an event changes: links of their own (or, for a `device:` in a cell, that device's flow), and
+    the cells it takes whole (a `cell:` target, or the cells' members under `all`)."""
+
+    links: list[LinkProxy]
+    cells: list[_CellLinks]
+
+    def __bool__(self) -> bool:
+        return bool(self.links or self.cells)
+
+
+def _link_targets(events: RunEvents, fired: FiredEvent, scenario: Scenario,
+                  device_links: Mapping[str, Any]) -> _LinkTargets:
+    """The links of the event's targets that can change at run time (the proxy backend's); the others are warned
+    about as not emulated yet. A `cell:` or `all` target reaches each cell's shared link once."""
+    whole_cells = isinstance(fired.event, TargetedEvent) and fired.event.device is None
+    links: list[LinkProxy] = []
+    cells: dict[int, _CellLinks] = {}
     for device_id in target_device_ids(fired.event, scenario):
         link = device_links.get(device_id)
-        if isinstance(link, LinkProxy) and all(isinstance(model, LinkModel)
-                                               for model in (link.downlink_model, link.uplink_model)):
-            proxies.append(link)
-        elif isinstance(link, LinkProxy):
-            events.warn_not_emulated(fired, "not emulated yet on a cell's shared link")
-        else:
+        if not isinstance(link, LinkProxy):
             events.warn_not_emulated(fired, f"not emulated yet on the {scenario.channel.backend!r} link backend "
                                             "(the proxy backend emulates it)")
-    return proxies
+            continue
+        downlink, uplink = link.downlink_model, link.uplink_model
+        if whole_cells and isinstance(downlink, SharedFlow) and isinstance(uplink, SharedFlow):
+            cell = cells.setdefault(id(downlink.shared), _CellLinks(downlink.shared, uplink.shared))
+            cell.proxies.append(link)
+        else:
+            links.append(link)
+    return _LinkTargets(links, list(cells.values()))
+
+
+def _in_cell(proxy: LinkProxy) -> bool:
+    return isinstance(proxy.downlink_model, SharedFlow) or isinstance(proxy.uplink_model, SharedFlow)
 
 
 class LinkChanges:
     """`link` on the proxy backend: the written fields of the chosen directions change when the event fires (over
-    `profile`'s link if it names one) and the link's previous parameters come back when it ends."""
+    `profile`'s link if it names one) on each target's own link, or once on a cell's shared link; the previous
+    parameters come back when it ends. (`device:` in a cell is refused by the scenario's check: one device cannot
+    change its cell's link.)"""
 
     def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
         self.events = events
         self.scenario = scenario
         self.device_links = device_links
-        self.saved: dict[int, list[tuple[LinkProxy, Any, Any]]] = {}  # event index → (link, downlink, uplink) before
+        self.saved: dict[int, list[Callable[[], None]]] = {}  # event index → what puts each link back as it was
 
     def __call__(self, fired: FiredEvent) -> Action | None:
         event = fired.event
@@ -102,42 +164,50 @@ class LinkChanges:
             return None
         if fired.kind == "end":
             async def restore() -> None:  # performed after the change (actions run in order), so it finds it saved
-                for proxy, downlink, uplink in self.saved.pop(fired.index, []):
-                    proxy.reconfigure(downlink, uplink)
+                for put_back in self.saved.pop(fired.index, []):
+                    put_back()
             return restore
-        proxies = _proxies(self.events, fired, self.scenario, self.device_links)
-        if not proxies:
+        targets = _link_targets(self.events, fired, self.scenario, self.device_links)
+        if any(_in_cell(proxy) for proxy in targets.links):  # the scenario's check refuses it; never half-done
+            self.events.warn_not_emulated(fired, "a device in a cell shares its cell's link: target the cell")
+            return None
+        if not targets:
             return None
         profile = LINK_PROFILES.get(event.set.profile) if event.set.profile is not None else None
         chosen = {"downlink": event.direction in ("both", "downlink"), "uplink": event.direction in ("both", "uplink")}
 
+        def changed(current: LinkParameters, direction: str) -> LinkParameters | None:
+            if not chosen[direction]:
+                return None
+            return link_parameters(event.set, getattr(profile, direction) if profile is not None else current)
+
         async def change() -> None:
-            saved = []
-            for proxy in proxies:
-                new = {direction: link_parameters(event.set, getattr(profile, direction) if profile is not None
-                                                  else getattr(proxy, direction))
-                       for direction, on in chosen.items() if on}
-                saved.append((proxy, proxy.downlink if chosen["downlink"] else None,
-                              proxy.uplink if chosen["uplink"] else None))
-                proxy.reconfigure(new.get("downlink"), new.get("uplink"))
+            saved: list[Callable[[], None]] = []
+            for link in (*targets.links, *targets.cells):
+                before = (link.downlink if chosen["downlink"] else None, link.uplink if chosen["uplink"] else None)
+                link.reconfigure(changed(link.downlink, "downlink"), changed(link.uplink, "uplink"))
+                saved.append(functools.partial(link.reconfigure, *before))
             if event.duration_s is not None:
                 self.saved[fired.index] = saved
         return change
 
 
-def _take_down(proxies: list[LinkProxy], duration_s: float, direction: str) -> Action:
-    """Each link carries nothing in `direction` (or both) for `duration_s` from when the action is performed."""
+def _take_down(targets: _LinkTargets, duration_s: float, direction: str) -> Action:
+    """Each link (a cell's shared link once) carries nothing in `direction` (or both) for `duration_s` from when
+    the action is performed."""
     downlink, uplink = direction in ("both", "downlink"), direction in ("both", "uplink")
 
     async def take_down() -> None:
-        for proxy in proxies:
-            proxy.add_outage(duration_s, downlink=downlink, uplink=uplink)
+        for link in (*targets.links, *targets.cells):
+            link.add_outage(duration_s, downlink=downlink, uplink=uplink)
     return take_down
 
 
 class Outages:
     """`outage` on the proxy backend: each target's link is down from when the event fires for `for` (its end is
-    the outage ending by itself); longer than `channel.reset_after`, the link resets its connections."""
+    the outage ending by itself); longer than `channel.reset_after`, the link resets its connections. A `cell:`
+    (or `all`) target takes the cell's shared link down once, for every member; a `device:` in a cell cuts that
+    device's flow only, the others going on."""
 
     def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
         self.events = events
@@ -148,16 +218,17 @@ class Outages:
         event = fired.event
         if fired.kind == "end" or not isinstance(event, OutageEvent):
             return None
-        proxies = _proxies(self.events, fired, self.scenario, self.device_links)
-        return _take_down(proxies, event.for_s, event.direction) if proxies else None
+        targets = _link_targets(self.events, fired, self.scenario, self.device_links)
+        return _take_down(targets, event.for_s, event.direction) if targets else None
 
 
 class Partitions:
     """`partition` on the proxy backend. Both directions: the target's connections are reset when the event fires
-    and new ones refused for `for`. One direction: that direction carries nothing for `for` while the other still
-    does — what a TCP connection sees of a one-way cut (what it sent meanwhile is sent again once the cut heals;
-    past `channel.reset_after` the connection is reset and new ones refused until it ends). Its end is the
-    partition ending by itself."""
+    and new ones refused for `for` (a cell: each of its devices). One direction: that direction carries nothing for
+    `for` while the other still does — what a TCP connection sees of a one-way cut (what it sent meanwhile is sent
+    again once the cut heals; past `channel.reset_after` the connection is reset and new ones refused until it
+    ends); as for `outage`, a cell's shared link once, or one device's flow of a cell. Its end is the partition
+    ending by itself."""
 
     def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
         self.events = events
@@ -169,8 +240,8 @@ class Partitions:
         if fired.kind == "end" or not isinstance(event, PartitionEvent):
             return None
         if event.direction != "both":
-            proxies = _proxies(self.events, fired, self.scenario, self.device_links)
-            return _take_down(proxies, event.for_s, event.direction) if proxies else None
+            targets = _link_targets(self.events, fired, self.scenario, self.device_links)
+            return _take_down(targets, event.for_s, event.direction) if targets else None
         proxies = [link for device_id in target_device_ids(event, self.scenario)
                    if isinstance(link := self.device_links.get(device_id), LinkProxy)]
         if not proxies:

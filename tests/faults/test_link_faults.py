@@ -1,4 +1,5 @@
-"""Links that degrade for two rounds, go down for longer than reset_after, or carry one direction only."""
+"""Links that degrade for two rounds, go down for longer than reset_after, or carry one direction only; the same on a
+cell's shared link, and one device of a cell cut while the other goes on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.events import read_events
 from tests.faults.matrix import FAST_LINK, assert_survived, fault_scenario, run_faults
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -60,3 +62,56 @@ async def test_a_partition_of_one_direction_carries_the_other(tmp_path: Path) ->
     assert record(faults, 1, "rpi4-1")["delivery_seconds"] < 3.0  # received while its uplink was cut
     assert faults.result.summary["rounds"][1]["round_seconds"] >= 3.0 - 0.01  # its report waited for the end
     assert record(faults, 1, "rpi4-2")["delivery_seconds"] >= 3.0 - 0.01  # nothing reached it meanwhile
+
+
+def cell_channel(reset_after: str) -> dict:  # type: ignore[type-arg]
+    """rpi4-0 and rpi4-1 share cell `tower` (one bottleneck each way, FAST_LINK); rpi4-2 has a link of its own."""
+    return {"downlink": FAST_LINK, "uplink": FAST_LINK, "reset_after": reset_after,
+            "cells": [{"name": "tower", "devices": ["rpi4-0", "rpi4-1"]}]}
+
+
+async def test_a_cell_outage_longer_than_reset_after_takes_its_shared_link_down_once(tmp_path: Path) -> None:
+    scenario = fault_scenario([{"round": 1, "action": "outage", "cell": "tower", "for": "5s"}],
+                              channel=cell_channel("2s"))
+    faults = await run_faults(scenario, tmp_path / "out")
+    assert_survived(faults)
+    assert not faults.event_warnings()
+    links = faults.run.assembly.device_links
+    shared = links["rpi4-0"].downlink_model.shared
+    assert links["rpi4-1"].downlink_model.shared is shared  # one bottleneck, taken down once for both members
+    assert [links[device_id].outage_resets >= 1 for device_id in ("rpi4-0", "rpi4-1", "rpi4-2")] == [
+        True, True, False]
+    for device_id in ("rpi4-0", "rpi4-1"):
+        assert any(data["device"] == device_id and data["round"] == 1 and "reconnected" in data["reason"]
+                   for data in faults.said("catch-up")), device_id
+    assert faults.result.summary["rounds"][1]["round_seconds"] >= 5.0 - 0.01
+
+
+async def test_an_outage_of_one_device_in_a_cell_cuts_its_flow_while_the_other_goes_on(tmp_path: Path) -> None:
+    scenario = fault_scenario([{"round": 1, "action": "outage", "device": "rpi4-1", "for": "5s"}],
+                              channel=cell_channel("2s"))
+    faults = await run_faults(scenario, tmp_path / "out")
+    assert_survived(faults)
+    assert not faults.event_warnings()
+    links = faults.run.assembly.device_links
+    assert [links[device_id].outage_resets >= 1 for device_id in ("rpi4-0", "rpi4-1", "rpi4-2")] == [
+        False, True, False]
+    # round 1's update met the cut on rpi4-1's flow only: rpi4-0's went through the same bottleneck untouched
+    assert links["rpi4-1"].downlink_counters.outage_losses >= 1 and links["rpi4-0"].downlink_counters.outage_losses == 0
+    assert faults.result.summary["rounds"][1]["round_seconds"] >= 5.0 - 0.01
+
+
+async def test_a_cell_link_change_for_a_while_slows_both_members_and_comes_back_exactly(tmp_path: Path) -> None:
+    degraded = {"rate": "16kbit", "delay": "300ms", "loss": "2%"}
+    scenario = fault_scenario([{"round": 1, "action": "link", "cell": "tower", "direction": "downlink",
+                                "set": degraded, "for": "3s"}], channel=cell_channel("10s"))
+    faults = await run_faults(scenario, tmp_path / "out")
+    links = faults.run.assembly.device_links
+    before = links["rpi4-0"].downlink  # the cell's downlink as the run left it: back after the 3 s
+    assert_survived(faults)
+    assert not faults.event_warnings()
+    for device_id in ("rpi4-0", "rpi4-1"):  # no sooner than the 300 ms delay
+        assert record(faults, 1, device_id)["delivery_seconds"] >= 0.3, device_id
+    assert [record["kind"] for record in read_events(faults.out)] == ["fire", "end"]
+    assert (before.rate_bps, before.delay_s, before.loss) == (200_000, 0.02, 0.0)
+    assert links["rpi4-1"].downlink is before and links["rpi4-2"].downlink.rate_bps == 200_000
