@@ -5,7 +5,9 @@ run time (``due``) and every round phase it reaches (``phase_reached``), and sle
 ``next_due_s``. Each event fires once; an event with ``for:`` (a duration) then ends once, that long
 after it fired, so the runner can restore what it changed. ``EventRecorder`` appends one JSON line per
 fire and end to ``<out>/events.jsonl``, durable before it returns, and tells its listeners (the metrics'
-``testbed_events_total{action}``, the console).
+``testbed_events_total{action}``, the console). A resumed run (``testbed run --resume``) keeps the records of
+the rounds before its checkpoint (``keep_events_before``) and does not fire those events again
+(``EventSchedule.resume``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from testbed.core.events import EVENT_PHASES, EventBase, Phase
-from testbed.results import DurableJsonLines
+from testbed.results import DurableJsonLines, keep_json_lines
 
 EventKind = Literal["fire", "end"]
 EVENTS_FILE = "events.jsonl"
@@ -81,6 +83,11 @@ class EventSchedule:
         self._reached: tuple[int, int] | None = None
 
     @property
+    def events(self) -> list[EventBase]:
+        """The scenario's events, in order (an event's index is its position here)."""
+        return self._events
+
+    @property
     def reached(self) -> tuple[int, Phase] | None:
         """The latest (round, phase) the run reached, or None before the first."""
         return None if self._reached is None else (self._reached[0], EVENT_PHASES[self._reached[1]])
@@ -112,6 +119,19 @@ class EventSchedule:
             self._due[index] = now_s + self._events[index].offset_s
         return self.due(now_s)
 
+    def resume(self, next_round: int, before: EventsBefore, now_s: float) -> list[FiredEvent]:
+        """A resumed run that continues at round ``next_round``: the events ``before`` says fired before it do not fire
+        again, and the run stands at the end of round ``next_round`` − 1 (round events not fired by then fire at the
+        first phase it reaches; timed ones at their time from this run's start). Returned: the end of each event
+        still in force then (fired with ``for:``, no end recorded), at ``now_s``: what it changed did not outlive the
+        process that changed it, as links, devices and broker start anew."""
+        self._fired |= before.fired
+        self._waiting_rounds = [entry for entry in self._waiting_rounds if entry[2] not in self._fired]
+        self._reached = (next_round - 1, len(EVENT_PHASES) - 1)
+        round_index, phase = self.reached or (None, None)
+        return [FiredEvent(index, self._events[index], "end", now_s, now_s, round_index, phase)
+                for index in sorted(before.fired - before.ended) if self._events[index].duration_s is not None]
+
     def next_due_s(self) -> float | None:
         """The run time of the next fire or end already scheduled (None: nothing until a later round phase)."""
         times = [due_s for index, due_s in self._due.items() if index not in self._fired] + list(self._ends.values())
@@ -129,6 +149,25 @@ class EventSchedule:
     def finished(self) -> bool:
         """Every event fired and every end handed out."""
         return len(self._fired) == len(self._events) and not self._ends
+
+
+@dataclass(frozen=True)
+class EventsBefore:
+    """What events.jsonl holds of the rounds before a resumed run's checkpoint: which events fired, which ended."""
+
+    fired: frozenset[int]
+    ended: frozenset[int]
+
+
+def keep_events_before(out_dir: Path, next_round: int) -> EventsBefore:
+    """Cut ``<out>/events.jsonl`` back to the fires and ends recorded before round ``next_round`` (those of the round
+    the resumed run redoes, and a line cut short, go: they are recorded again when they happen again); rewritten
+    atomically. Which events fired and ended by then (by their index in the scenario's events)."""
+    kept = keep_json_lines(Path(out_dir) / EVENTS_FILE,
+                           lambda record: record.get("round") is None
+                           or (isinstance(record.get("round"), int) and record["round"] < next_round))
+    return EventsBefore(fired=frozenset(record["index"] for record in kept if record.get("kind") == "fire"),
+                        ended=frozenset(record["index"] for record in kept if record.get("kind") == "end"))
 
 
 EventListener = Callable[[FiredEvent], None]

@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -83,24 +84,33 @@ class DurableJsonLines:
 def keep_records_before(path: Path, next_round: int) -> int:
     """Cut results.jsonl back to the records of rounds before `next_round` (a resumed run redoes the rest), dropping a
     line a kill cut short; rewritten atomically. The number of records kept."""
+    return len(keep_json_lines(path, lambda record: isinstance(record.get("round"), int)
+                                                    and record["round"] < next_round))
+
+
+def keep_json_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Rewrite a JSON-lines file atomically with only the records `keep` accepts (a line a kill cut short, or one
+    that is not an object, is dropped); the records kept (none when there is no file)."""
     path = Path(path)
     if not path.exists():
-        return 0
-    kept: list[str] = []
+        return []
+    kept: list[dict[str, Any]] = []
+    lines: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # the last line of a killed run, cut short
-        if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] < next_round:
-            kept.append(line + "\n")
+        if isinstance(record, dict) and keep(record):
+            kept.append(record)
+            lines.append(line + "\n")
     temporary = path.with_suffix(".jsonl.tmp")
     with open(temporary, "w", encoding="utf-8") as file:
-        file.writelines(kept)
+        file.writelines(lines)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    return len(kept)
+    return kept
 
 
 class ResultsWriter:

@@ -5,7 +5,10 @@ task that fires timed events and the task that performs their actions one after 
 they fired. The runner tells it each round phase it reaches. An action is performed by the handler
 registered for it (``on``); an action without one, or a target its handler cannot act on, is still
 recorded, with a one-time warning that it is not emulated yet. The clock starts when the block is
-entered (the run's devices are online and its first round begins).
+entered (the run's devices are online and its first round begins). A resumed run (``resumed_round``) does
+not fire again what events.jsonl says fired before its checkpoint's round, records the end of what was in
+force then (nothing is undone: it did not outlive the killed process), and counts ``at:`` times from its own
+start, which it says in the console.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 from testbed.core.events import Phase
 from testbed.core.scenario import Scenario
-from testbed.events import EventRecorder, EventSchedule, FiredEvent
+from testbed.events import EventRecorder, EventSchedule, FiredEvent, keep_events_before
 from testbed.metrics import RunMetrics
 from testbed.run_summary import RunError
 
@@ -38,8 +41,12 @@ nothing (None)."""
 class RunEvents:
     """The events of one run: `async with` starts its timer and its action worker, leaving ends what is in force."""
 
-    def __init__(self, scenario: Scenario, out_dir: Any, metrics: RunMetrics, progress: ProgressCallback) -> None:
+    def __init__(self, scenario: Scenario, out_dir: Any, metrics: RunMetrics, progress: ProgressCallback,
+                 resumed_round: int | None = None) -> None:
         self.schedule = EventSchedule(scenario.events)
+        self.out_dir = out_dir
+        self.resumed_round = resumed_round
+        """The round a resumed run continues at (its checkpoint's next round), None for a new run."""
         self.metrics = metrics
         self.progress = progress
         self.recorder = EventRecorder(out_dir, [self._count])
@@ -61,13 +68,31 @@ class RunEvents:
         return time.monotonic() - self._started
 
     async def __aenter__(self) -> RunEvents:
+        ended_at_resume = self._resume() if self.resumed_round is not None else []
         self.recorder.__enter__()
         self._started = time.monotonic()
+        for end in ended_at_resume:  # recorded, not performed: what it changed is gone with the killed process
+            self.recorder.record(end)
+            self.progress("event", {"description": end.describe() + " (with the killed run)", "record": end.record()})
         if self.schedule.finished:  # no events: no tasks
             return self
         self._timer = asyncio.create_task(self._fire_on_time(), name="events-timer")
         self._worker = asyncio.create_task(self._perform(), name="events-actions")
         return self
+
+    def _resume(self) -> list[FiredEvent]:
+        """Cut events.jsonl back to the resumed round, mark what fired before it, say so; the ends to record."""
+        assert self.resumed_round is not None
+        before = keep_events_before(self.out_dir, self.resumed_round)
+        ends = self.schedule.resume(self.resumed_round, before, 0.0)
+        timed = [f"{index} ({event.action} at {event.at_s:g} s)" for index, event in enumerate(self.schedule.events)
+                 if event.at_s is not None and index not in before.fired]
+        if before.fired or timed:
+            self.progress("warning", {"message": (
+                f"resumed at round {self.resumed_round}: {len(before.fired)} scenario event(s) that fired before it "
+                "(events.jsonl) do not fire again" + (f"; timed events not fired yet count their 'at' from this "
+                                                       f"resumed start: {', '.join(timed)}" if timed else ""))})
+        return ends
 
     def phase_reached(self, round_index: int, phase: Phase) -> None:
         """The run reached `phase` of `round_index`: fire what is due now."""

@@ -167,8 +167,9 @@ class ScenarioRun:
             await fleet.wait_online(EXTERNAL_ONLINE_TIMEOUT_S if assembly.external_devices
                                     else online_timeout_s(len(members)))
             self.timing = timing = RunTiming(assembly.device_links, await stack.enter_async_context(LoopLagProbe()))
-            self.events = await stack.enter_async_context(RunEvents(scenario, self.out_dir, self.metrics,
-                                                                    self._progress))
+            self.events = await stack.enter_async_context(RunEvents(
+                scenario, self.out_dir, self.metrics, self._progress,
+                resumed_round=server.next_round if self.resume is not None else None))
             self.server_restarts = ServerRestarts(scenario, self.out_dir, control, pump, messages, self._progress,
                                                   self.round_interrupted)
             presence = register_actions(self.events, scenario, assembly.embedded_broker, fleet,

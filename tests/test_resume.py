@@ -19,6 +19,8 @@ import yaml
 
 from server.checkpoint import load_checkpoint
 from testbed.cli import main
+from testbed.core.scenario import Scenario
+from testbed.events import EventSchedule, EventsBefore, keep_events_before, read_events
 from testbed.results import keep_records_before
 from testbed.run_checkpoint import CHECKPOINT_NAME, ResumeError, read_resumable
 from testbed.runner import ScenarioRun
@@ -44,10 +46,11 @@ def checkpoint_round(out: Path) -> int | None:
     return int(load_checkpoint(out / CHECKPOINT_NAME)["server"]["next_round"])
 
 
-def killed_run(tmp_path: Path, kill_when: Callable[[Path], bool]) -> Path:
-    """`testbed run` in its own process, SIGKILLed as soon as `kill_when(out)` holds; its results folder."""
+def killed_run(tmp_path: Path, kill_when: Callable[[Path], bool], scenario: Scenario | None = None) -> Path:
+    """`testbed run` of `scenario` (the fault matrix's, no events, unless given) in its own process, SIGKILLed as soon
+    as `kill_when(out)` holds; its results folder."""
     scenario_file = tmp_path / "faults.yaml"
-    scenario_file.write_text(fault_scenario([]).to_yaml())
+    scenario_file.write_text((scenario or fault_scenario([])).to_yaml())
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(scenario_file), "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -111,6 +114,54 @@ def test_killed_after_the_last_round_it_writes_the_summary_with_devices_caught_u
     faults = asyncio.run(resumed(out))
     assert_ends_like(faults, uninterrupted)
     assert [record["round"] for record in faults.result.summary["rounds"]] == [0, 1, 2]
+
+
+# Rounds 0-3: rpi4-0's downlink slowed in round 1 for longer than the run (still in force when it is killed), and
+# every device's next 2 chunks armed to be duplicated in round 3 (neither changes the weights)
+EVENTS_ACROSS_THE_KILL = [
+    {"round": 1, "action": "link", "device": "rpi4-0", "direction": "downlink", "set": {"delay": "60ms"},
+     "for": "10min"},
+    {"round": 3, "action": "duplicate", "all": True, "chunks": 2},
+]
+
+
+def test_events_fired_before_the_checkpoint_do_not_fire_again_after_the_resume(tmp_path: Path) -> None:
+    scenario = fault_scenario(EVENTS_ACROSS_THE_KILL, overrides=["rounds=4"])
+    clean = asyncio.run(run_faults(scenario, tmp_path / "clean"))
+    assert_survived(clean)
+    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 3, scenario)  # after round 2's checkpoint
+    before = [(record["index"], record["kind"], record["round"]) for record in read_events(out)]
+    assert before[0] == (0, "fire", 1) and (0, "end") not in [entry[:2] for entry in before]
+    faults = asyncio.run(resumed(out))
+    assert_ends_like(faults, clean.result.summary)
+    fired_here = [data["record"] for data in faults.said("event")]
+    assert [(record["index"], record["kind"]) for record in fired_here] == [(0, "end"), (1, "fire")]
+    # one record per fire and end across the kill: the round-1 link change once, its end recorded at the resume
+    # (the killed process took the slowed link with it), round 3's duplicate once, in the resumed run
+    assert [(record["index"], record["kind"], record["round"]) for record in read_events(out)] == [
+        (0, "fire", 1), (0, "end", 2), (1, "fire", 3)]
+    resumed_warnings = [data["message"] for data in faults.said("warning") if data["message"].startswith("resumed")]
+    assert resumed_warnings == ["resumed at round 3: 1 scenario event(s) that fired before it (events.jsonl) do not "
+                                "fire again"]
+
+
+def test_a_resume_keeps_the_events_of_rounds_before_it_and_counts_timed_ones_from_its_start(tmp_path: Path) -> None:
+    scenario = fault_scenario([{"at": "1s", "action": "duplicate", "all": True, "chunks": 1},
+                               {"round": 0, "action": "device_crash", "all": True, "for": "1min"},
+                               {"at": "20s", "action": "duplicate", "all": True, "chunks": 1},
+                               {"round": 2, "action": "duplicate", "all": True, "chunks": 1}], overrides=["rounds=4"])
+    records = [{"index": 0, "kind": "fire", "round": None}, {"index": 1, "kind": "fire", "round": 0},
+               {"index": 2, "kind": "fire", "round": 2}, {"index": 3, "kind": "fire", "round": 2}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records) + '{"index": 1, "ki')
+    before = keep_events_before(tmp_path, 2)
+    assert before == EventsBefore(fired=frozenset({0, 1}), ended=frozenset())
+    assert read_events(tmp_path) == records[:2]  # round 2's records go (it is redone), and the cut-short line
+    schedule = EventSchedule(scenario.events)
+    ends = schedule.resume(2, before, 0.0)
+    assert [(end.index, end.kind, end.round, end.phase) for end in ends] == [(1, "end", 1, "report")]
+    assert schedule.due(19.9) == [] and [fired.index for fired in schedule.due(20.0)] == [2]
+    assert [fired.index for fired in schedule.phase_reached(2, "publish", 21.0)] == [3]
+    assert schedule.finished
 
 
 def test_results_are_cut_back_to_the_checkpoint_and_a_cut_short_line_is_dropped(tmp_path: Path) -> None:
