@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from devices.board_energy import BoardEnergy
 from devices.board_state import BoardStateStore
 from devices.board_updates import AppliedUpdate, BoardConfigRefused, BoardSetup, BoardUpdates, Deployment
+from devices.chunk_repair import DamagedTransfer
 from devices.energy_meters import EnergyMeter
 from devices.profiles import DeviceProfile
 from devices.frame_order import LinkSettings
@@ -25,7 +26,7 @@ from devices.serial_framing import (
     json_payload,
     log_payload,
 )
-from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout
+from devices.serial_link import SerialLink, SerialLinkError, SerialLinkTimeout, line_rate_bytes_per_s
 from devices.task_groups import run_together
 from devices.update_receiver import CompletedUpdate, UpdateReceiver
 from testbed.core.manifest import RejectReason, UpdateRejected
@@ -73,7 +74,8 @@ class BoardAgent:
     ends the link, which is reopened every second, and transfers in flight are dropped (the run sends a
     catch-up). Reports and rejections the host never acknowledged are sent again once it configures the
     board again. The model held is saved after every apply (`state`), so a rebooted board resumes from
-    its version.
+    its version. A chunk refused by its digest (damaged before the serial line) is repaired as on an emulated
+    device (devices.chunk_repair): once its update has stopped moving, the board asks for a catch-up.
 
     Updates must be signed by the run's key, which the host's config frame names; `trusted_key` pins it
     (`testbed board --trust`), so a host that is not the run's server cannot make the board apply anything:
@@ -105,6 +107,7 @@ class BoardAgent:
         self._bytes_sent_before = 0
         self._round_received_from = 0
         self._round_sent_from = 0
+        self.damage = DamagedTransfer(line_rate_bytes_per_s(baud) * 8)  # chunks come at most at the line's rate
 
     @property
     def deployment(self) -> Deployment | None:
@@ -159,10 +162,14 @@ class BoardAgent:
         self._link = link
         logger.info("board %s: port %s open at %d baud", self.board_name, self.port, self.baud)
         await self._send(MessageType.HELLO, self._hello().to_payload())
+        loop = asyncio.get_running_loop()
         while True:
+            check_s = self.damage.next_check_s()
             try:
-                frame = await link.receive(RECEIVE_POLL_S)
+                frame = await link.receive(RECEIVE_POLL_S if check_s is None
+                                           else min(RECEIVE_POLL_S, check_s - loop.time()))
             except SerialLinkTimeout:
+                await self._ask_repair_if_due()
                 continue
             try:
                 await self._handle(frame)
@@ -172,6 +179,14 @@ class BoardAgent:
                 self.failed_frames += 1
                 logger.exception("board %s: dropped a %s frame that failed to be handled", self.board_name,
                                  frame.message_type.name)
+            await self._ask_repair_if_due()
+
+    async def _ask_repair_if_due(self) -> None:
+        """Ask for a catch-up once an update with a chunk refused by its digest has stopped moving (chunk_repair)."""
+        deployment = self.deployment
+        in_flight = deployment is not None and deployment.receiver.transfers_in_flight
+        if self.damage.repair_due(asyncio.get_running_loop().time(), in_flight):
+            await self._reject("a chunk failed its digest and its update stopped; repair it")
 
     @property
     def rejected_updates(self) -> int:
@@ -242,6 +257,16 @@ class BoardAgent:
             await self._send(frame.message_type, frame.payload)
 
     async def _update_frame(self, deployment: Deployment, frame: Frame) -> None:
+        """Take a manifest or a chunk's frame; a chunk refused by its digest is noted as damage (chunk_repair)."""
+        receiver = deployment.receiver
+        refused = receiver.rejections[RejectReason.BAD_CHUNK]
+        try:
+            await self._take_update_frame(deployment, frame)
+        finally:
+            if receiver.rejections[RejectReason.BAD_CHUNK] > refused:
+                self.damage.chunk_refused()
+
+    async def _take_update_frame(self, deployment: Deployment, frame: Frame) -> None:
         receiver = deployment.receiver
         self.updates.begin_receiving()
         try:
@@ -252,6 +277,7 @@ class BoardAgent:
                     piece = UpdateChunk.from_payload(frame.payload)
                 except SerialFrameError as error:
                     raise receiver.reject(RejectReason.BAD_CHUNK, str(error)) from None
+                self.damage.chunk_arrived(asyncio.get_running_loop().time(), len(piece.data))
                 completed = self._add_chunk_piece(receiver, piece, frame.flags)
         except UpdateRejected as error:
             # Counted by the receiver; only a genuine update the board could not use asks for a catch-up.
@@ -286,6 +312,7 @@ class BoardAgent:
         except UpdateRejected as error:
             await self._reject(f"update {completed.manifest.key} rejected: {error}")
             return
+        self.damage.update_applied()
         await self._send(MessageType.REPORT, self._report(applied).encode())
         await self._log(f"applied {completed.manifest.key}: version {deployment.receiver.version}, accuracy "
                         f"{applied.accuracy:.4f}, {applied.energy.total_joules:.3f} J since the last report")
@@ -294,7 +321,10 @@ class BoardAgent:
     async def _reject(self, reason: str) -> None:
         logger.warning("board %s: %s", self.board_name, reason)
         self.energy.begin_phase("transmit")
-        await self._send(MessageType.APPLY_RESULT, self.updates.nack(reason, session=self.sessions).encode())
+        nack = self.updates.nack(reason, session=self.sessions)
+        # the repairs asked so far (as an emulated device's nack): the run tells a repair asked again from a repeat
+        nack = nack.model_copy(update={"repair": self.damage.repairs_asked or None})
+        await self._send(MessageType.APPLY_RESULT, nack.encode())
         self.updates.idle()
 
     def _drop_transfers(self) -> None:

@@ -8,13 +8,15 @@ arming brings its own ``numpy.random.Generator``, so what is flipped and how chu
 on the scenario's seed.
 
 Armed faults act in the order a link would: corruption, then duplication, then reordering; each counts the
-chunks that reach it (the two copies of a duplicated chunk count twice for a reordering).
+chunks that reach it (the two copies of a duplicated chunk count twice for a reordering). Two receive paths have
+one: an emulated device's agent, and a serial board's bridge (before the serial line; ``TapsChunks``).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -34,6 +36,13 @@ class ReceivedMessage:
     topic: str
     payload: bytes
     qos: int
+
+
+@runtime_checkable
+class TapsChunks(Protocol):
+    """A device's receive path the run can arm chunk faults on: an emulated agent, or a serial board's bridge."""
+
+    chunk_faults: ChunkFaults
 
 
 @dataclass

@@ -14,6 +14,7 @@ import aiomqtt
 
 from devices.agent import device_client
 from devices.board_agent import board_config_payload
+from devices.chunk_faults import ChunkFaults, ReceivedMessage
 from devices.frame_order import LinkSettings
 from devices.latest_report import LatestReport
 from devices.reliable_serial import ReliableSerialLink
@@ -93,13 +94,18 @@ class SerialBridge:
     and chunks forwarded as frames paced at the line rate, pings every PING_INTERVAL_S; a board silent
     for SILENCE_TIMEOUT_S, a lost port or a board that says hello again (it rebooted) is marked offline,
     and when it is ready again the bridge asks the run for a catch-up from the version the board holds.
+
+    Chunks pass `chunk_faults` between MQTT and the serial line (the run arms corrupt, duplicate, reorder there):
+    the board gets what they make of them, the channel and the broker never see it. `downlink_rate_bps` (the
+    device's channel downlink) sets how long a short reordered group is held.
     """
 
     def __init__(self, device_id: str, profile_name: str, port: str, topics: Topics, endpoint: MqttEndpoint,
                  config: BoardConfig, *, baud: int = 115200, log_path: Path | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  open_link: Callable[[], Awaitable[SerialLink]] | None = None,
-                 silence_timeout_s: float = SILENCE_TIMEOUT_S, link_settings: LinkSettings | None = None) -> None:
+                 silence_timeout_s: float = SILENCE_TIMEOUT_S, link_settings: LinkSettings | None = None,
+                 downlink_rate_bps: float | None = None) -> None:
         self.device_id = device_id
         self.profile_name = profile_name
         self.port = port
@@ -131,6 +137,9 @@ class SerialBridge:
         self.frames_sent_again = 0  # by the links of earlier sessions and the current one
         self.line_drops = 0
         self._drop_line = asyncio.Event()
+        self.chunk_faults = ChunkFaults(downlink_rate_bps)
+        """Faults the run arms on the chunks to the board (after the channel, before the serial line)."""
+        self._chunks_held = asyncio.Event()  # chunk_faults took a chunk: its release time may have changed
 
     def drop_line(self) -> None:
         """Close the serial line now, as a board reset or an unplugged cable would; it is opened again after
@@ -173,9 +182,11 @@ class SerialBridge:
             latest = self.latest_report.on_reconnect() if reconnected else None
             if latest is not None and (self._unsent is None or self._unsent[1] is not latest):
                 self._publish("report", latest)  # the run may have missed it though the broker took it
-            if reconnected and self.board_ready.is_set():
-                self._ask_catch_up("bridge reconnected to the broker; updates in flight were lost")
-            await run_together(self._drain_outbox(client), self._receive_mqtt(client))
+            if reconnected:
+                self.chunk_faults.drop_held()  # held back to reorder, they came on the connection that was lost
+                if self.board_ready.is_set():
+                    self._ask_catch_up("bridge reconnected to the broker; updates in flight were lost")
+            await run_together(self._drain_outbox(client), self._receive_mqtt(client), self._release_held_chunks())
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         while True:
@@ -189,9 +200,8 @@ class SerialBridge:
         async for message in client.messages:
             topic, payload = str(message.topic), bytes(message.payload)
             try:
-                chunk = self.topics.parse_update_chunk(topic)
-                if chunk is not None:
-                    self._forward_chunk(chunk[0], chunk[1], payload)
+                if self.topics.parse_update_chunk(topic) is not None:
+                    self._forward_chunk(ReceivedMessage(topic, payload, message.qos))
                 elif topic == self.topics.report_request:
                     report = self.latest_report.answer(payload)
                     if report is not None:
@@ -224,7 +234,34 @@ class SerialBridge:
         self.latest_target_version = max(self.latest_target_version, manifest.target_version)
         self._enqueue(MessageType.MANIFEST, payload)
 
-    def _forward_chunk(self, key: str, index: int, data: bytes) -> None:
+    def _forward_chunk(self, chunk: ReceivedMessage) -> None:
+        """A chunk from MQTT through `chunk_faults` to the board: what they deliver now (damaged, twice, a held group
+        in a shuffled order, or nothing while it is held). Faults act only on chunks the board is there to get."""
+        if not self.board_ready.is_set():
+            self.dropped_while_offline += 1  # the board asks for a catch-up when it is back
+            return
+        for delivered in self.chunk_faults.receive(chunk, asyncio.get_running_loop().time()):
+            self._send_chunk(delivered)
+        self._chunks_held.set()
+
+    async def _release_held_chunks(self) -> None:
+        """Send the chunks `chunk_faults` held to reorder once their group is due, though the rest never came."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._chunks_held.clear()
+            due = self.chunk_faults.next_release_s()
+            try:
+                await asyncio.wait_for(self._chunks_held.wait(), None if due is None else max(0.0, due - loop.time()))
+            except asyncio.TimeoutError:
+                for delivered in self.chunk_faults.release_due(loop.time()):
+                    self._send_chunk(delivered)
+
+    def _send_chunk(self, chunk: ReceivedMessage) -> None:
+        """One chunk to the board, in frames of at most max_frame_bytes (FLAG_MORE on all but the last)."""
+        parsed = self.topics.parse_update_chunk(chunk.topic)
+        assert parsed is not None, chunk.topic  # only chunk topics pass chunk_faults
+        key, index = parsed
+        data = chunk.payload
         room = self.max_frame_bytes - 8 - len(key.encode("utf-8")) - CHUNK_PIECE_HEADROOM
         pieces = [data[start:start + room] for start in range(0, len(data), room)] or [b""]
         for number, piece in enumerate(pieces):
@@ -395,6 +432,7 @@ class SerialBridge:
             self.offline_periods += 1
             self._update_connected()
             self._publish("status", DeviceStatus(online=False), retain=True)
+        self.chunk_faults.drop_held()  # a board going offline loses what was on its way to it
         while not self._to_board.empty():  # what was queued for the board is lost with it
             self._to_board.get_nowait()
             self.dropped_while_offline += 1

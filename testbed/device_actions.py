@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from devices.agent import DeviceAgent
+from devices.chunk_faults import TapsChunks
 from devices.fleet import EmulatedFleet
 from devices.serial_bridge import SerialBridge
 from testbed.core.event_checks import target_device_ids
@@ -175,8 +176,10 @@ class BoardResets:
 
 
 class ChunkFaultArming:
-    """`corrupt`, `duplicate`, `reorder`: armed on each emulated target's ChunkFaults (its receive path, after the
-    channel) when the event fires; bits flipped and orders drawn from the scenario seed, the event and the device."""
+    """`corrupt`, `duplicate`, `reorder`: armed when the event fires on each target's ChunkFaults (TapsChunks): an
+    emulated agent's receive path (after the channel), or a serial board's bridge (before the serial line); bits
+    flipped and orders drawn from the scenario seed, the event and the device. A target with neither (a board
+    attached from another process, a device run by a fleet worker) is warned about."""
 
     def __init__(self, downtime: DeviceDowntime, seed: int) -> None:
         self.downtime = downtime
@@ -187,19 +190,24 @@ class ChunkFaultArming:
         event = fired.event
         if fired.kind == "end":
             return None
-        device_ids = self.downtime.emulated_targets(fired, "a serial board's chunks are not tapped (only an "
-                                                           "emulated device's are)")
-        if not device_ids:
+        taps: dict[str, TapsChunks] = {}
+        for device_id in target_device_ids(event, self.downtime.scenario):
+            member = self.downtime.fleet.member(device_id)
+            if isinstance(member, TapsChunks):  # kept across an agent's reboot: they are the link's
+                taps[device_id] = member
+            else:
+                self.downtime.events.warn_not_emulated(fired, "chunks are tapped on emulated devices and serial "
+                                                              "boards' bridges in this run only")
+        if not taps:
             return None
 
         async def arm() -> None:
-            for device_id in device_ids:
-                faults = self.downtime.agent(device_id).chunk_faults  # kept across a reboot: they are the link's
+            for device_id, tap in taps.items():
                 rng = generator(self.seed, Stream.CHUNK_FAULTS, fired.index, self.device_numbers[device_id])
                 if isinstance(event, CorruptEvent):
-                    faults.corrupt(event.chunks, event.bits, rng)
+                    tap.chunk_faults.corrupt(event.chunks, event.bits, rng)
                 elif isinstance(event, DuplicateEvent):
-                    faults.duplicate(event.chunks)
+                    tap.chunk_faults.duplicate(event.chunks)
                 elif isinstance(event, ReorderEvent):
-                    faults.reorder(event.chunks, rng)
+                    tap.chunk_faults.reorder(event.chunks, rng)
         return arm

@@ -193,7 +193,8 @@ class RunAssembly:
             board = self.run_config(server.seed).board_config(device_id)
             return SerialBridge(device_id, profile_name, entry.serial, self.topics, via,
                                 board,
-                                baud=entry.baud, log_path=self.out_dir / "serial" / f"{device_id}.log")
+                                baud=entry.baud, log_path=self.out_dir / "serial" / f"{device_id}.log",
+                                downlink_rate_bps=links.parameters(device_id)[0].rate_bps)
         self.external_devices[device_id] = ExternalDevice(device_id)
         waiting: dict[str, Any] = {"device": device_id, "broker": f"{via.host}:{via.port}", "run_id": self.run_id,
                                    "username": via.username}

@@ -28,12 +28,15 @@ EMULATED_ONLY: dict[type[EventBase], str] = {
     DeviceLeaveEvent: "device_leave stops an emulated device's agent, and this target has none (for a serial board "
                       "use board_reset)",
     DeviceJoinEvent: "device_join starts an emulated device's agent again, and this target has none",
-    CorruptEvent: "corrupt taps an emulated device's incoming chunks, and this target has none (a board's chunks "
-                  "cross its serial line, which has its own CRC)",
-    DuplicateEvent: "duplicate taps an emulated device's incoming chunks, and this target has none",
-    ReorderEvent: "reorder taps an emulated device's incoming chunks, and this target has none",
 }
 """Actions performed on emulated devices only, and what a target without any is told."""
+TAPPED_KINDS = ("emulated", "serial")
+CHUNK_TAPPED: dict[type[EventBase], str] = {
+    event_type: f"{action} taps the incoming chunks of an emulated device or of a serial board (on its bridge), and "
+                "this target has neither (an attached or network board's chunks reach it in another process)"
+    for event_type, action in ((CorruptEvent, "corrupt"), (DuplicateEvent, "duplicate"), (ReorderEvent, "reorder"))
+}
+"""Actions performed on the chunks to emulated devices and serial boards, and what a target with neither is told."""
 
 
 def target_device_ids(event: EventBase, scenario: Scenario) -> list[str]:
@@ -76,6 +79,8 @@ def _target_problems(index: int, event: TargetedEvent, scenario: Scenario) -> li
                                f"{event.device!r} is {kinds[event.device or '']}", said)]
     if type(event) in EMULATED_ONLY and not any(kinds[device_id] == "emulated" for device_id in targets):
         return [Problem(where, EMULATED_ONLY[type(event)], said)]
+    if type(event) in CHUNK_TAPPED and not any(kinds[device_id] in TAPPED_KINDS for device_id in targets):
+        return [Problem(where, CHUNK_TAPPED[type(event)], said)]
     if isinstance(event, LinkEvent) and event.device is not None:
         cell_of = {device_id: cell.name for cell in scenario.channel.cells for device_id in cell.devices}
         if event.device in cell_of:

@@ -18,6 +18,7 @@ import pytest
 from devices.board_agent import BoardAgent, board_config_from_payload, board_config_payload
 from testbed.core.messages import BoardConfig
 from devices.board_state import BoardStateStore
+from devices.chunk_repair import REPAIR_QUIET_MIN_S
 from devices.energy_meters import EnergyMeter, JetsonEnergyMeter, ModelEnergyMeter
 from devices.profiles import get_device_profile
 from devices.frame_order import LinkSettings
@@ -452,3 +453,36 @@ class TestOnAJetson:
         assert report["energy_joules"] == pytest.approx(6.0 * seconds, rel=1e-9)
         for phase, joules in measured["joules_by_phase"].items():
             assert joules == pytest.approx(6.0 * measured["seconds_by_phase"][phase], rel=1e-9, abs=1e-12)
+
+
+async def test_a_chunk_refused_by_its_digest_is_repaired_once_the_update_stops(board, trained) -> None:
+    """A chunk damaged before the serial line (its frame's CRC is good) fails its signed digest: the board waits
+    until the update has stopped moving, then asks for a catch-up once; the catch-up applies."""
+    setup, host = board
+    _, (first, _) = trained
+    await host.configure()
+    payload = encode_full_model(first.weights, 1)
+    chunks = split_chunks(payload, 4096)
+    damaged = bytearray(chunks[1])
+    damaged[7] ^= 0x10
+    manifest = UpdateManifest.for_payload(payload, run_id=RUN, round_index=0, key="1", base_version=None,
+                                          chunk_size=4096, published_at=time.time()).signed(KEY)
+    await host.send(MessageType.MANIFEST, manifest.to_json())
+    for index, chunk in enumerate([chunks[0], bytes(damaged), *chunks[2:]]):
+        room = MAX_FRAME - 64
+        pieces = [chunk[start:start + room] for start in range(0, len(chunk), room)]
+        for number, piece in enumerate(pieces):
+            last_sent = time.monotonic()  # the board takes this piece after now
+            await host.send(MessageType.UPDATE_CHUNK, UpdateChunk("1", index, piece).to_payload(),
+                            flags=FLAG_MORE if number < len(pieces) - 1 else 0)
+    nack = DeviceNack.decode((await host.expect(MessageType.APPLY_RESULT, timeout_s=30)).payload)
+    assert nack.version == 0 and "digest" in nack.reason and nack.repair == 1
+    assert time.monotonic() - last_sent >= REPAIR_QUIET_MIN_S  # it waited for the update to stop moving
+    assert any("does not match its digest" in line for line in host.logs), host.logs
+    deployment = setup.agent.deployment
+    assert deployment is not None and deployment.receiver.version == 0
+    assert deployment.receiver.rejected_by_reason == {"bad_chunk": 1} and setup.agent.damage.repairs_asked == 1
+    await host.send_update(payload, 1, None)  # the run's catch-up
+    report = DeviceReport.decode((await host.expect(MessageType.REPORT)).payload)
+    assert report.version == 1 and report.weights_hash == weights_hash(first.weights).hex()
+    assert setup.agent.damage.repairs_asked == 1 and setup.agent.damage.next_check_s() is None
