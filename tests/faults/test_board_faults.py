@@ -42,6 +42,14 @@ def board_catch_ups(faults: FaultRun) -> list[dict[str, Any]]:
     return [data for data in faults.said("catch-up") if data["device"] == BOARD]
 
 
+def print_round_times(faults: FaultRun) -> None:
+    """What the README's matrix quotes (`pytest -s tests/faults/test_board_faults.py`): each round's length and the
+    board's delivery time per round, measured."""
+    rounds = [f"{record['round_seconds']:.2f}" for record in faults.result.summary["rounds"]]
+    delivery = [f"{record['delivery_seconds']:.2f}" for record in faults.records() if record["device"] == BOARD]
+    print(f"round seconds {', '.join(rounds)}; {BOARD}'s delivery seconds {', '.join(delivery)}")
+
+
 def assert_nothing_refused_or_repaired(faults: FaultRun) -> None:
     """The board refused no chunk and asked for no catch-up: nothing was missing, nothing damaged."""
     assert faults.result.summary["devices"][BOARD]["rejected_by_reason"] == {}
@@ -73,6 +81,7 @@ async def test_chunks_corrupted_before_the_serial_line_are_refused_by_digest_and
     repairs = board_catch_ups(faults)  # asked by the board (APPLY_RESULT) once round 1's update stopped moving
     assert [(data["round"], data["from"]) for data in repairs] == [(1, 1)] and "digest" in repairs[0]["reason"]
     assert board.process is not None and board.process.poll() is None, board.output()
+    print_round_times(faults)
 
 
 async def test_chunks_duplicated_before_the_serial_line_are_taken_once(
@@ -81,6 +90,7 @@ async def test_chunks_duplicated_before_the_serial_line_are_taken_once(
                                      tmp_path / "out")
     assert bridge_of(faults).chunk_faults.duplicated == 3
     assert_nothing_refused_or_repaired(faults)
+    print_round_times(faults)
 
 
 async def test_chunks_reordered_before_the_serial_line_are_put_in_order(
@@ -93,3 +103,4 @@ async def test_chunks_reordered_before_the_serial_line_are_put_in_order(
     assert_nothing_refused_or_repaired(faults)
     held = next(record for record in faults.records() if (record["round"], record["device"]) == (1, BOARD))
     assert held["delivery_seconds"] >= 1.0  # the chunks waited out the hold time on the bridge
+    print_round_times(faults)
