@@ -12,6 +12,7 @@ from typing import Any
 from channel.link import LinkParameters
 from channel.proxy import LinkProxy
 from channel.shared import SharedFlow, SharedLink
+from channel.tun import TunLink
 
 from devices.fleet import EmulatedFleet
 from testbed.broker import LocalBroker
@@ -29,6 +30,9 @@ EMULATED_ACTIONS = ("broker_restart", "server_restart", "device_crash", "device_
 """The actions `testbed run` performs; every other one is recorded and warned about, not emulated yet."""
 
 Action = Callable[[], Awaitable[None]]
+OwnLink = LinkProxy | TunLink
+"""A device's own link that changes at run time: the proxy backend's, or the tun backend's packet emulator."""
+_NOT_EMULATED = "not emulated yet on the {backend!r} link backend (the proxy and tun backends emulate it)"
 
 
 def register_actions(events: RunEvents, scenario: Scenario, broker: LocalBroker | None,
@@ -113,7 +117,7 @@ class _LinkTargets:
     """Whose links an event changes: links of their own (or, for a `device:` in a cell, that device's flow), and
     the cells it takes whole (a `cell:` target, or the cells' members under `all`)."""
 
-    links: list[LinkProxy]
+    links: list[OwnLink]
     cells: list[_CellLinks]
 
     def __bool__(self) -> bool:
@@ -122,16 +126,18 @@ class _LinkTargets:
 
 def _link_targets(events: RunEvents, fired: FiredEvent, scenario: Scenario,
                   device_links: Mapping[str, Any]) -> _LinkTargets:
-    """The links of the event's targets that can change at run time (the proxy backend's); the others are warned
-    about as not emulated yet. A `cell:` or `all` target reaches each cell's shared link once."""
+    """The links of the event's targets that can change at run time (the proxy and tun backends'); the others are
+    warned about as not emulated yet. A `cell:` or `all` target reaches each cell's shared link once."""
     whole_cells = isinstance(fired.event, TargetedEvent) and fired.event.device is None
-    links: list[LinkProxy] = []
+    links: list[OwnLink] = []
     cells: dict[int, _CellLinks] = {}
     for device_id in target_device_ids(fired.event, scenario):
         link = device_links.get(device_id)
+        if isinstance(link, TunLink):
+            links.append(link)
+            continue
         if not isinstance(link, LinkProxy):
-            events.warn_not_emulated(fired, f"not emulated yet on the {scenario.channel.backend!r} link backend "
-                                            "(the proxy backend emulates it)")
+            events.warn_not_emulated(fired, _NOT_EMULATED.format(backend=scenario.channel.backend))
             continue
         downlink, uplink = link.downlink_model, link.uplink_model
         if whole_cells and isinstance(downlink, SharedFlow) and isinstance(uplink, SharedFlow):
@@ -142,15 +148,16 @@ def _link_targets(events: RunEvents, fired: FiredEvent, scenario: Scenario,
     return _LinkTargets(links, list(cells.values()))
 
 
-def _in_cell(proxy: LinkProxy) -> bool:
-    return isinstance(proxy.downlink_model, SharedFlow) or isinstance(proxy.uplink_model, SharedFlow)
+def _in_cell(link: OwnLink) -> bool:
+    return isinstance(link, LinkProxy) and (isinstance(link.downlink_model, SharedFlow)
+                                            or isinstance(link.uplink_model, SharedFlow))
 
 
 class LinkChanges:
-    """`link` on the proxy backend: the written fields of the chosen directions change when the event fires (over
-    `profile`'s link if it names one) on each target's own link, or once on a cell's shared link; the previous
-    parameters come back when it ends. (`device:` in a cell is refused by the scenario's check: one device cannot
-    change its cell's link.)"""
+    """`link` on the proxy and tun backends: the written fields of the chosen directions change when the event
+    fires (over `profile`'s link if it names one) on each target's own link, or once on a cell's shared link; the
+    previous parameters come back when it ends. (`device:` in a cell is refused by the scenario's check: one
+    device cannot change its cell's link.)"""
 
     def __init__(self, events: RunEvents, scenario: Scenario, device_links: Mapping[str, Any]) -> None:
         self.events = events
@@ -204,8 +211,9 @@ def _take_down(targets: _LinkTargets, duration_s: float, direction: str) -> Acti
 
 
 class Outages:
-    """`outage` on the proxy backend: each target's link is down from when the event fires for `for` (its end is
-    the outage ending by itself); longer than `channel.reset_after`, the link resets its connections. A `cell:`
+    """`outage` on the proxy and tun backends: each target's link is down from when the event fires for `for` (its
+    end is the outage ending by itself); longer than `channel.reset_after`, a proxy link resets its connections (on
+    tun the kernel's TCP meets the outage itself). A `cell:`
     (or `all`) target takes the cell's shared link down once, for every member; a `device:` in a cell cuts that
     device's flow only, the others going on."""
 
@@ -223,8 +231,9 @@ class Outages:
 
 
 class Partitions:
-    """`partition` on the proxy backend. Both directions: the target's connections are reset when the event fires
-    and new ones refused for `for` (a cell: each of its devices). One direction: that direction carries nothing for
+    """`partition` on the proxy and tun backends. Both directions: a proxy link's connections are reset when the
+    event fires and new ones refused for `for` (a cell: each of its devices); a tun link drops every packet both ways
+    for `for`. One direction: that direction carries nothing for
     `for` while the other still does — what a TCP connection sees of a one-way cut (what it sent meanwhile is sent
     again once the cut heals; past `channel.reset_after` the connection is reset and new ones refused until it
     ends); as for `outage`, a cell's shared link once, or one device's flow of a cell. Its end is the partition
@@ -242,13 +251,12 @@ class Partitions:
         if event.direction != "both":
             targets = _link_targets(self.events, fired, self.scenario, self.device_links)
             return _take_down(targets, event.for_s, event.direction) if targets else None
-        proxies = [link for device_id in target_device_ids(event, self.scenario)
-                   if isinstance(link := self.device_links.get(device_id), LinkProxy)]
-        if not proxies:
-            return (f"not emulated yet on the {self.scenario.channel.backend!r} link backend "
-                    "(the proxy backend emulates it)")
+        links = [link for device_id in target_device_ids(event, self.scenario)
+                 if isinstance(link := self.device_links.get(device_id), (LinkProxy, TunLink))]
+        if not links:
+            return _NOT_EMULATED.format(backend=self.scenario.channel.backend)
 
         async def cut_off() -> None:
-            for proxy in proxies:
-                await proxy.partition(event.for_s)
+            for link in links:
+                await link.partition(event.for_s)
         return cut_off
