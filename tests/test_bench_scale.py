@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,23 +27,76 @@ def test_the_scale_scenario_validates_for_fleets_past_a_thousand(devices: int, c
     assert f"valid, {devices} devices" in capsys.readouterr().out
 
 
+def test_the_scale_scenario_carries_the_setups_links_and_workers(capsys) -> None:
+    setup = scale.ScaleSetup(broker="mosquitto", workers=2, rate="100kbit", delay="50ms")
+    overrides = scale.scenario_overrides(200, "mosquitto", 3, setup)
+    assert "fleet.workers=2" in overrides
+    assert 'channel.downlink={"rate": "100kbit", "delay": "50ms"}' in overrides
+    assert main(["validate", str(scale.BASE_SCENARIO), *overrides]) == EXIT_OK
+    assert "valid, 200 devices" in capsys.readouterr().out
+
+
 def test_the_link_floor_is_serialisation_plus_one_delay() -> None:
-    assert scale.link_floor_s(125_000) == pytest.approx(1.0 + 0.020)
+    assert scale.ScaleSetup().link_floor_s(125_000) == pytest.approx(1.0 + 0.020)
+    assert scale.ScaleSetup(rate="100kbit", delay="50ms").link_floor_s(12_500) == pytest.approx(1.0 + 0.050)
+
+
+@pytest.mark.parametrize("text", ["100", "fastkbit", "10 parsecs"])
+def test_a_bad_rate_or_delay_is_one_line(text: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        scale.main(["--rate", text])
+    assert exit_info.value.code == 2
+    assert f"{text!r} is not a rate or a time: write e.g. 100kbit or 50ms" in capsys.readouterr().err
+
+
+def test_an_unknown_event_loop_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit):
+        scale.main(["--loops", "default,trio"])
+    assert "--loops 'default,trio': each must be default or uvloop" in capsys.readouterr().err
+
+
+def test_the_process_tree_holds_the_child_and_its_rss_counts() -> None:
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while child.pid not in scale._process_tree(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.pid in scale._process_tree(os.getpid())
+        assert scale.tree_rss_kib(os.getpid()) > scale._status_kib(os.getpid(), "VmRSS")
+    finally:
+        child.kill()
+        child.wait(timeout=20)
+
+
+def _result(setup: scale.ScaleSetup, p99: float, wall: float) -> scale.ScaleResult:
+    return scale.ScaleResult(devices=200, setup=setup, wall_s=wall, converged=True, lateness_p99_ms=p99)
+
+
+def test_the_loop_ratio_is_of_medians_over_repeats() -> None:
+    default, fast = scale.ScaleSetup(loop="default"), scale.ScaleSetup(loop="uvloop")
+    results = [_result(default, 100.0, 30.0), _result(fast, 50.0, 20.0), _result(default, 300.0, 50.0),
+               _result(fast, 70.0, 30.0), _result(default, 200.0, 40.0), _result(fast, 1000.0, 25.0)]
+    (line,) = scale.loop_ratios(results)
+    assert "N=200: lateness p99 0.35, wall 0.62 (medians of 3 and 3 runs)" in line  # 70/200, 25/40
 
 
 def test_a_run_folder_is_summarised_into_convergence_and_delivery_over_floor(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps({
         "rounds": [{"round_seconds": 1.5}, {"round_seconds": 0.5}],
         "devices": {"rpi4-0": {"hash_matches_server": True}, "rpi4-1": {"hash_matches_server": False}},
-        "timing": {"lateness_ms": {"p50": 0.5, "p99": 3.0}}}))
-    floor = scale.link_floor_s(1000)
+        "timing": {"lateness_ms": {"p50": 0.5, "p99": 3.0}, "loop_lag_ms": {"p50": 0.2, "p99": 4.0},
+                   "faithful": True}}))
+    setup = scale.ScaleSetup()
+    floor = setup.link_floor_s(1000)
     records = [{"update_sent": True, "delivered": True, "update_bytes": 1000, "delivery_seconds": floor * ratio}
                for ratio in (1.0, 1.2, 2.0)] + [{"update_sent": False, "delivered": False}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    result = scale.ScaleResult(devices=2, broker="embedded", wall_s=3.0, converged=False)
+    result = scale.ScaleResult(devices=2, setup=setup, wall_s=3.0, converged=False)
     scale.summarise_run(tmp_path, result)
     assert result.round_seconds == [1.5, 0.5]
     assert not result.converged  # one device is off the server's hash
     assert result.p50_delivery_over_floor == pytest.approx(1.2)
-    assert result.lateness_p99_ms == 3.0
+    assert (result.lateness_p50_ms, result.lateness_p99_ms, result.loop_lag_p99_ms) == (0.5, 3.0, 4.0)
+    assert result.faithful is True
     assert result.updates == 3
