@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -310,6 +309,7 @@ def _command_validate(args: argparse.Namespace, console: Console) -> int:
 def _command_run(args: argparse.Namespace, console: Console) -> int:
     import json
 
+    from testbed import event_loop
     from testbed.runner import run_scenario
 
     from testbed.core.signing import SigningKey, SigningKeyError
@@ -349,7 +349,7 @@ def _command_run(args: argparse.Namespace, console: Console) -> int:
     progress = _RichProgress(console)
     started = time.monotonic()
     try:
-        result = asyncio.run(run_scenario(scenario, out_dir, progress, signing_key, resume))
+        result = event_loop.run(run_scenario(scenario, out_dir, progress, signing_key, resume))
     except KeyboardInterrupt:  # a second Ctrl-C: no summary
         progress.stop()
         console.print("[yellow]aborted[/] (second Ctrl-C); results so far are in " + str(out_dir))

@@ -17,6 +17,7 @@ import aiomqtt
 
 from devices.errors import DeviceError
 from devices.task_groups import run_together
+from testbed import event_loop
 from testbed.core.fleet_plan import SelectorError, select_devices
 from testbed.core.messages import MessageError, RunConfig, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle: it stops its workers
         _die_with_parent(args.parent_pid)
     try:
-        return asyncio.run(_fleet(args))
+        return event_loop.run(_fleet(args))
     except KeyboardInterrupt:
         return EXIT_OK
 
