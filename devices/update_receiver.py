@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,6 +23,20 @@ from testbed.core.signing import TrustedKey
 from testbed.core.wire import FULL_SNAPSHOT_BASE, WireError, apply_update, decode_update, model_fingerprint
 
 WeightDict = dict[str, np.ndarray]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_only_initial_weights(layout: tuple[tuple[str, tuple[int, ...]], ...], init_seed: int) -> WeightDict:
+    weights = initial_weights(layout, init_seed)
+    for array in weights.values():
+        array.setflags(write=False)
+    return weights
+
+
+def shared_initial_weights(layout: tuple[tuple[str, tuple[int, ...]], ...], init_seed: int) -> WeightDict:
+    """w⁰ of `layout` and `init_seed`, its arrays one read-only copy for every receiver of the process (an update
+    is applied to a copy, so a device's own weights replace w⁰ and never change it)."""
+    return dict(_read_only_initial_weights(layout, init_seed))
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,8 @@ class UpdateReceiver:
     def __init__(self, architecture_weights: Mapping[str, np.ndarray], init_seed: int, trust: UpdateTrust) -> None:
         # Version 0 is the shared initial model w⁰, regenerated from the seed and the layout alone;
         # re-initialisation rounds send sparse updates relative to it.
-        self.initial_weights: WeightDict = initial_weights(layout_of(dict(architecture_weights)), init_seed)
+        self.initial_weights: WeightDict = shared_initial_weights(
+            tuple(layout_of(dict(architecture_weights))), init_seed)
         self.fingerprint = model_fingerprint(self.initial_weights)
         self.trust = trust
         self.version = 0

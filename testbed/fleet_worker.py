@@ -4,7 +4,6 @@ the link counters it reports to the run over the broker (`testbed/<run>/fleet/<w
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import logging
@@ -25,7 +24,7 @@ from testbed.core.scenario import Scenario
 from testbed.core.seeds import Stream, derived_seed
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
-from testbed.inference import TorchInference
+from testbed.inference import SharedModel, TorchInference
 from testbed.links import DeviceLinks
 
 logger = logging.getLogger("testbed.fleet")
@@ -244,6 +243,7 @@ class FleetWorker:
         arrival = await asyncio.to_thread(load_dataset_arrival, scenario.data, seed)
         model = build_model(scenario.model, arrival.num_features, arrival.num_classes, seed,
                             input_shape=arrival.input_shape)
+        shared_model = SharedModel(model)
         links = DeviceLinks(scenario.channel, scenario.seed)
         profiles = scenario.device_profiles()
         trusted_key = TrustedKey.from_text(config.public_key)
@@ -254,7 +254,7 @@ class FleetWorker:
                 link = await stack.enter_async_context(links.open(
                     device_id, (self.endpoint.host, self.endpoint.port), seed=device_link_seed(scenario, index)))
                 self.links[device_id] = link
-                inference = TorchInference(copy.deepcopy(model), device_test_split(
+                inference = shared_model.for_device(device_test_split(
                     arrival.test, index, scenario.data.device_test_samples, seed))
                 agents.append(emulated_agent(scenario, links, device_id, profiles[device_id], inference, self.topics,
                                              self.endpoint.via(*link.address), trusted_key, config.init_seed))

@@ -32,7 +32,7 @@ from testbed.device_commands import advertised_host, device_command_line
 from testbed.fleet_commands import WorkerProcesses
 from testbed.fleet_worker import (LINK_REPORT_PERIOD_S, REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice,
                                   device_link_seed, emulated_agent, remote_link)
-from testbed.inference import TorchInference
+from testbed.inference import SharedModel
 from testbed.links import DeviceLinks
 from testbed.metrics import MetricsExporter, RunMetrics
 from testbed.mosquitto import LocalMosquitto
@@ -99,6 +99,8 @@ class RunAssembly:
         self.remote_links: dict[str, RemoteLink] = {}
         """The links of devices run by workers (local or `testbed fleet` elsewhere), as their reports give them."""
         self.link_reports: LinkReports | None = None
+        self.shared_model: SharedModel | None = None
+        """The one torch model (and w⁰) the emulated devices of this process evaluate on, once one needs it."""
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
         """The embedded broker or a local Mosquitto (started here, checking the run's identities if it has any) or the
@@ -185,7 +187,9 @@ class RunAssembly:
         """What stands for the device: an emulated agent, a bridge to a serial board, or a board that joins by itself
         (attached by hand, or on the network: then the run says the command that joins it)."""
         if entry.kind == "emulated":
-            inference = TorchInference(server.build_device_model(), server.device_test_split(index))
+            if self.shared_model is None:
+                self.shared_model = SharedModel(server.build_device_model())
+            inference = self.shared_model.for_device(server.device_test_split(index))
             return emulated_agent(self.scenario, links, device_id, profile_name, inference, self.topics, via,
                                   self.trusted_key, server.seed)
         if entry.kind == "serial":
