@@ -14,6 +14,7 @@ import numpy as np
 
 from devices.chunk_faults import ChunkFaults, ReceivedMessage
 from devices.chunk_repair import DamagedTransfer
+from devices.compute_turns import compute_turns
 from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.latest_report import LatestReport
 from devices.profiles import DeviceProfile
@@ -276,9 +277,12 @@ class DeviceAgent:
                 await self._publish(client, self.topics.device(self.device_id, "report"), report)
             return
         try:
+            if topic == self.topics.manifest or topic == self.topics.device(self.device_id, "manifest"):
+                await compute_turns().turn()  # a signature to check: in a turn of its own (devices.compute_turns)
             completed = self._receive(topic, payload)
             if completed is not None:
                 delivered_at = self.clock()
+                await compute_turns().turn()  # verify, apply, evaluate and report in a turn of their own
                 version, new_weights = self.receiver.verify(completed)
         except UpdateRejected as error:
             # Counted by the receiver. Only a genuine update the device could not use asks for a catch-up;
