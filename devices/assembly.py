@@ -31,7 +31,10 @@ class UpdateAssembler:
         self._candidates: dict[str, dict[int, list[bytes]]] = {}  # unchecked chunks of unannounced ones
         self._arrival: dict[str, None] = {}  # keys with a manifest, oldest first
         self._unannounced_bytes: dict[str, int] = {}  # keys with chunks but no manifest yet, oldest first
+        self._completed: dict[str, None] = {}  # the last MAX_PENDING_KEYS keys completed, oldest first
         self.received_chunk_bytes = 0
+        self.late_chunks = 0
+        """Chunks of an update already complete (a duplicate arriving after the last chunk): dropped, not held."""
         self.dropped_chunks = 0
         self.mismatched_chunks = 0
         """Chunks held before their manifest came that did not match its digests (also in `dropped_chunks`)."""
@@ -67,6 +70,9 @@ class UpdateAssembler:
         take the unannounced chunks past their budget; nothing held before is lost.
         """
         manifest = self._manifests.get(key)
+        if manifest is None and key in self._completed:
+            self.late_chunks += 1  # held, it would keep a finished update "in flight" until pushed out
+            return None
         if manifest is None:
             return self._hold_unannounced(key, index, data)
         if index >= manifest.chunk_count:
@@ -130,6 +136,9 @@ class UpdateAssembler:
         if manifest is None or len(chunks) < manifest.chunk_count:
             return None
         self.forget(key)
+        self._completed[key] = None
+        while len(self._completed) > MAX_PENDING_KEYS:
+            del self._completed[next(iter(self._completed))]
         try:
             payload = join_chunks(chunks, manifest.chunk_count, manifest.total_bytes)
         except WireError as error:

@@ -74,8 +74,9 @@ def test_duplicate_chunks_and_manifests_are_harmless():
     assert assembler.expect(manifest_for(PAYLOAD, 1024)) is None  # re-announced: chunk 0 is still held
     assert assembler.add_chunk("3", 1, chunks[1]) is None
     assert assembler.add_chunk("3", 2, chunks[2]) == PAYLOAD
-    # a late duplicate of an update already delivered is not delivered again
+    # a late duplicate of an update already delivered is not delivered again, nor held as a new update in flight
     assert assembler.add_chunk("3", 2, chunks[2]) is None
+    assert (assembler.pending_updates, assembler.late_chunks) == (0, 1)
 
 
 def test_chunk_beyond_chunk_count_is_refused_and_the_update_still_completes():
