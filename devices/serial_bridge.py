@@ -137,13 +137,17 @@ class SerialBridge:
         self.frames_sent_again = 0  # by the links of earlier sessions and the current one
         self.line_drops = 0
         self._drop_line = asyncio.Event()
+        self._closed_until = 0.0  # loop time before which the line stays closed (drop_line's closed_for_s)
         self.chunk_faults = ChunkFaults(downlink_rate_bps)
         """Faults the run arms on the chunks to the board (after the channel, before the serial line)."""
         self._chunks_held = asyncio.Event()  # chunk_faults took a chunk: its release time may have changed
 
-    def drop_line(self) -> None:
+    def drop_line(self, closed_for_s: float = 0.0) -> None:
         """Close the serial line now, as a board reset or an unplugged cable would; it is opened again after
-        REOPEN_DELAY_S and the board, once ready, gets a catch-up. Nothing happens while the line is closed."""
+        REOPEN_DELAY_S, or `closed_for_s` if longer (a cable pulled out that long), and the board, once ready, gets a
+        catch-up. While the line is closed nothing more is dropped; a longer `closed_for_s` keeps it closed longer."""
+        loop = asyncio.get_running_loop()
+        self._closed_until = max(self._closed_until, loop.time() + closed_for_s)
         self._drop_line.set()
 
     # --- lifetime -------------------------------------------------------------------------------------
@@ -298,7 +302,7 @@ class SerialBridge:
                     self.serial_log.write("--", None, f"link lost: {error}")
                 finally:
                     self._board_offline()
-            await asyncio.sleep(REOPEN_DELAY_S)
+            await asyncio.sleep(max(REOPEN_DELAY_S, self._closed_until - asyncio.get_running_loop().time()))
 
     async def _serial_session(self, link: SerialLink) -> None:
         self._drop_line.clear()  # a drop asked for while the line was closed has nothing to drop

@@ -156,7 +156,8 @@ class DeviceChurn:
 
 
 class BoardResets:
-    """`board_reset`: the serial board's bridge drops the line; it opens it again, and the board catches up."""
+    """`board_reset`: the serial board's bridge drops the line; it opens it again (after `for`, if given: a cable pulled
+    out that long), and the board catches up."""
 
     def __init__(self, fleet: EmulatedFleet) -> None:
         self.fleet = fleet
@@ -170,8 +171,9 @@ class BoardResets:
             return "only a serial board's line can be dropped"
 
         async def reset() -> None:
-            bridge.drop_line()
-            logger.info("board %s: line dropped (board_reset)", bridge.device_id)
+            bridge.drop_line(event.for_s or 0.0)
+            logger.info("board %s: line dropped (board_reset%s)", bridge.device_id,
+                        f", closed for {event.for_s:g} s" if event.for_s else "")
         return reset
 
 

@@ -245,10 +245,11 @@ class DeviceJoinEvent(TargetedEvent):
 
 
 class BoardResetEvent(TargetedEvent):
-    """A serial board's bridge drops the line and opens it again (a board unplugged and plugged back)."""
+    """A serial board's bridge drops the line and opens it again (a board unplugged and plugged back): after a second,
+    or after ``for`` (a cable pulled out that long)."""
 
     action: Literal["board_reset"]
-    no_duration_because: ClassVar[str | None] = "the bridge drops the line and opens it again at once"
+    for_s: DurationSeconds | None = Field(None, alias="for")
 
     @model_validator(mode="after")
     def _one_board(self) -> BoardResetEvent:

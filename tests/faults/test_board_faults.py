@@ -68,6 +68,19 @@ async def test_a_board_reset_drops_the_line_and_the_board_catches_up(cable: PtyC
     assert board.starts == 1 and board.process is not None and board.process.poll() is None, board.output()
 
 
+async def test_a_serial_cable_cut_for_4_s_keeps_the_board_away_that_long_and_it_catches_up(
+        cable: PtyCable, board: BoardProcess, tmp_path: Path) -> None:  # noqa: F811
+    faults = await survived_on_board(cable, {"round": 1, "phase": "delivery", "action": "board_reset",
+                                             "device": BOARD, "for": "4s"}, tmp_path / "out")
+    assert bridge_of(faults).line_drops == 1
+    assert board_status_changes(faults.progress) == [True, False, True]  # ready, cable out, ready again
+    assert board_catch_ups(faults)
+    # the round waited for the board: its line stayed closed 4 s from the event before the board could catch up
+    assert faults.result.summary["rounds"][1]["round_seconds"] >= 4.0
+    assert board.starts == 1 and board.process is not None and board.process.poll() is None, board.output()
+    print_round_times(faults)
+
+
 async def test_chunks_corrupted_before_the_serial_line_are_refused_by_digest_and_repaired(
         cable: PtyCable, board: BoardProcess, tmp_path: Path) -> None:  # noqa: F811
     # round 1's update is 4 chunks of 256 B: the first 3 reach the board with 2 bits flipped each (the frames that

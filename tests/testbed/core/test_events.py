@@ -255,7 +255,7 @@ def _action(draw: st.DrawFn) -> dict[str, Any]:
     elif action == "device_leave":
         fields |= draw(_target(EMULATED))
     elif action == "board_reset":
-        fields["device"] = BOARD
+        fields |= {"device": BOARD, **draw(_maybe_for)}
     elif action == "broker_restart":
         fields |= draw(_maybe_for)
     elif action in ("corrupt", "duplicate", "reorder"):
