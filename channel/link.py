@@ -13,7 +13,7 @@ from channel.delay import get_delay_distribution
 from channel.errors import ChannelError
 from testbed.core.units import format_duration, format_rate
 from channel.loss import BernoulliLoss, GilbertElliottLoss, LossModel
-from channel.recovery import RECOVERY_MODES, FastRecovery, PendingSegment
+from channel.recovery import RECOVERY_MODES, FastRecovery, PendingSegment, in_order
 from channel.outage import OutageTimeline, RandomOutages, ScheduledOutage, scheduled_outages
 from channel.shaper import Shaper, TokenBucket, make_shaper
 from channel.trace import MahimahiTrace, RateScheduleTrace, RateTrace
@@ -504,10 +504,9 @@ class LinkModel:
         return self.recovery.next_deadline_s
 
     def _in_order(self, arrivals: list[float]) -> list[float]:
-        deliveries = []
-        for arrival in arrivals:
-            self._last_delivery = max(arrival, self._last_delivery)
-            deliveries.append(self._last_delivery)
+        deliveries = in_order(arrivals, self._last_delivery)
+        if deliveries:
+            self._last_delivery = deliveries[-1]
         return deliveries
 
     def packet_fates(self, now_s: float, size_bytes: int) -> list[float]:

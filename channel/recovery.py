@@ -140,3 +140,13 @@ class FastRecovery:
             undecided.popleft()
             arrivals.append(arrival)
         return arrivals
+
+
+def in_order(arrivals: list[float], last_delivery_s: float) -> list[float]:
+    """Delivery times of a stream's next segments arriving at ``arrivals`` after one delivered at ``last_delivery_s``:
+    each no sooner than the one before it (in-order delivery, head-of-line blocking)."""
+    deliveries = []
+    for arrival in arrivals:
+        last_delivery_s = max(arrival, last_delivery_s)
+        deliveries.append(last_delivery_s)
+    return deliveries

@@ -13,7 +13,7 @@ import numpy as np
 from channel.errors import ChannelError
 from channel.link import LinkCounters, LinkModel, LinkParameters
 from channel.outage import OutageTimeline
-from channel.recovery import FastRecovery
+from channel.recovery import FastRecovery, in_order
 
 _COUNTER_FIELDS = tuple(field.name for field in dataclasses.fields(LinkCounters))
 _counter_values = operator.attrgetter(*_COUNTER_FIELDS)
@@ -43,10 +43,9 @@ class _Flow:
     outages: OutageTimeline | None = None
 
     def in_order(self, arrivals: list[float]) -> list[float]:
-        deliveries = []
-        for arrival in arrivals:
-            self.last_delivery_s = max(arrival, self.last_delivery_s)
-            deliveries.append(self.last_delivery_s)
+        deliveries = in_order(arrivals, self.last_delivery_s)
+        if deliveries:
+            self.last_delivery_s = deliveries[-1]
         return deliveries
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.events import read_events
-from tests.faults.matrix import FAST_LINK, assert_survived, fault_scenario, run_faults
+from tests.faults.matrix import FAST_LINK, FaultRun, assert_survived, fault_scenario, run_faults
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -70,35 +70,35 @@ def cell_channel(reset_after: str) -> dict:  # type: ignore[type-arg]
             "cells": [{"name": "tower", "devices": ["rpi4-0", "rpi4-1"]}]}
 
 
-async def test_a_cell_outage_longer_than_reset_after_takes_its_shared_link_down_once(tmp_path: Path) -> None:
-    scenario = fault_scenario([{"round": 1, "action": "outage", "cell": "tower", "for": "5s"}],
-                              channel=cell_channel("2s"))
+async def cell_outage(tmp_path: Path, target: dict[str, str]) -> tuple[FaultRun, list[bool]]:
+    """A 5 s round-1 outage of `target` in the cell's scenario (`reset_after: 2s`), survived with no warning;
+    the run, and whether each device's link reset its connections."""
+    scenario = fault_scenario([{"round": 1, "action": "outage", **target, "for": "5s"}], channel=cell_channel("2s"))
     faults = await run_faults(scenario, tmp_path / "out")
     assert_survived(faults)
     assert not faults.event_warnings()
+    assert faults.result.summary["rounds"][1]["round_seconds"] >= 5.0 - 0.01
+    links = faults.run.assembly.device_links
+    return faults, [links[device_id].outage_resets >= 1 for device_id in ("rpi4-0", "rpi4-1", "rpi4-2")]
+
+
+async def test_a_cell_outage_longer_than_reset_after_takes_its_shared_link_down_once(tmp_path: Path) -> None:
+    faults, resets = await cell_outage(tmp_path, {"cell": "tower"})
     links = faults.run.assembly.device_links
     shared = links["rpi4-0"].downlink_model.shared
     assert links["rpi4-1"].downlink_model.shared is shared  # one bottleneck, taken down once for both members
-    assert [links[device_id].outage_resets >= 1 for device_id in ("rpi4-0", "rpi4-1", "rpi4-2")] == [
-        True, True, False]
+    assert resets == [True, True, False]
     for device_id in ("rpi4-0", "rpi4-1"):
         assert any(data["device"] == device_id and data["round"] == 1 and "reconnected" in data["reason"]
                    for data in faults.said("catch-up")), device_id
-    assert faults.result.summary["rounds"][1]["round_seconds"] >= 5.0 - 0.01
 
 
 async def test_an_outage_of_one_device_in_a_cell_cuts_its_flow_while_the_other_goes_on(tmp_path: Path) -> None:
-    scenario = fault_scenario([{"round": 1, "action": "outage", "device": "rpi4-1", "for": "5s"}],
-                              channel=cell_channel("2s"))
-    faults = await run_faults(scenario, tmp_path / "out")
-    assert_survived(faults)
-    assert not faults.event_warnings()
+    faults, resets = await cell_outage(tmp_path, {"device": "rpi4-1"})
+    assert resets == [False, True, False]
     links = faults.run.assembly.device_links
-    assert [links[device_id].outage_resets >= 1 for device_id in ("rpi4-0", "rpi4-1", "rpi4-2")] == [
-        False, True, False]
     # round 1's update met the cut on rpi4-1's flow only: rpi4-0's went through the same bottleneck untouched
     assert links["rpi4-1"].downlink_counters.outage_losses >= 1 and links["rpi4-0"].downlink_counters.outage_losses == 0
-    assert faults.result.summary["rounds"][1]["round_seconds"] >= 5.0 - 0.01
 
 
 async def test_a_cell_link_change_for_a_while_slows_both_members_and_comes_back_exactly(tmp_path: Path) -> None:
