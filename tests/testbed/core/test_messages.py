@@ -20,6 +20,7 @@ from testbed.core.messages import (
     DeviceStatus,
     Message,
     MessageError,
+    ReportRequest,
     RunConfig,
     RunFinished,
     decode_config_topic,
@@ -49,7 +50,9 @@ reports = st.builds(
     report_delay_seconds=st.none() | floats, serial_frames_lost=st.none() | counts,
     measured_energy=st.none() | st.dictionaries(st.text(max_size=10), json_values, max_size=3),
 )
-nacks = st.builds(DeviceNack, device=names, version=counts, reason=st.text(max_size=200))
+nacks = st.builds(DeviceNack, device=names, version=counts, reason=st.text(max_size=200), session=st.none() | counts,
+                  repair=st.none() | counts)
+report_requests = st.builds(ReportRequest, round=counts, version=counts)
 run_configs = st.builds(RunConfig, run=names, started_at=floats, init_seed=counts,
                         scenario=st.dictionaries(st.text(max_size=10), json_values, max_size=4),
                         devices=st.dictionaries(names, counts, max_size=5))
@@ -57,7 +60,8 @@ board_configs = st.builds(BoardConfig, run=names, device=names, device_index=cou
                           scenario=st.dictionaries(st.text(max_size=10), json_values, max_size=4))
 
 
-@given(st.one_of(hellos, statuses, reports, nacks, run_configs, board_configs, st.just(RunFinished())))
+@given(st.one_of(hellos, statuses, reports, nacks, report_requests, run_configs, board_configs,
+                 st.just(RunFinished())))
 def test_every_message_round_trips(message: Message) -> None:
     payload = message.encode()
     assert type(message).decode(payload) == message
@@ -80,7 +84,7 @@ def test_config_topic_holds_a_config_an_end_or_nothing(config: RunConfig) -> Non
 
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_decode_or_raise_message_error(payload: bytes) -> None:
-    for message_type in (DeviceHello, DeviceStatus, DeviceReport, DeviceNack, RunConfig, BoardConfig):
+    for message_type in (DeviceHello, DeviceStatus, DeviceReport, DeviceNack, ReportRequest, RunConfig, BoardConfig):
         try:
             message_type.decode(payload)
         except MessageError:
