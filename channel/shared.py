@@ -13,7 +13,7 @@ import numpy as np
 from channel.errors import ChannelError
 from channel.link import LinkCounters, LinkModel, LinkParameters
 from channel.outage import OutageTimeline
-from channel.recovery import FastRecovery, in_order
+from channel.recovery import FastRecovery, PendingSegment, in_order
 
 _COUNTER_FIELDS = tuple(field.name for field in dataclasses.fields(LinkCounters))
 _counter_values = operator.attrgetter(*_COUNTER_FIELDS)
@@ -21,15 +21,50 @@ _counter_values = operator.attrgetter(*_COUNTER_FIELDS)
 
 class _SharedBottleneck(LinkModel):
     """A LinkModel whose retransmissions never hold the shared queue, and whose attempts also meet the outages of
-    the flow being carried (``flow_outages``, set by SharedLink around each call)."""
+    the flow being carried (``flow_outages``, set by SharedLink around each call).
+
+    An attempt meeting the flow's own cut (not the link's outage) is a probe that costs the cell no airtime: the
+    device is out of reach, and a real sender in RTO backoff probes with one segment per RTO, not with each. The
+    attempt that gets past the cut is charged as any retransmission of a cell is (the bucket's next free slot, in
+    call order; it leaves then if that is later), so a device back from a cut does not burst past the rate.
+    """
 
     _defer_retransmissions = True
     flow_outages: OutageTimeline | None = None
+    _probing = False  # the attempt just carried met the flow's own cut: its resend is an uncharged probe
+    _probe_departure_s: float | None = None  # departure of the uncharged probe being carried
 
     def _outage_meets(self, departure_s: float, arrival_s: float) -> bool:
+        self._probing = False
+        if super()._outage_meets(departure_s, arrival_s):
+            return True
         own = self.flow_outages
-        return super()._outage_meets(departure_s, arrival_s) or (
-            own is not None and own.overlapping(departure_s, arrival_s) is not None)
+        self._probing = own is not None and own.overlapping(departure_s, arrival_s) is not None
+        return self._probing
+
+    def _resend(self, resend_s: float, cost: int) -> float:
+        if not self._probing:
+            return super()._resend(resend_s, cost)
+        self._probing = False
+        self._probe_departure_s = resend_s
+        return resend_s
+
+    def attempt(self, segment: PendingSegment, departure_s: float) -> None:
+        super().attempt(segment, departure_s)
+        while self._probe_departure_s is not None:  # its last attempt left uncharged: it got past the cut (or was lost)
+            probe_s, self._probe_departure_s = self._probe_departure_s, None
+            granted = self._shaper.grant(self._last_departure, segment.cost)
+            self._last_departure = granted
+            self.counters.wire_bytes += segment.cost
+            if segment.arrival_s is None or granted <= probe_s:
+                return
+            self.counters.queueing_delay_s += granted - probe_s
+            arrival = segment.arrival_s + (granted - probe_s)
+            if not self._outage_meets(granted, arrival):
+                segment.arrival_s = arrival
+                return
+            self._probing = False
+            super().attempt(segment, granted)  # moved into an outage: a fresh attempt from its slot
 
 
 @dataclass

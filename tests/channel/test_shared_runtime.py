@@ -61,6 +61,22 @@ def test_a_flows_own_outage_cuts_it_while_the_others_go_on() -> None:
     assert link.flow_counters("a").outage_losses >= 1 and link.flow_counters("b").outage_losses == 0
 
 
+def test_a_cut_flow_costs_the_cell_its_first_attempts_and_those_that_get_through_not_its_probes() -> None:
+    link = SharedLink(SLOW, np.random.default_rng(1))  # 100 kbit/s: 0.12 s a packet
+    link.send("a", 0.0, 1460)
+    link.add_flow_outage("a", 1.0, 6.0)
+    delivered = carry(link, [(1.0, "a", 1460)] * 10)["a"]
+    counters = link.flow_counters("a")
+    assert counters.outage_losses >= 3 * 10  # each probed on its RTO backoff through the 5 s cut
+    assert counters.wire_bytes == (1 + 2 * 10) * SLOW.packet_bytes  # a first attempt and a resend each
+    assert min(delivered) >= 6.0 and all(later >= earlier for earlier, later in zip(delivered, delivered[1:]))
+    whole = SharedLink(SLOW, np.random.default_rng(1))  # the same cut on the whole link: every attempt is airtime
+    whole.send("a", 0.0, 1460)
+    whole.add_outage(1.0, 6.0)
+    carry(whole, [(1.0, "a", 1460)] * 10)
+    assert whole.counters.wire_bytes == (1 + 10 + whole.counters.outage_losses) * SLOW.packet_bytes
+
+
 def test_a_flows_outage_merges_with_the_links_where_they_meet() -> None:
     link = SharedLink(SLOW, np.random.default_rng(0))
     link.send("a", 0.0, 100)
