@@ -109,7 +109,8 @@ class SharedLink:
     * At run time: ``reconfigure(params, now_s)`` changes the whole link from ``now_s`` (as
       ``LinkModel.reconfigure``), ``add_outage`` takes it down for every flow, ``add_flow_outage``
       cuts one flow only (a device out of coverage: its attempts meeting the cut are lost and
-      resent on the RTO backoff, each charged to the bucket, while the other flows go on).
+      resent on the RTO backoff, the probes into the cut costing the cell no airtime, while the other
+      flows go on).
     * ``flow(flow_id)`` gives a SharedFlow: one flow with the surface of a LinkModel direction, so
       a ``LinkProxy`` per device can carry its connection through the shared bottleneck.
 
@@ -191,7 +192,8 @@ class SharedLink:
 
     def add_flow_outage(self, flow_id: Hashable, start_s: float, end_s: float) -> None:
         """Flow ``flow_id`` alone is cut over ``[start_s, end_s)``: its attempts meeting the cut are lost and resent on
-        the RTO backoff (as for the link's outages) while the other flows carry on."""
+        the RTO backoff (as for the link's outages, but these probes cost the cell no airtime) while the other flows
+        carry on."""
         if not (math.isfinite(start_s) and math.isfinite(end_s) and end_s > start_s):
             raise ChannelError(f"add_flow_outage({flow_id!r}, {start_s!r}, {end_s!r}) is invalid: expected finite "
                                "start < end")
