@@ -58,18 +58,24 @@ def seed_losing_the_first_segment(link: LinkParameters) -> int:
     raise AssertionError("no seed loses the first segment")
 
 
+async def echo_round_trip(proxy: LinkProxy) -> float:
+    """Seconds for 5 bytes to come back through ``proxy`` (to an echo server) on a new connection."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(*proxy.address)
+    start = loop.time()
+    writer.write(b"hello")
+    assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+    elapsed = loop.time() - start
+    writer.close()
+    await writer.wait_closed()
+    return elapsed
+
+
 async def test_a_lost_reply_with_nothing_after_it_comes_after_the_rto() -> None:
     link = LinkParameters(rate_bps=None, delay_s=0.01, loss=0.5)  # rto 200 ms
     seed = seed_losing_the_first_segment(link)
-    loop = asyncio.get_running_loop()
     async with tcp_server(echo) as port, LinkProxy("127.0.0.1", port, link, UNLIMITED, seed=seed) as proxy:
-        reader, writer = await asyncio.open_connection(*proxy.address)
-        start = loop.time()
-        writer.write(b"hello")
-        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
-        elapsed = loop.time() - start
-        writer.close()
-        await writer.wait_closed()
+        elapsed = await echo_round_trip(proxy)
         model = proxy.downlink_model
         assert isinstance(model, LinkModel)
         # the reply was lost; nothing followed it, so its RTO resent it (the proxy woke for that decision)

@@ -12,6 +12,7 @@ from channel.link import LinkParameters
 from channel.proxy import TIMER_SLACK_S, LinkProxy
 from channel.shared import SharedLink
 from tests.channel.test_proxy import UNLIMITED, blast_on_request, echo, tcp_server
+from tests.channel.test_proxy_recovery import echo_round_trip
 
 
 def cell(downlink: LinkParameters, seed: int) -> tuple[SharedLink, SharedLink]:
@@ -29,16 +30,9 @@ def seed_losing_the_first_segment(link: LinkParameters) -> int:
 async def test_a_lost_reply_to_one_member_with_nothing_after_it_comes_after_its_rto() -> None:
     link = LinkParameters(rate_bps=None, delay_s=0.01, loss=0.5)  # rto 200 ms
     downlink, uplink = cell(link, seed_losing_the_first_segment(link))
-    loop = asyncio.get_running_loop()
     async with tcp_server(echo) as port, \
             LinkProxy("127.0.0.1", port, downlink_model=downlink.flow("a"), uplink_model=uplink.flow("a")) as proxy:
-        reader, writer = await asyncio.open_connection(*proxy.address)
-        start = loop.time()
-        writer.write(b"hello")
-        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
-        elapsed = loop.time() - start
-        writer.close()
-        await writer.wait_closed()
+        elapsed = await echo_round_trip(proxy)
     recovery = downlink.recovery("a")
     assert recovery.timeout_retransmits >= 1 and recovery.fast_retransmits == 0  # (a resend may be lost again)
     assert elapsed >= link.rto_s + link.delay_s - TIMER_SLACK_S
