@@ -16,7 +16,9 @@ from channel.errors import ChannelError
 from channel.link import LinkParameters
 from channel.recovery import DUPLICATE_ACK_THRESHOLD, Recovery
 from channel.shared import SharedLink
+from testbed.links import DeviceLinks
 from tests.channel.test_recovery import ScriptedDraws
+from tests.faults.matrix import fault_scenario
 
 
 def recorded(link: SharedLink, *flows: Hashable) -> SharedLink:
@@ -177,3 +179,12 @@ def window_limited_goodput_bps(link: SharedLink, window: int, duration_s: float,
         else:
             break
     return delivered_bytes * 8 / duration_s
+
+
+def test_a_cell_takes_its_recovery_from_the_scenario() -> None:
+    scenario = fault_scenario([], channel={"downlink": {"rate": "200kbit", "recovery": "rto"}, "cells": [
+        {"name": "tower", "devices": ["rpi4-0", "rpi4-1"], "uplink": {"rate": "50kbit"}}]})
+    links = DeviceLinks(scenario.channel, scenario.seed)
+    assert [params.recovery for params in links.parameters("rpi4-0")] == ["rto", "fast"]
+    proxy = links.open("rpi4-1", ("127.0.0.1", 1), seed=0)
+    assert (proxy.downlink.recovery, proxy.uplink.recovery) == ("rto", "fast")
