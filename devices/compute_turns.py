@@ -15,10 +15,11 @@ import weakref
 
 
 class ComputeTurns:
-    """A queue of devices waiting to compute; ``turn()`` returns when it is the caller's, one caller per loop pass."""
+    """A queue of devices waiting to compute; ``turn()`` returns when it is the caller's, one caller per loop pass.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    One queue serves one event loop (``compute_turns``)."""
+
+    def __init__(self) -> None:
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._wake_scheduled = False
         self.turns = 0
@@ -26,11 +27,12 @@ class ComputeTurns:
 
     async def turn(self) -> None:
         """Wait for this caller's turn (the work after it runs in a loop pass with no other device's work)."""
-        future: asyncio.Future[None] = self._loop.create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._waiting.append(future)
         if not self._wake_scheduled:
             self._wake_scheduled = True
-            self._loop.call_soon(self._wake_next)
+            loop.call_soon(self._wake_next, loop)
         await future
 
     @property
@@ -38,7 +40,7 @@ class ComputeTurns:
         """Callers waiting for a turn (cancelled ones included until their turn is skipped)."""
         return len(self._waiting)
 
-    def _wake_next(self) -> None:
+    def _wake_next(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():  # a cancelled waiter (its device crashed) gives up its turn
@@ -46,7 +48,7 @@ class ComputeTurns:
                 self.turns += 1
                 break
         if self._waiting:
-            self._loop.call_soon(self._wake_next)  # the woken device runs in the next pass; the one after it, after
+            loop.call_soon(self._wake_next, loop)  # the woken device runs in the next pass; the one after it, after
         else:
             self._wake_scheduled = False
 
@@ -59,5 +61,5 @@ def compute_turns() -> ComputeTurns:
     loop = asyncio.get_running_loop()
     turns = _TURNS.get(loop)
     if turns is None:
-        turns = _TURNS[loop] = ComputeTurns(loop)
+        turns = _TURNS[loop] = ComputeTurns()  # not holding the loop: the entry goes with it
     return turns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Sequence
 from types import TracebackType
@@ -75,6 +76,7 @@ class EmulatedFleet:
         if pending:
             missing = [agent.device_id for agent in self.agents if not agent.connected.is_set()]
             raise FleetError(f"devices not online after {timeout_s:.0f} s: {', '.join(missing)}")
+        settle_heap()
 
     def member(self, device_id: str) -> FleetMember:
         """The member standing for `device_id` (FleetError if the fleet has none)."""
@@ -122,3 +124,14 @@ class EmulatedFleet:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 logger.error("device %s ended with %r", agent.device_id, result)
         self._tasks = []
+
+
+def settle_heap() -> None:
+    """Collect once, then take every object alive now out of the garbage collector's scans (``gc.freeze``).
+
+    What exists once the fleet is online (models, data, clients, links, the broker) lives for the whole run; a full
+    collection walked all of it again and again: pauses of 100-400 ms with 200 devices, during which no link released
+    a segment. After this, a collection walks only what the rounds allocate.
+    """
+    gc.collect()
+    gc.freeze()

@@ -29,7 +29,7 @@ async def _devices_working(turns: ComputeTurns | None, count: int) -> list[str]:
 
 
 async def test_a_timer_due_during_the_work_runs_between_two_devices_not_after_all() -> None:
-    turns = ComputeTurns(asyncio.get_running_loop())
+    turns = ComputeTurns()
     order = await _devices_working(turns, 5)
     assert [name for name in order if name != "timer"] == [f"device-{index}" for index in range(5)]  # in order
     assert order.index("timer") < 5  # before the last device's work
@@ -42,7 +42,7 @@ async def test_without_turns_the_timer_waits_for_every_device() -> None:
 
 
 async def test_a_cancelled_waiter_gives_up_its_turn_and_the_others_still_get_theirs() -> None:
-    turns = ComputeTurns(asyncio.get_running_loop())
+    turns = ComputeTurns()
     done: list[int] = []
 
     async def device(index: int) -> None:
