@@ -236,8 +236,16 @@ def table(results: list[ScaleResult]) -> str:
     return "\n".join(rows)
 
 
+def _median_ratio(values: list[float | None], references: list[float | None]) -> float | None:
+    """median(values) / median(references) over the measured ones; None if either has none or the reference is 0."""
+    measured = [[value for value in side if value is not None] for side in (values, references)]
+    if not all(measured) or statistics.median(measured[1]) == 0:
+        return None
+    return statistics.median(measured[0]) / statistics.median(measured[1])
+
+
 def loop_ratios(results: list[ScaleResult]) -> list[str]:
-    """For each setup and N run with both loops: uvloop's median lateness p99 and wall time over the default's."""
+    """For each setup and N run with both loops: uvloop's median lateness p50, p99 and wall time over the default's."""
     lines = []
     by_key: dict[tuple[ScaleSetup, int], list[ScaleResult]] = {}
     for result in results:
@@ -248,12 +256,10 @@ def loop_ratios(results: list[ScaleResult]) -> list[str]:
         default = by_key.get((dataclasses.replace(setup, loop="default"), devices))
         if not default:
             continue
-        p99 = [[r.lateness_p99_ms for r in runs if r.lateness_p99_ms is not None] for runs in (group, default)]
-        walls = [[r.wall_s for r in runs] for runs in (group, default)]
-        p99_ratio = statistics.median(p99[0]) / statistics.median(p99[1]) if all(p99) else None
-        wall_ratio = statistics.median(walls[0]) / statistics.median(walls[1])
-        lines.append(f"uvloop / default loop, {dataclasses.replace(setup, loop='both').label}, N={devices}: "
-                     f"lateness p99 {_cell(p99_ratio, '.2f')}, wall {wall_ratio:.2f} "
+        ratios = [_median_ratio([getattr(r, name) for r in group], [getattr(r, name) for r in default])
+                  for name in ("lateness_p50_ms", "lateness_p99_ms", "wall_s")]
+        lines.append(f"uvloop / default loop, {setup.broker}, {setup.workers} worker(s), N={devices}: lateness p50 "
+                     f"{_cell(ratios[0], '.2f')}, p99 {_cell(ratios[1], '.2f')}, wall {_cell(ratios[2], '.2f')} "
                      f"(medians of {len(group)} and {len(default)} runs)")
     return lines
 

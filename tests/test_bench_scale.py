@@ -69,8 +69,9 @@ def test_the_process_tree_holds_the_child_and_its_rss_counts() -> None:
         child.wait(timeout=20)
 
 
-def _result(setup: scale.ScaleSetup, p99: float, wall: float) -> scale.ScaleResult:
-    return scale.ScaleResult(devices=200, setup=setup, wall_s=wall, converged=True, lateness_p99_ms=p99)
+def _result(setup: scale.ScaleSetup, p99: float | None, wall: float) -> scale.ScaleResult:
+    return scale.ScaleResult(devices=200, setup=setup, wall_s=wall, converged=True, lateness_p50_ms=1.0,
+                             lateness_p99_ms=p99)
 
 
 def test_the_loop_ratio_is_of_medians_over_repeats() -> None:
@@ -78,7 +79,14 @@ def test_the_loop_ratio_is_of_medians_over_repeats() -> None:
     results = [_result(default, 100.0, 30.0), _result(fast, 50.0, 20.0), _result(default, 300.0, 50.0),
                _result(fast, 70.0, 30.0), _result(default, 200.0, 40.0), _result(fast, 1000.0, 25.0)]
     (line,) = scale.loop_ratios(results)
-    assert "N=200: lateness p99 0.35, wall 0.62 (medians of 3 and 3 runs)" in line  # 70/200, 25/40
+    assert line == ("uvloop / default loop, embedded, 1 worker(s), N=200: lateness p50 1.00, p99 0.35, wall 0.62 "
+                    "(medians of 3 and 3 runs)")  # 70/200, 25/40
+
+
+def test_a_loop_ratio_without_lateness_on_one_side_is_a_dash() -> None:
+    default, fast = scale.ScaleSetup(loop="default"), scale.ScaleSetup(loop="uvloop")
+    (line,) = scale.loop_ratios([_result(default, None, 30.0), _result(fast, 50.0, 15.0)])
+    assert "p99 —, wall 0.50" in line
 
 
 def test_a_run_folder_is_summarised_into_convergence_and_delivery_over_floor(tmp_path: Path) -> None:
