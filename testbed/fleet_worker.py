@@ -50,10 +50,21 @@ def refresh_topic(topics: Topics) -> str:
     return f"{topics.prefix}fleet/refresh"
 
 
+LINKS_PER_MESSAGE = 20
+"""A worker's report goes out in messages of this many links, one per event-loop pass: encoding a hundred links at
+once held the worker's loop (and its links' releases) for tens of milliseconds every LINK_REPORT_PERIOD_S."""
+_COUNTER_FIELDS = tuple(counter.name for counter in dataclasses.fields(LinkCounters))
+
+
+def _counters_state(counters: LinkCounters) -> dict[str, Any]:
+    """`dataclasses.asdict` of the flat counters, without its recursive copy."""
+    return {name: getattr(counters, name) for name in _COUNTER_FIELDS}
+
+
 def link_state(link: Any) -> dict[str, Any]:
     """One link's counters both ways and, when it measures it (the proxy backend), its lateness sketch."""
-    state: dict[str, Any] = {"downlink": dataclasses.asdict(link.downlink_counters),
-                             "uplink": dataclasses.asdict(link.uplink_counters)}
+    state: dict[str, Any] = {"downlink": _counters_state(link.downlink_counters),
+                             "uplink": _counters_state(link.uplink_counters)}
     if callable(getattr(link, "timing_stats", None)):
         sketch = link.timing_stats()
         # the sketch's exact state (bucket counts), so the run merges and subtracts it as it would the link's own
@@ -62,7 +73,7 @@ def link_state(link: Any) -> dict[str, Any]:
 
 
 def encode_link_report(worker: str, links: Mapping[str, Any], answers: int | None = None) -> bytes:
-    """A worker's report: every link's totals, and the refresh request it answers, if any."""
+    """A worker's report (or one message of it): the totals of `links`, and the refresh request it answers, if any."""
     return json.dumps({"worker": worker, "answers": answers,
                        "links": {device_id: link_state(link) for device_id, link in links.items()}}).encode()
 
@@ -164,6 +175,20 @@ class LinkReports:
             return False
 
 
+async def publish_link_report(client: aiomqtt.Client, topic: str, worker: str, links: Mapping[str, Any],
+                              answers: int | None) -> None:
+    """Every link's totals in messages of LINKS_PER_MESSAGE links, each encoded in a loop pass of its own; only the
+    last says which refresh request it answers, so the run has every link's totals when it sees the answer."""
+    items = list(links.items())
+    starts = range(0, len(items), LINKS_PER_MESSAGE) if items else range(1)
+    for start in starts:
+        if start:
+            await asyncio.sleep(0)  # let the links' timers due meanwhile run
+        last = start + LINKS_PER_MESSAGE >= len(items)
+        part = dict(items[start:start + LINKS_PER_MESSAGE])
+        await client.publish(topic, encode_link_report(worker, part, answers if last else None), qos=0)
+
+
 async def publish_link_reports(endpoint: MqttEndpoint, topics: Topics, worker: str, links: Mapping[str, Any]) -> None:
     """The worker's side: publish every LINK_REPORT_PERIOD_S, and at once when the run asks, until cancelled."""
     topic = link_reports_topic(topics, worker)
@@ -183,7 +208,7 @@ async def publish_link_reports(endpoint: MqttEndpoint, topics: Topics, worker: s
                         next_report = loop.time() + LINK_REPORT_PERIOD_S
                     except ValueError:
                         continue
-                    await client.publish(topic, encode_link_report(worker, links, answers), qos=0)
+                    await publish_link_report(client, topic, worker, links, answers)
         except aiomqtt.MqttError as error:
             logger.info("fleet %s: link reports: %s; reconnecting", worker, error)
             await asyncio.sleep(RECONNECT_S)
