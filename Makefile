@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(if $(PIP_TORCH_INDEX),--index-url $(PIP_TORCH_INDEX)) torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,fast]'
 	touch $@
 
 setup: $(VENV)/.installed
