@@ -31,6 +31,7 @@ from testbed.core.capacity import (
     memory_problems,
     open_files_needed,
 )
+from testbed.core.fleet_checks import local_emulated_devices, planned_worker_shares
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
 from testbed.mosquitto import MISSING as MOSQUITTO_MISSING, find_mosquitto
@@ -102,23 +103,34 @@ def _host_memory_problems(scenario: Scenario) -> list[str]:
     return [problem.describe() for problem in memory_problems(scenario, host, budget, raisable=False)]
 
 
+def _open_files_per_process(scenario: Scenario) -> int:
+    """What the busiest process of the run (its own, or its busiest fleet worker) needs, by this host's plan."""
+    local = local_emulated_devices(scenario)
+    shares = planned_worker_shares(scenario, os.cpu_count() or 1)
+    return open_files_needed(len(local), max(map(len, shares)) if shares else None, scenario.broker.embedded)
+
+
 def _open_files_problems(scenario: Scenario) -> list[str]:
-    """``devices: ...`` when this process may not open as many files as the fleet needs, even after raising
-    its soft limit to the hard one (which `raise_open_files_limit` does at the start of a run)."""
-    needed = open_files_needed(scenario)
+    """``devices: ...`` when a process of the run may not open as many files as its share of the fleet needs, even
+    after raising its soft limit to the hard one (which `raise_open_files_limit` does at the start of a run; fleet
+    workers inherit it)."""
+    needed = _open_files_per_process(scenario)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or needed <= hard:
         return []
-    return [f"devices: {emulated_device_count(scenario):,} emulated devices need about {needed:,} open files, and "
-            f"this host allows a process {hard:,} (ulimit -Hn); raise the hard limit (limits.conf, systemd "
-            f"LimitNOFILE, or `ulimit -Hn {needed}` as root) or run fewer emulated devices"]
+    workers = planned_worker_shares(scenario, os.cpu_count() or 1)
+    where = f" in its busiest process of {len(workers)} workers" if workers else ""
+    return [f"devices: {emulated_device_count(scenario):,} emulated devices need about {needed:,} open files{where}, "
+            f"and this host allows a process {hard:,} (ulimit -Hn); raise the hard limit (limits.conf, systemd "
+            f"LimitNOFILE, or `ulimit -Hn {needed}` as root), run fewer emulated devices, or spread them over more "
+            "fleet workers"]
 
 
 def raise_open_files_limit(scenario: Scenario) -> None:
     """Raise this process's soft open-files limit towards its hard limit when the fleet needs more than the soft
     one (commonly 1024, which a few hundred emulated devices exceed)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = open_files_needed(scenario)
+    needed = _open_files_per_process(scenario)
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 

@@ -26,8 +26,7 @@ from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, 
 from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
-from testbed.core.fleet_checks import devices_with_events
-from testbed.core.fleet_plan import worker_count, worker_shares
+from testbed.core.fleet_checks import planned_worker_shares
 from testbed.device_commands import advertised_host, device_command_line
 from testbed.fleet_commands import WorkerProcesses
 from testbed.fleet_worker import (LINK_REPORT_PERIOD_S, REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice,
@@ -213,15 +212,7 @@ class RunAssembly:
         """Which emulated devices run in worker processes (`fleet.workers`) or on other hosts (`fleet.remote`)."""
         scenario = self.scenario
         remote = scenario.remote_devices()
-        entries = scenario.device_entries()
-        local = [device_id for device_id in self.profiles
-                 if entries[device_id].kind == "emulated" and device_id not in remote]
-        workers = worker_count(scenario.fleet.workers, len(local), os.cpu_count() or 1)
-        if scenario.fleet.workers == "auto" and (devices_with_events(scenario)
-                                                 or scenario.broker.device_credentials is not None):
-            workers = 1  # events act on devices in this process; one identity per device is this process's too
-        cell_of = {device_id: cell for device_id in local if (cell := links.cell_of(device_id)) is not None}
-        self.worker_shares = worker_shares(local, cell_of, workers) if workers > 1 else []
+        self.worker_shares = planned_worker_shares(scenario, os.cpu_count() or 1)
         timed = scenario.channel.backend == "proxy"
         for index, share in enumerate(self.worker_shares):
             ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()

@@ -406,6 +406,12 @@ def emulated_device_count(scenario: Scenario) -> int:
     return sum(1 for entry in scenario.device_entries().values() if entry.kind == "emulated")
 
 
-def open_files_needed(scenario: Scenario) -> int:
-    """File descriptors the run needs at its peak, roughly (see OPEN_FILES_PER_EMULATED_DEVICE)."""
-    return OPEN_FILES_BASE + OPEN_FILES_PER_EMULATED_DEVICE * emulated_device_count(scenario)
+def open_files_needed(emulated_devices: int, largest_worker_share: int | None, embedded_broker: bool) -> int:
+    """File descriptors the busiest process of a run needs at its peak, roughly (see OPEN_FILES_PER_EMULATED_DEVICE):
+    the run's process when its `emulated_devices` run in it (`largest_worker_share` None); with fleet workers the
+    larger of the busiest worker (its share's links and clients) and the run's process (the embedded broker's end of
+    every device's connection, if the broker is embedded). Each process has its own limit."""
+    if largest_worker_share is None:
+        return OPEN_FILES_BASE + OPEN_FILES_PER_EMULATED_DEVICE * emulated_devices
+    return max(OPEN_FILES_BASE + OPEN_FILES_PER_EMULATED_DEVICE * largest_worker_share,
+               OPEN_FILES_BASE + (emulated_devices if embedded_broker else 0))

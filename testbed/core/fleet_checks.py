@@ -1,9 +1,9 @@
-"""Checks of a scenario's `fleet` section against its devices, events and broker identities."""
+"""Checks of a scenario's `fleet` section against its devices, events and broker identities, and the plan it gives."""
 
 from __future__ import annotations
 
 from testbed.core.event_checks import target_device_ids
-from testbed.core.fleet_plan import SelectorError, select_devices
+from testbed.core.fleet_plan import SelectorError, select_devices, worker_count, worker_shares
 from testbed.core.scenario import Scenario
 
 
@@ -11,6 +11,27 @@ def devices_with_events(scenario: Scenario) -> list[str]:
     """The devices some event acts on (a crash, a link change, a chunk tap...): these stay in the run's process."""
     targeted = {device_id for event in scenario.events for device_id in target_device_ids(event, scenario)}
     return [device_id for device_id in scenario.device_ids() if device_id in targeted]
+
+
+def local_emulated_devices(scenario: Scenario) -> list[str]:
+    """The emulated devices this host runs (the others run on other hosts: `fleet.remote`), in scenario order."""
+    remote = set(scenario.remote_devices())
+    entries = scenario.device_entries()
+    return [device_id for device_id in scenario.device_ids()
+            if entries[device_id].kind == "emulated" and device_id not in remote]
+
+
+def planned_worker_shares(scenario: Scenario, cores: int) -> list[list[str]]:
+    """The local emulated devices of each worker process (none: they run in the run's process). `auto` stays in
+    process when events act on devices or devices have identities of their own: both live in the run's process."""
+    local = local_emulated_devices(scenario)
+    workers = worker_count(scenario.fleet.workers, len(local), cores)
+    if scenario.fleet.workers == "auto" and (devices_with_events(scenario)
+                                             or scenario.broker.device_credentials is not None):
+        workers = 1
+    cell_of = {device_id: cell.name for cell in scenario.channel.cells for device_id in cell.devices}
+    return worker_shares(local, {device_id: cell_of[device_id] for device_id in local if device_id in cell_of},
+                         workers) if workers > 1 else []
 
 
 def fleet_problem(scenario: Scenario) -> str | None:

@@ -114,6 +114,25 @@ def test_a_fleet_past_the_hosts_open_files_limit_is_refused_naming_the_limit(mon
     assert main(["validate", str(LOWBAND), "--set", "devices=[{profile: rpi4, count: 400}]", "--resolve"]) == EXIT_OK
 
 
+def test_fleet_workers_split_the_open_files_a_fleet_needs(monkeypatch, capsys):
+    """Each worker holds the links and clients of its share only: 3,000 devices over two workers need about 12,256
+    descriptors in a process, under a hard limit of 20,000 that one process holding them all (24,256) would pass.
+    With the embedded broker the run's process also holds the broker's end of every device's connection."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 20000))
+    fleet = ["--set", "devices=[{profile: rpi4, count: 3000}]", "--set", "fleet.workers=2"]
+    assert main(["validate", str(LOWBAND), *fleet, "--set", "broker=mosquitto", "--resolve"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["validate", str(LOWBAND), "--set", "devices=[{profile: rpi4, count: 3000}]", "--set",
+                 "broker=mosquitto", "--resolve"]) == EXIT_BAD_SCENARIO
+    assert "3,000 emulated devices need about 24,256 open files, and" in _error_line(capsys, "devices")
+    many = ["--set", "devices=[{profile: rpi4, count: 5000}]", "--set", "fleet.workers=2"]
+    assert main(["validate", str(LOWBAND), *many, "--resolve"]) == EXIT_BAD_SCENARIO
+    line = _error_line(capsys, "devices")
+    assert "5,000 emulated devices need about 20,256 open files in its busiest process of 2 workers" in line
+
+
 def test_a_run_raises_its_soft_open_files_limit_to_the_hard_one(monkeypatch):
     import resource
 
