@@ -174,7 +174,7 @@ def summarise_run(out_dir: Path, result: ScaleResult) -> None:
 
 def run_once(devices: int, setup: ScaleSetup, rounds: int, timeout_s: float, keep: Path | None = None) -> ScaleResult:
     """One `testbed run` of `devices` devices in a child process, its process tree sampled for RSS every 0.2 s;
-    with `keep`, its summary, results and console log are copied there."""
+    with `keep`, its summary, results, console log and fleet workers' logs are copied there."""
     with tempfile.TemporaryDirectory(prefix="scale-") as folder:
         out_dir = Path(folder) / "run"
         command = [sys.executable, "-m", "testbed.cli", "run", str(BASE_SCENARIO), "--out", str(out_dir),
@@ -210,6 +210,8 @@ def run_once(devices: int, setup: ScaleSetup, rounds: int, timeout_s: float, kee
                 if (out_dir / name).exists():
                     shutil.copy(out_dir / name, keep / name)
             shutil.copy(log_path, keep / "console.log")
+            if (out_dir / "fleet").is_dir():  # the workers' logs: why one ended, if one did
+                shutil.copytree(out_dir / "fleet", keep / "fleet", dirs_exist_ok=True)
         return result
 
 

@@ -120,9 +120,13 @@ class EmulatedFleet:
         for task in self._tasks:
             task.cancel()
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        ended: dict[str, list[str]] = {}  # one line per distinct error (a dead worker ends its whole share alike)
         for agent, result in zip(self.agents, results):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                logger.error("device %s ended with %r", agent.device_id, result)
+                ended.setdefault(repr(result), []).append(agent.device_id)
+        for error, device_ids in ended.items():
+            more = f" and {len(device_ids) - 1} more" if len(device_ids) > 1 else ""
+            logger.error("device %s%s ended with %s", device_ids[0], more, error)
         self._tasks = []
 
 

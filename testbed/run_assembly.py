@@ -244,8 +244,10 @@ class RunAssembly:
     async def _watch_worker(self, processes: WorkerProcesses, index: int, device: WorkerDevice) -> None:
         code = await processes.ended(index)
         if not device.worker_ended.done():
-            device.worker_ended.set_result(f"fleet worker {index} exited with code {code} "
-                                           f"(see {processes.log_path(index)})")
+            log_path = processes.log_path(index)
+            last = last_line(log_path)
+            device.worker_ended.set_result(f"fleet worker {index} exited with code {code}"
+                                           + (f": {last}" if last else "") + f" (see {log_path})")
 
     async def refresh_remote_links(self) -> None:
         """Bring the links workers run up to date (before the run reads a round's counters and lateness)."""
@@ -311,3 +313,15 @@ async def _end_run_config(client: _Publishes, endpoint: MqttEndpoint, run_id: st
         await asyncio.wait_for(goodbye(), goodbye_s + END_RUN_CONFIG_S)
     except (aiomqtt.MqttError, asyncio.TimeoutError) as error:
         logger.warning("could not clear the retained %s: %s", topic, error or "timed out")
+
+
+def last_line(path: Path, tail_bytes: int = 4096) -> str:
+    """The last non-empty line of a log file (from its last `tail_bytes`, at most 300 characters), or ''."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - tail_bytes))
+            lines = [line.strip() for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
