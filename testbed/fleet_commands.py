@@ -23,7 +23,8 @@ from testbed.core.messages import MessageError, RunConfig, decode_config_topic
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.scenario import ScenarioError, parse_scenario
 from testbed.core.topics import Topics
-from testbed.hil_commands import CONFIG_WAIT_S, EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_OK, until_run_ends
+from testbed.hil_commands import (CONFIG_WAIT_S, EXIT_BAD_ARGUMENTS, EXIT_FAILED, EXIT_OK, broker_address,
+                                  read_password_file, until_run_ends)
 
 COMMANDS = ("fleet",)
 PASSWORD_VARIABLE = "TESTBED_FLEET_PASSWORD"
@@ -81,16 +82,10 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 
 def fleet_endpoint(args: argparse.Namespace) -> MqttEndpoint:
     """The broker address and identity of `testbed fleet` (ValueError names the bad option)."""
-    host, separator, port = str(args.broker).rpartition(":")
-    if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--broker: expected HOST:PORT, got {args.broker!r}")
-    endpoint = MqttEndpoint(host, int(port))
+    endpoint = MqttEndpoint(*broker_address(str(args.broker)))
     password = os.environ.get(PASSWORD_VARIABLE)
     if args.password_file is not None:
-        try:
-            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, UnicodeDecodeError, IndexError):
-            raise ValueError(f"--password-file: cannot read a password from {str(args.password_file)!r}") from None
+        password = read_password_file(args.password_file)
     if args.username is not None:
         endpoint = endpoint.with_credentials(args.username, password or "")
     return endpoint

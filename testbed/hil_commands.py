@@ -141,24 +141,27 @@ async def _board(args: argparse.Namespace) -> int:
 
 # --- attach ---------------------------------------------------------------------------------------------
 
-def _broker_address(text: str) -> tuple[str, int]:
+def broker_address(text: str) -> tuple[str, int]:
     host, separator, port = text.rpartition(":")
     if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"--broker: expected HOST:PORT, got {text!r}")
     return host, int(port)
 
 
+def read_password_file(path: Path) -> str:
+    """The first line of `path`: an MQTT password (ValueError naming --password-file and why it cannot be read)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, UnicodeDecodeError, IndexError) as error:
+        reason = getattr(error, "strerror", None) or ("empty" if isinstance(error, IndexError) else error)
+        raise ValueError(f"--password-file: cannot read a password from {str(path)!r}: {reason}") from None
+
+
 def attach_endpoint(args: argparse.Namespace) -> MqttEndpoint:
     """Where `testbed attach` connects (the run's link for the device), as the device's own identity if given."""
-    endpoint = MqttEndpoint(*_broker_address(args.broker))
+    endpoint = MqttEndpoint(*broker_address(args.broker))
     if args.password_file is not None:
-        try:
-            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, UnicodeDecodeError, IndexError) as error:
-            reason = getattr(error, "strerror", None) or ("empty" if isinstance(error, IndexError) else error)
-            raise ValueError(f"--password-file: cannot read a password from {str(args.password_file)!r}: "
-                             f"{reason}") from None
-        endpoint = endpoint.with_credentials(args.username or args.name, password)
+        endpoint = endpoint.with_credentials(args.username or args.name, read_password_file(args.password_file))
     elif args.username is not None:
         endpoint = endpoint.with_credentials(args.username, "")
     if args.ca_file is not None:  # through the link's proxy: the CA is checked, the host name cannot be

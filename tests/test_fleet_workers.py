@@ -238,7 +238,7 @@ def test_workers_end_when_the_run_is_killed_and_a_dead_worker_fails_the_run(tmp_
     (["--broker", "nowhere", "--devices", "rpi4-0"],
      "testbed fleet: error: --broker: expected HOST:PORT, got 'nowhere'"),
     (["--broker", "127.0.0.1:1", "--devices", "rpi4-0", "--username", "u", "--password-file", "/nonexistent"],
-     "testbed fleet: error: --password-file: cannot read a password from '/nonexistent'"),
+     "testbed fleet: error: --password-file: cannot read a password from '/nonexistent': No such file or directory"),
 ])
 def test_bad_fleet_arguments_are_one_line_each(arguments: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "testbed", "fleet", *arguments], capture_output=True, text=True,
