@@ -103,23 +103,24 @@ def _host_memory_problems(scenario: Scenario) -> list[str]:
     return [problem.describe() for problem in memory_problems(scenario, host, budget, raisable=False)]
 
 
-def _open_files_per_process(scenario: Scenario) -> int:
-    """What the busiest process of the run (its own, or its busiest fleet worker) needs, by this host's plan."""
+def _open_files_per_process(scenario: Scenario) -> tuple[int, int]:
+    """What the busiest process of the run (its own, or its busiest fleet worker) needs, by this host's plan, and
+    the number of workers in that plan (0: the devices run in the run's process)."""
     local = local_emulated_devices(scenario)
     shares = planned_worker_shares(scenario, os.cpu_count() or 1)
-    return open_files_needed(len(local), max(map(len, shares)) if shares else None, scenario.broker.embedded)
+    needed = open_files_needed(len(local), max(map(len, shares)) if shares else None, scenario.broker.embedded)
+    return needed, len(shares)
 
 
 def _open_files_problems(scenario: Scenario) -> list[str]:
     """``devices: ...`` when a process of the run may not open as many files as its share of the fleet needs, even
     after raising its soft limit to the hard one (which `raise_open_files_limit` does at the start of a run; fleet
     workers inherit it)."""
-    needed = _open_files_per_process(scenario)
+    needed, workers = _open_files_per_process(scenario)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or needed <= hard:
         return []
-    workers = planned_worker_shares(scenario, os.cpu_count() or 1)
-    where = f" in its busiest process of {len(workers)} workers" if workers else ""
+    where = f" in its busiest process of {workers} workers" if workers else ""
     return [f"devices: {emulated_device_count(scenario):,} emulated devices need about {needed:,} open files{where}, "
             f"and this host allows a process {hard:,} (ulimit -Hn); raise the hard limit (limits.conf, systemd "
             f"LimitNOFILE, or `ulimit -Hn {needed}` as root), run fewer emulated devices, or spread them over more "
@@ -130,7 +131,7 @@ def raise_open_files_limit(scenario: Scenario) -> None:
     """Raise this process's soft open-files limit towards its hard limit when the fleet needs more than the soft
     one (commonly 1024, which a few hundred emulated devices exceed)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = _open_files_per_process(scenario)
+    needed, _ = _open_files_per_process(scenario)
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
