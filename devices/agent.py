@@ -19,6 +19,7 @@ from devices.energy import energy_by_phase, phase_times, radio_seconds
 from devices.latest_report import LatestReport
 from devices.profiles import DeviceProfile
 from devices.update_receiver import CompletedUpdate, UpdateReceiver, UpdateTrust
+from testbed.core.connect_ramp import ConnectRamp, RampSlot
 from testbed.core.manifest import RejectReason, UpdateManifest, UpdateRejected
 from testbed.core.messages import DeviceHello, DeviceNack, DeviceReport, DeviceStatus, Message
 from testbed.core.mqtt import MqttEndpoint, handle_contained, keep_session, publish_until_disconnected
@@ -118,8 +119,11 @@ class DeviceAgent:
         inference: InferenceModel,
         trusted_key: TrustedKey,
         clock: Callable[[], float] = time.time,
+        connect_ramp: ConnectRamp | None = None,
     ) -> None:
         self.config = config
+        self.connect_ramp = connect_ramp or ConnectRamp(1)
+        """Where its connects wait their turn: the process's ramp shared by its fleet (alone: one at a time)."""
         self.topics = topics
         self.endpoint = endpoint
         self.inference = inference
@@ -154,7 +158,7 @@ class DeviceAgent:
         and the refusal counts (its UpdateReceiver, as if in flash), its counters, and its latest report (an outbox
         in flash). Updates in flight are gone; on connecting it nacks for a catch-up."""
         agent = DeviceAgent(self.config, self.topics, self.endpoint, self.inference, self.receiver.trust.trusted_key,
-                            self.clock)
+                            self.clock, self.connect_ramp)
         self.receiver.drop_transfers()
         agent.receiver = self.receiver
         agent.state = self.state
@@ -187,6 +191,13 @@ class DeviceAgent:
         self.reconnects += 1
 
     async def _session(self) -> None:
+        slot = await self.connect_ramp.acquire()  # connecting, subscribing and saying hello: in turn with the fleet
+        try:
+            await self._session_in_turn(slot)
+        finally:
+            slot.release()
+
+    async def _session_in_turn(self, slot: RampSlot) -> None:
         async with device_client(self.endpoint, self.topics, self.device_id) as client:
             self._client = client
             for topic in self.topics.device_subscriptions(self.device_id):
@@ -206,6 +217,7 @@ class DeviceAgent:
                 self.chunk_faults.drop_held()
                 await self._publish(client, self.topics.device(self.device_id, "nack"),
                                     self._nack("reconnected; updates in flight were lost"))
+            slot.release()
             self.connected.set()
             await self._take_messages(client)
 
