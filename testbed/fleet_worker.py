@@ -18,6 +18,7 @@ from channel.timing import LatenessSketch
 from devices.agent import DeviceAgent, DeviceConfig
 from devices.fleet import EmulatedFleet, ExternalDevice, FleetError
 from devices.profiles import get_device_profile
+from testbed.core.connect_ramp import ConnectRamp
 from testbed.core.messages import RunConfig
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.scenario import Scenario
@@ -26,6 +27,7 @@ from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
 from testbed.inference import SharedModel, TorchInference
 from testbed.links import DeviceLinks
+from testbed.loopback_listeners import LoopbackListeners, link_listen_address
 
 logger = logging.getLogger("testbed.fleet")
 
@@ -227,12 +229,14 @@ class WorkerDevice(ExternalDevice):
 
 
 def emulated_agent(scenario: Scenario, links: DeviceLinks, device_id: str, profile: str, inference: TorchInference,
-                   topics: Topics, via: MqttEndpoint, trusted_key: TrustedKey, init_seed: int) -> DeviceAgent:
-    """The agent of one emulated device, behind the link `via` reaches (the same in the run and in a worker)."""
+                   topics: Topics, via: MqttEndpoint, trusted_key: TrustedKey, init_seed: int,
+                   connect_ramp: ConnectRamp) -> DeviceAgent:
+    """The agent of one emulated device, behind the link `via` reaches (the same in the run and in a worker); its
+    connects take turns with the process's other devices' on `connect_ramp`."""
     downlink, uplink = links.parameters(device_id)
     config = DeviceConfig(device_id, get_device_profile(profile), downlink.rate_bps, uplink.rate_bps,
                           round_period_s=scenario.round_period_s, init_seed=init_seed)
-    return DeviceAgent(config, topics, via, inference, trusted_key)
+    return DeviceAgent(config, topics, via, inference, trusted_key, connect_ramp=connect_ramp)
 
 
 def device_link_seed(scenario: Scenario, device_index: int) -> int:
@@ -273,16 +277,22 @@ class FleetWorker:
         profiles = scenario.device_profiles()
         trusted_key = TrustedKey.from_text(config.public_key)
         async with AsyncExitStack() as stack:
+            listeners = stack.enter_context(LoopbackListeners())
+            connect_ramp = ConnectRamp()
             agents = []
             for device_id in self.device_ids:
                 index = config.devices[device_id]
+                listen_host, listen_port = link_listen_address(listeners, scenario.channel.backend,
+                                                               links.cell_of(device_id) is not None)
                 link = await stack.enter_async_context(links.open(
-                    device_id, (self.endpoint.host, self.endpoint.port), seed=device_link_seed(scenario, index)))
+                    device_id, (self.endpoint.host, self.endpoint.port), seed=device_link_seed(scenario, index),
+                    listen_host=listen_host, listen_port=listen_port))
                 self.links[device_id] = link
                 inference = shared_model.for_device(device_test_split(
                     arrival.test, index, scenario.data.device_test_samples, seed))
                 agents.append(emulated_agent(scenario, links, device_id, profiles[device_id], inference, self.topics,
-                                             self.endpoint.via(*link.address), trusted_key, config.init_seed))
+                                             self.endpoint.via(*link.address), trusted_key, config.init_seed,
+                                             connect_ramp))
             reports = asyncio.create_task(publish_link_reports(self.endpoint, self.topics, self.name, self.links))
             stack.callback(reports.cancel)
             fleet = await stack.enter_async_context(EmulatedFleet(agents))

@@ -100,10 +100,12 @@ class DeviceLinks:
         cell = self._cells.get(device_id)
         return self.default if cell is None else (cell[1].params, cell[2].params)
 
-    def open(self, device_id: str, upstream: tuple[str, int], seed: int, listen_host: str | None = None) -> Any:
+    def open(self, device_id: str, upstream: tuple[str, int], seed: int, listen_host: str | None = None,
+             listen_port: int = 0) -> Any:
         """``device_id``'s link to ``upstream``; ``seed`` seeds a link of its own (unused in a cell).
 
-        With ``listen_host`` (a network device's endpoint, for a board on another host) the link is the proxy
+        With ``listen_host`` (a network device's endpoint, for a board on another host, or the address
+        testbed.loopback_listeners gives a proxy link, with its ``listen_port``) the link is the proxy
         backend's listener on that address, whatever the scenario's backend (the others emulate this host's
         own connections only).
         """
@@ -111,7 +113,8 @@ class DeviceLinks:
         if cell is None and listen_host is not None:
             downlink, uplink = self.default
             return LinkProxy(*upstream, downlink=downlink, uplink=uplink, seed=seed, name=device_id,
-                             listen_host=listen_host, outage_reset_after_s=self.channel.reset_after_s)
+                             listen_host=listen_host, listen_port=listen_port,
+                             outage_reset_after_s=self.channel.reset_after_s)
         if cell is None:
             downlink, uplink = self.default
             return open_link(self.channel.backend, upstream, downlink, uplink, seed=seed, name=device_id,
@@ -122,7 +125,7 @@ class DeviceLinks:
         host, port = upstream
         return LinkProxy(host, port, name=device_id, outage_reset_after_s=self.channel.reset_after_s,
                          downlink_model=cell[1].flow(device_id), uplink_model=cell[2].flow(device_id),
-                         listen_host=listen_host or "127.0.0.1")
+                         listen_host=listen_host or "127.0.0.1", listen_port=listen_port)
 
 
 def open_link(backend: str, upstream: tuple[str, int], downlink: LinkParameters, uplink: LinkParameters,

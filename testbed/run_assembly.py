@@ -21,18 +21,21 @@ from server.update_server import UpdateServer
 from testbed.broker import EmbeddedBroker, LocalBroker
 from testbed.broker_access import BrokerAccess
 from testbed.broker_config import broker_access, scenario_without_secrets
+from testbed.core.connect_ramp import ConnectRamp
 from testbed.core.messages import RunConfig, RunFinished
 from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, MqttEndpoint
 from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
-from testbed.core.fleet_checks import planned_worker_shares
+from testbed.core.fleet_checks import (ephemeral_ports_needed, ephemeral_ports_problem, local_emulated_devices,
+                                       planned_worker_shares)
 from testbed.device_commands import advertised_host, device_command_line
 from testbed.fleet_commands import WorkerProcesses
 from testbed.fleet_worker import (LINK_REPORT_PERIOD_S, REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice,
                                   device_link_seed, emulated_agent, remote_link)
 from testbed.inference import SharedModel
 from testbed.links import DeviceLinks
+from testbed.loopback_listeners import LoopbackListeners, host_ephemeral_port_range, link_listen_address
 from testbed.metrics import MetricsExporter, RunMetrics
 from testbed.mosquitto import LocalMosquitto
 from testbed.prometheus_targets import register_run
@@ -99,6 +102,8 @@ class RunAssembly:
         """The links of devices run by workers (local or `testbed fleet` elsewhere), as their reports give them."""
         self.link_reports: LinkReports | None = None
         self.shared_model: SharedModel | None = None
+        self.connect_ramp = ConnectRamp()
+        """The emulated devices of this process connect in turn, at most CONNECTS_IN_FLIGHT at once."""
         """The one torch model (and w⁰) the emulated devices of this process evaluate on, once one needs it."""
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
@@ -160,6 +165,7 @@ class RunAssembly:
         members: list[FleetMember] = []
         entries = self.scenario.device_entries()
         self._plan_fleet(links)
+        listeners = stack.enter_context(LoopbackListeners())
         for index, (device_id, profile_name) in enumerate(self.profiles.items()):
             seed = device_link_seed(self.scenario, index)
             entry = entries[device_id]
@@ -168,10 +174,12 @@ class RunAssembly:
                 self.metrics.add_device(device_id, profile_name, self.remote_links[device_id])
                 members.append(self.worker_devices.get(device_id) or self.external_devices[device_id])
                 continue
-            listen_host = (entry.listen or "127.0.0.1") if entry.network else None  # a board on another host
+            listen_host, listen_port = (((entry.listen or "127.0.0.1"), 0) if entry.network  # a board on another host
+                                        else link_listen_address(listeners, self.scenario.channel.backend,
+                                                                 links.cell_of(device_id) is not None))
             try:
                 link = await stack.enter_async_context(links.open(device_id, (endpoint.host, endpoint.port), seed=seed,
-                                                                  listen_host=listen_host))
+                                                                  listen_host=listen_host, listen_port=listen_port))
             except ChannelError as error:  # e.g. a kernel without sch_netem: one clear line, not a traceback
                 raise RunError(f"channel backend {self.scenario.channel.backend!r} cannot open the link of "
                                f"{device_id}: {error}") from error
@@ -190,7 +198,7 @@ class RunAssembly:
                 self.shared_model = SharedModel(server.build_device_model())
             inference = self.shared_model.for_device(server.device_test_split(index))
             return emulated_agent(self.scenario, links, device_id, profile_name, inference, self.topics, via,
-                                  self.trusted_key, server.seed)
+                                  self.trusted_key, server.seed, self.connect_ramp)
         if entry.kind == "serial":
             assert entry.serial is not None
             board = self.run_config(server.seed).board_config(device_id)
@@ -213,6 +221,7 @@ class RunAssembly:
         scenario = self.scenario
         remote = scenario.remote_devices()
         self.worker_shares = planned_worker_shares(scenario, os.cpu_count() or 1)
+        self._check_ephemeral_ports()
         timed = scenario.channel.backend == "proxy"
         for index, share in enumerate(self.worker_shares):
             ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -224,6 +233,18 @@ class RunAssembly:
             self.external_devices[device_id] = ExternalDevice(device_id)
         for selector in scenario.fleet.remote:
             self.progress("waiting-for-fleet", {"devices": selector, "run_id": self.run_id})
+
+    def _check_ephemeral_ports(self) -> None:
+        """RunError (one line) when this host's ephemeral port range cannot hold the connections of its emulated
+        devices: they would fail to connect ("Cannot assign requested address") long after the start."""
+        port_range = host_ephemeral_port_range()
+        if port_range is None:
+            return
+        local = len(local_emulated_devices(self.scenario))
+        needed = ephemeral_ports_needed(local, len(self.worker_shares) + 1, LoopbackListeners().spread)
+        problem = ephemeral_ports_problem(local, needed, port_range)
+        if problem is not None:
+            raise RunError(problem)
 
     async def fleet_workers(self, stack: AsyncExitStack, endpoint: MqttEndpoint) -> None:
         """Start the local worker processes (after the run's config is on the broker: they read it there) and read

@@ -64,3 +64,27 @@ def fleet_problem(scenario: Scenario) -> str | None:
         return (f"fleet: events act on {held_elsewhere[0]!r}, which a worker process or another host would run; "
                 "events need their devices in the run's process (workers: 1 or auto, and not in fleet.remote)")
     return None
+
+
+EPHEMERAL_PORTS_PER_DEVICE = 2
+"""Ports of the host's ephemeral range an emulated device holds: its client's connection to its link, and its link's to
+the broker. Its link's listener takes none where the listeners share a port (testbed.loopback_listeners), else one more.
+Measured at 12458ac, before they shared it: 10,000 devices held 28,112 of 28,232 (issue 13)."""
+
+
+def ephemeral_ports_needed(local_devices: int, processes: int, listeners_share_a_port: bool) -> int:
+    """Ports of the ephemeral range a run's emulated devices need on this host: EPHEMERAL_PORTS_PER_DEVICE each (one
+    more for its listener where the listeners do not share a port), and each process's one shared listener port."""
+    per_device = EPHEMERAL_PORTS_PER_DEVICE + (0 if listeners_share_a_port else 1)
+    return per_device * local_devices + (processes if listeners_share_a_port else 0)
+
+
+def ephemeral_ports_problem(local_devices: int, needed: int, port_range: tuple[int, int]) -> str | None:
+    """One line when `needed` ports exceed the host's ephemeral `port_range` (its first and last port), else None."""
+    first, last = port_range
+    available = last - first + 1
+    if needed <= available:
+        return None
+    return (f"devices: {local_devices:,} emulated devices on this host need about {needed:,} ports of its ephemeral "
+            f"range, which has {available:,} ({first}-{last}); widen it (sysctl -w "
+            f"net.ipv4.ip_local_port_range=\"1024 65535\" as root) or run some devices on another host (fleet.remote)")
