@@ -32,7 +32,19 @@ from testbed.loopback_listeners import LoopbackListeners, link_listen_address
 logger = logging.getLogger("testbed.fleet")
 
 LINK_REPORT_PERIOD_S = 0.5
-"""How often a worker publishes its links' counters and lateness (the run's metrics lag the worker by at most this)."""
+"""How often a worker publishes its links' counters and lateness (the run's metrics lag the worker by at most this),
+in a run of up to 1,000 devices (LINK_STATES_PER_S × this); in a larger one, see link_report_period_s."""
+LINK_STATES_PER_S = 2000.0
+"""The link states a second all workers together send the run, at most, between refreshes. Ten thousand links every
+0.5 s took 64% of the run's loop (decoding them, py-spy) and 53% of each worker's (encoding them), and the run fell so
+far behind that its rounds stalled (issue 13)."""
+
+
+def link_report_period_s(run_devices: int) -> float:
+    """How often each worker of a run of `run_devices` devices reports its links: LINK_REPORT_PERIOD_S, or longer so
+    that the run receives at most LINK_STATES_PER_S link states a second. Refreshes (a round's start and end) are
+    answered at once whatever the period."""
+    return max(LINK_REPORT_PERIOD_S, run_devices / LINK_STATES_PER_S)
 RECONNECT_S = 1.0
 REFRESH_WAIT_S = 2.0
 """How long the run waits for every worker's fresh report at a round's start and end."""
@@ -155,7 +167,7 @@ class LinkReports:
 
     async def refresh(self, timeout_s: float = REFRESH_WAIT_S) -> bool:
         """Ask every worker for its totals now and wait (at most `timeout_s`) until each that ever reported has
-        answered; whether all did (if not, the run reads the latest reports, up to LINK_REPORT_PERIOD_S old)."""
+        answered; whether all did (if not, the run reads the latest reports, up to a report period old)."""
         client = self._client
         if client is None:
             return False
@@ -191,8 +203,9 @@ async def publish_link_report(client: aiomqtt.Client, topic: str, worker: str, l
         await client.publish(topic, encode_link_report(worker, part, answers if last else None), qos=0)
 
 
-async def publish_link_reports(endpoint: MqttEndpoint, topics: Topics, worker: str, links: Mapping[str, Any]) -> None:
-    """The worker's side: publish every LINK_REPORT_PERIOD_S, and at once when the run asks, until cancelled."""
+async def publish_link_reports(endpoint: MqttEndpoint, topics: Topics, worker: str, links: Mapping[str, Any],
+                               period_s: float = LINK_REPORT_PERIOD_S) -> None:
+    """The worker's side: publish every `period_s`, and at once when the run asks, until cancelled."""
     topic = link_reports_topic(topics, worker)
     loop = asyncio.get_running_loop()
     while True:
@@ -207,7 +220,7 @@ async def publish_link_reports(endpoint: MqttEndpoint, topics: Topics, worker: s
                         message = await asyncio.wait_for(anext(messages), max(0.0, next_report - loop.time()))
                         answers = int(bytes(message.payload))
                     except asyncio.TimeoutError:
-                        next_report = loop.time() + LINK_REPORT_PERIOD_S
+                        next_report = loop.time() + period_s
                     except ValueError:
                         continue
                     await publish_link_report(client, topic, worker, links, answers)
@@ -293,7 +306,8 @@ class FleetWorker:
                 agents.append(emulated_agent(scenario, links, device_id, profiles[device_id], inference, self.topics,
                                              self.endpoint.via(*link.address), trusted_key, config.init_seed,
                                              connect_ramp))
-            reports = asyncio.create_task(publish_link_reports(self.endpoint, self.topics, self.name, self.links))
+            reports = asyncio.create_task(publish_link_reports(self.endpoint, self.topics, self.name, self.links,
+                                                               link_report_period_s(len(config.devices))))
             stack.callback(reports.cancel)
             fleet = await stack.enter_async_context(EmulatedFleet(agents))
             await fleet.wait_online(online_timeout_s(len(agents)))

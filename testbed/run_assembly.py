@@ -31,7 +31,7 @@ from testbed.core.fleet_checks import (ephemeral_ports_needed, ephemeral_ports_p
                                        planned_worker_shares)
 from testbed.device_commands import advertised_host, device_command_line
 from testbed.fleet_commands import WorkerProcesses
-from testbed.fleet_worker import (LINK_REPORT_PERIOD_S, REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice,
+from testbed.fleet_worker import (REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice, link_report_period_s,
                                   device_link_seed, emulated_agent, remote_link)
 from testbed.inference import SharedModel
 from testbed.links import DeviceLinks
@@ -274,7 +274,7 @@ class RunAssembly:
         """Bring the links workers run up to date (before the run reads a round's counters and lateness)."""
         if self.link_reports is not None and not await self.link_reports.refresh():
             logger.info("not every fleet worker answered within %.0f s: its link counters may be up to %.1f s old",
-                        REFRESH_WAIT_S, LINK_REPORT_PERIOD_S)
+                        REFRESH_WAIT_S, link_report_period_s(len(self.profiles)))
 
     def run_config(self, init_seed: int) -> RunConfig:
         """The retained config message: how `testbed attach` learns the run's scenario and device numbers."""

@@ -10,8 +10,11 @@ from channel.link import LinkCounters
 from channel.timing import LatenessSketch
 from testbed.core.mqtt import MqttEndpoint
 from testbed.core.topics import Topics
-from testbed.fleet_worker import (LINKS_PER_MESSAGE, LinkReports, TimedRemoteLink, encode_link_report,
-                                  link_state, publish_link_reports)
+from hypothesis import given, strategies as st
+
+from testbed.fleet_worker import (LINK_REPORT_PERIOD_S, LINK_STATES_PER_S, LINKS_PER_MESSAGE, LinkReports,
+                                  TimedRemoteLink, encode_link_report, link_report_period_s, link_state,
+                                  publish_link_reports)
 
 
 def _worker_links(count: int) -> dict[str, TimedRemoteLink]:
@@ -68,3 +71,16 @@ async def test_a_report_of_more_links_than_a_message_reaches_the_run_whole(mosqu
 def test_a_message_answers_only_when_asked() -> None:
     assert b'"answers": null' in encode_link_report("worker-0", {}, None)
     assert b'"answers": 7' in encode_link_report("worker-0", {}, 7)
+
+
+def test_a_run_of_ten_thousand_devices_hears_from_each_link_every_5_s_and_a_small_run_every_half_second() -> None:
+    assert link_report_period_s(200) == link_report_period_s(1000) == LINK_REPORT_PERIOD_S == 0.5
+    assert link_report_period_s(10_000) == 5.0
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**6))
+def test_the_run_never_receives_more_than_its_budget_of_link_states(devices: int, more: int) -> None:
+    period = link_report_period_s(devices)
+    assert period >= LINK_REPORT_PERIOD_S
+    assert devices / period <= LINK_STATES_PER_S * (1 + 1e-12)  # (a float division may round up)
+    assert link_report_period_s(devices + more) >= period
