@@ -45,14 +45,19 @@ def find_mosquitto() -> str | None:
 
 
 def mosquitto_config(port: int, host: str, access: BrokerAccess | None, access_dir: Path, as_root: bool) -> str:
-    """mosquitto.conf for a run's broker: one listener on host:port, nothing kept on disk, no connection limit, and
-    the run's identities (`access`, whose files are in `access_dir`) checked like the embedded broker checks them."""
+    """mosquitto.conf for a run's broker: one listener on host:port, nothing kept on disk, no connection or queue limit,
+    and the run's identities (`access`, whose files are in `access_dir`) checked like the embedded broker checks them."""
     lines = [
         # Started as root, Mosquitto drops to the `mosquitto` user, which cannot read a private temp dir.
         *(["user root"] if as_root else []),
         "per_listener_settings false",
         f"listener {port} {host}",
         "max_connections -1",
+        # The run's own client must get every device's hello, status and report, also when ten thousand come at once:
+        # past the default queue of 1,000 QoS 1 messages a client, Mosquitto dropped them and the round waited for
+        # reports that never came (issue 13). A client that leaves takes its queue with it (clean sessions). A million,
+        # not 0 ("no maximum"): with 0, 2.0.11 disconnected a client in tests/test_local_mosquitto.py's ACL test.
+        "max_queued_messages 1000000",
         "persistence false",
     ]
     if access is None:
