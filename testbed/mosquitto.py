@@ -45,8 +45,9 @@ def find_mosquitto() -> str | None:
 
 
 def mosquitto_config(port: int, host: str, access: BrokerAccess | None, access_dir: Path, as_root: bool) -> str:
-    """mosquitto.conf for a run's broker: one listener on host:port, nothing kept on disk, no connection or queue limit,
-    and the run's identities (`access`, whose files are in `access_dir`) checked like the embedded broker checks them."""
+    """mosquitto.conf for a run's broker: one listener on host:port, nothing kept on disk, no connection limit, queues of
+    a million messages a client, and the run's identities (`access`, whose files are in `access_dir`) checked like the
+    embedded broker checks them."""
     lines = [
         # Started as root, Mosquitto drops to the `mosquitto` user, which cannot read a private temp dir.
         *(["user root"] if as_root else []),
