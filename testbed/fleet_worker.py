@@ -27,7 +27,7 @@ from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
 from testbed.inference import SharedModel, TorchInference
 from testbed.links import DeviceLinks
-from testbed.loopback_listeners import LoopbackListeners, link_listen_address
+from testbed.loopback_listeners import LoopbackListeners, ephemeral_ports_refusal, link_listen_address
 
 logger = logging.getLogger("testbed.fleet")
 
@@ -279,6 +279,9 @@ class FleetWorker:
 
         import torch
 
+        refusal = ephemeral_ports_refusal(len(self.device_ids), processes=1)
+        if refusal is not None:  # (a local worker's share passed the run's check; on another host this is the check)
+            raise FleetError(f"fleet {self.name}: {refusal}")
         torch.set_num_threads(1)  # the run and the other workers share the cores: one thread each, no oversubscription
         scenario, config = self.scenario, self.config
         seed = int(scenario.seed)

@@ -14,6 +14,8 @@ import socket
 import sys
 from types import TracebackType
 
+from testbed.core.fleet_checks import ephemeral_ports_needed, ephemeral_ports_problem
+
 FIRST_OCTET = 127
 SECOND_OCTETS = range(1, 255)
 """127.1.x.x to 127.254.x.x: 127.0.0.0/16 (127.0.0.1 and the like) is left to everything else."""
@@ -94,3 +96,14 @@ def host_ephemeral_port_range(path: str = PORT_RANGE_FILE) -> tuple[int, int] | 
     except (OSError, ValueError):
         return None
     return first, last
+
+
+def ephemeral_ports_refusal(local_devices: int, processes: int) -> str | None:
+    """One line when this host's ephemeral port range cannot hold the connections of `local_devices` emulated devices
+    run by `processes` processes here (they would fail to connect, "Cannot assign requested address", long after the
+    start), else None; None too where the host does not say its range."""
+    port_range = host_ephemeral_port_range()
+    if port_range is None:
+        return None
+    needed = ephemeral_ports_needed(local_devices, processes, LoopbackListeners().spread)
+    return ephemeral_ports_problem(local_devices, needed, port_range)

@@ -27,15 +27,14 @@ from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, 
 from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
-from testbed.core.fleet_checks import (ephemeral_ports_needed, ephemeral_ports_problem, local_emulated_devices,
-                                       planned_worker_shares)
+from testbed.core.fleet_checks import local_emulated_devices, planned_worker_shares
 from testbed.device_commands import advertised_host, device_command_line
 from testbed.fleet_commands import WorkerProcesses
 from testbed.fleet_worker import (REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice, link_report_period_s,
                                   device_link_seed, emulated_agent, remote_link)
 from testbed.inference import SharedModel
 from testbed.links import DeviceLinks
-from testbed.loopback_listeners import LoopbackListeners, host_ephemeral_port_range, link_listen_address
+from testbed.loopback_listeners import LoopbackListeners, ephemeral_ports_refusal, link_listen_address
 from testbed.metrics import MetricsExporter, RunMetrics
 from testbed.mosquitto import LocalMosquitto
 from testbed.prometheus_targets import register_run
@@ -235,14 +234,8 @@ class RunAssembly:
             self.progress("waiting-for-fleet", {"devices": selector, "run_id": self.run_id})
 
     def _check_ephemeral_ports(self) -> None:
-        """RunError (one line) when this host's ephemeral port range cannot hold the connections of its emulated
-        devices: they would fail to connect ("Cannot assign requested address") long after the start."""
-        port_range = host_ephemeral_port_range()
-        if port_range is None:
-            return
-        local = len(local_emulated_devices(self.scenario))
-        needed = ephemeral_ports_needed(local, len(self.worker_shares) + 1, LoopbackListeners().spread)
-        problem = ephemeral_ports_problem(local, needed, port_range)
+        """RunError (one line) when this host's ephemeral port range cannot hold its emulated devices' connections."""
+        problem = ephemeral_ports_refusal(len(local_emulated_devices(self.scenario)), len(self.worker_shares) + 1)
         if problem is not None:
             raise RunError(problem)
 

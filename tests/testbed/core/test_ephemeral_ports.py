@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from testbed.core.fleet_checks import (EPHEMERAL_PORTS_PER_DEVICE, ephemeral_ports_needed,
                                        ephemeral_ports_problem)
-from testbed.loopback_listeners import host_ephemeral_port_range
+from testbed.loopback_listeners import SPREAD_SUPPORTED, ephemeral_ports_refusal, host_ephemeral_port_range
 
 THIS_HOST_RANGE = (32768, 60999)  # Linux's default: 28,232 ports
 
@@ -45,3 +45,17 @@ def test_the_hosts_range_is_read_where_linux_says_it(tmp_path: Path) -> None:
     given_range.write_text("garbled")
     assert host_ephemeral_port_range(str(given_range)) is None
     assert host_ephemeral_port_range(str(tmp_path / "missing")) is None
+
+
+def test_a_run_and_a_fleet_worker_are_refused_by_this_hosts_own_range() -> None:
+    """What `testbed run` and `testbed fleet` check at their start: the range this host says it has."""
+    port_range = host_ephemeral_port_range()
+    for devices in (100, 20_000, 40_000):
+        refusal = ephemeral_ports_refusal(devices, processes=3)
+        if port_range is None:
+            assert refusal is None
+            continue
+        fits = ephemeral_ports_needed(devices, 3, SPREAD_SUPPORTED) <= port_range[1] - port_range[0] + 1
+        assert (refusal is None) == fits
+        if not fits:
+            assert refusal is not None and refusal.startswith(f"devices: {devices:,} emulated devices on this host")
