@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle: it stops its workers
         _die_with_parent(args.parent_pid)
     try:
-        return event_loop.run(_fleet(args))
+        return event_loop.run(_fleet(args), unset=event_loop.fleet_loop_default())
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -42,7 +42,15 @@ def host_facts(started_at: float, wall_seconds: float) -> dict[str, Any]:
         "python": platform.python_version(),
         "edge_testbed": installed("edge-testbed"),
         "torch": installed("torch"),
+        **event_loops(),
     }
+
+
+def event_loops() -> dict[str, str]:
+    """The run's event loop, and the one its fleet workers take (testbed.event_loop): host-dependent, like the rest."""
+    from testbed.event_loop import chosen_loop, fleet_loop_default, running_loop_name
+
+    return {"event_loop": running_loop_name(), "fleet_event_loop": chosen_loop(unset=fleet_loop_default())}
 
 
 class RunError(OrchestrationError):

@@ -55,3 +55,31 @@ def test_testbed_run_with_an_unknown_loop_fails_in_one_line(monkeypatch: pytest.
     out = capsys.readouterr().out
     assert "run failed: TESTBED_EVENT_LOOP='trio' is not an event loop" in out
     assert "Traceback" not in out
+
+
+def test_a_fleet_process_runs_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fleet workers (never the broker) take uvloop where it is installed; the variable still decides when set."""
+    import uvloop  # noqa: F401 — installed by the test command (the `fast` extra)
+    monkeypatch.delenv(event_loop.EVENT_LOOP_VARIABLE, raising=False)
+    assert event_loop.fleet_loop_default() == "uvloop"
+    assert event_loop.run(_loop_module(), unset=event_loop.fleet_loop_default()).startswith("uvloop")
+    assert event_loop.run(_loop_module()).startswith("asyncio")  # the run's own process: asyncio's
+    monkeypatch.setenv(event_loop.EVENT_LOOP_VARIABLE, "default")
+    assert event_loop.run(_loop_module(), unset=event_loop.fleet_loop_default()).startswith("asyncio")
+    monkeypatch.delenv(event_loop.EVENT_LOOP_VARIABLE)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed: asyncio's, no error
+    monkeypatch.setattr(event_loop.importlib.util, "find_spec", lambda name: None)
+    assert event_loop.fleet_loop_default() == "default"
+
+
+def test_the_summary_says_which_loops_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.run_summary import event_loops
+
+    monkeypatch.delenv(event_loop.EVENT_LOOP_VARIABLE, raising=False)
+
+    async def loops() -> dict[str, str]:
+        return event_loops()
+
+    assert event_loop.run(loops()) == {"event_loop": "default", "fleet_event_loop": "uvloop"}
+    monkeypatch.setenv(event_loop.EVENT_LOOP_VARIABLE, "uvloop")
+    assert event_loop.run(loops()) == {"event_loop": "uvloop", "fleet_event_loop": "uvloop"}
