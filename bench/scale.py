@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,13 +57,16 @@ class ScaleSetup:
 
     broker: str = "embedded"
     workers: int = 1
-    loop: str = "default"
+    loop: str = "auto"
+    """`auto`: TESTBED_EVENT_LOOP unset (asyncio's loop for the run, uvloop for its workers where installed);
+    `default` or `uvloop`: that loop everywhere."""
     rate: str = DEFAULT_RATE
     delay: str = DEFAULT_DELAY
 
     @property
     def label(self) -> str:
-        return f"{self.broker}, {self.workers} worker{'s' if self.workers > 1 else ''}, {self.loop} loop"
+        loops = "testbed's loops" if self.loop == "auto" else f"{self.loop} loop"
+        return f"{self.broker}, {self.workers} worker{'s' if self.workers > 1 else ''}, {loops}"
 
     @property
     def rate_bps(self) -> float:
@@ -172,6 +176,15 @@ def summarise_run(out_dir: Path, result: ScaleResult) -> None:
         result.faithful = timing.get("faithful")
 
 
+def child_environment(setup: ScaleSetup, base: Mapping[str, str]) -> dict[str, str]:
+    """The run's environment: ``base`` with TESTBED_EVENT_LOOP set to the setup's loop, or unset for `auto`."""
+    environment = dict(base)
+    environment.pop(EVENT_LOOP_VARIABLE, None)
+    if setup.loop != "auto":
+        environment[EVENT_LOOP_VARIABLE] = setup.loop
+    return environment
+
+
 def run_once(devices: int, setup: ScaleSetup, rounds: int, timeout_s: float, keep: Path | None = None) -> ScaleResult:
     """One `testbed run` of `devices` devices in a child process, its process tree sampled for RSS every 0.2 s;
     with `keep`, its summary, results, console log and fleet workers' logs are copied there."""
@@ -179,8 +192,7 @@ def run_once(devices: int, setup: ScaleSetup, rounds: int, timeout_s: float, kee
         out_dir = Path(folder) / "run"
         command = [sys.executable, "-m", "testbed.cli", "run", str(BASE_SCENARIO), "--out", str(out_dir),
                    *scenario_overrides(devices, setup.broker, rounds, setup)]
-        environment = dict(os.environ)
-        environment[EVENT_LOOP_VARIABLE] = setup.loop
+        environment = child_environment(setup, os.environ)
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         log_path = Path(folder) / "console.log"
@@ -271,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,100,300,1000", help="fleet sizes to try, in order (default %(default)s)")
     parser.add_argument("--brokers", default="embedded", help="comma-separated: embedded, mosquitto")
     parser.add_argument("--workers", default="1", help="comma-separated worker process counts (default %(default)s)")
-    parser.add_argument("--loops", default="default", help="comma-separated event loops: default, uvloop")
+    parser.add_argument("--loops", default="auto",
+                        help="comma-separated event loops: auto (the testbed's: asyncio's for the run, uvloop for "
+                             "its workers where installed), default (asyncio's everywhere), uvloop (everywhere)")
     parser.add_argument("--rate", default=DEFAULT_RATE, help="both links' rate (default %(default)s)")
     parser.add_argument("--delay", default=DEFAULT_DELAY, help="both links' delay (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default %(default)s)")
@@ -287,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     loops = args.loops.split(",")
-    if not set(loops) <= {"default", "uvloop"}:
-        parser.error(f"--loops {args.loops!r}: each must be default or uvloop")
+    if not set(loops) <= {"auto", "default", "uvloop"}:
+        parser.error(f"--loops {args.loops!r}: each must be auto, default or uvloop")
     setups = [ScaleSetup(broker, count, loop, args.rate, args.delay)
               for broker in args.brokers.split(",") for count in workers for loop in loops]
     results: list[ScaleResult] = []

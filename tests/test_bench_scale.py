@@ -52,7 +52,7 @@ def test_a_bad_rate_or_delay_is_one_line(text: str, capsys) -> None:
 def test_an_unknown_event_loop_is_one_line(capsys) -> None:
     with pytest.raises(SystemExit):
         scale.main(["--loops", "default,trio"])
-    assert "--loops 'default,trio': each must be default or uvloop" in capsys.readouterr().err
+    assert "--loops 'default,trio': each must be auto, default or uvloop" in capsys.readouterr().err
 
 
 def test_the_process_tree_holds_the_child_and_its_rss_counts() -> None:
@@ -108,3 +108,11 @@ def test_a_run_folder_is_summarised_into_convergence_and_delivery_over_floor(tmp
     assert (result.lateness_p50_ms, result.lateness_p99_ms, result.loop_lag_p99_ms) == (0.5, 3.0, 4.0)
     assert result.faithful is True
     assert result.updates == 3
+
+
+def test_auto_leaves_the_loop_to_the_testbed_and_the_others_set_it_everywhere() -> None:
+    base = {"PATH": "/bin", "TESTBED_EVENT_LOOP": "uvloop"}  # a caller's own setting never leaks into `auto`
+    assert scale.child_environment(scale.ScaleSetup(), base) == {"PATH": "/bin"}
+    assert scale.child_environment(scale.ScaleSetup(loop="default"), base)["TESTBED_EVENT_LOOP"] == "default"
+    assert scale.ScaleSetup().label == "embedded, 1 worker, testbed's loops"
+    assert scale.ScaleSetup(broker="mosquitto", workers=2, loop="uvloop").label == "mosquitto, 2 workers, uvloop loop"
