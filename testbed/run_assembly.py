@@ -101,9 +101,9 @@ class RunAssembly:
         """The links of devices run by workers (local or `testbed fleet` elsewhere), as their reports give them."""
         self.link_reports: LinkReports | None = None
         self.shared_model: SharedModel | None = None
+        """The one torch model (and w⁰) the emulated devices of this process evaluate on, once one needs it."""
         self.connect_ramp = ConnectRamp()
         """The emulated devices of this process connect in turn, at most CONNECTS_IN_FLIGHT at once."""
-        """The one torch model (and w⁰) the emulated devices of this process evaluate on, once one needs it."""
 
     async def broker(self, stack: AsyncExitStack) -> MqttEndpoint:
         """The embedded broker or a local Mosquitto (started here, checking the run's identities if it has any) or the
