@@ -38,6 +38,9 @@ LINK_STATES_PER_S = 2000.0
 """The link states a second all workers together send the run, at most, between refreshes. Ten thousand links every
 0.5 s took 64% of the run's loop (decoding them, py-spy) and 53% of each worker's (encoding them), and the run fell so
 far behind that its rounds stalled (issue 13)."""
+RECONNECT_S = 1.0
+REFRESH_WAIT_S = 2.0
+"""How long the run waits for every worker's fresh report at a round's start and end."""
 
 
 def link_report_period_s(run_devices: int) -> float:
@@ -45,9 +48,6 @@ def link_report_period_s(run_devices: int) -> float:
     that the run receives at most LINK_STATES_PER_S link states a second. Refreshes (a round's start and end) are
     answered at once whatever the period."""
     return max(LINK_REPORT_PERIOD_S, run_devices / LINK_STATES_PER_S)
-RECONNECT_S = 1.0
-REFRESH_WAIT_S = 2.0
-"""How long the run waits for every worker's fresh report at a round's start and end."""
 
 
 def link_reports_topic(topics: Topics, worker: str) -> str:
