@@ -88,10 +88,11 @@ def link_listen_address(listeners: LoopbackListeners, backend: str, in_cell: boo
 PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
-def host_ephemeral_port_range(path: str = PORT_RANGE_FILE) -> tuple[int, int] | None:
-    """The first and last port this host gives connects and port-0 binds (Linux), or None where it does not say."""
+def host_ephemeral_port_range(path: str | None = None) -> tuple[int, int] | None:
+    """The first and last port this host gives connects and port-0 binds (Linux: ``PORT_RANGE_FILE``, read when
+    called), or None where it does not say."""
     try:
-        with open(path, encoding="ascii") as ports:
+        with open(path or PORT_RANGE_FILE, encoding="ascii") as ports:
             first, last = (int(port) for port in ports.read().split())
     except (OSError, ValueError):
         return None

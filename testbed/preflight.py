@@ -5,7 +5,8 @@ importing any plugin; what only the plugins can tell (a profile's rate under a q
 does not parse, a value the strategy's own Settings model rejects) is checked here, with the same
 one-error-per-field format, before any data is loaded. So is what depends on this host: the sample
 counts again with the sizes of MNIST files on disk (validation assumes the official ones), and the
-memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``.
+memory estimate of ``testbed.core.capacity`` against the host's memory when that is below ``memory_budget``, and the
+open files and ephemeral ports its emulated devices need against this host's limits.
 ``check_ports`` tells a run, before it loads any data, whether the metrics port can be bound now. A scenario
 whose file is fine but whose `broker: mosquitto` has no Mosquitto on this host is one line of its own.
 """
@@ -34,6 +35,7 @@ from testbed.core.capacity import (
 from testbed.core.fleet_checks import local_emulated_devices, planned_worker_shares
 from testbed.core.scenario import Scenario, ScenarioError
 from testbed.links import resolve_cell_links, resolve_links
+from testbed.loopback_listeners import ephemeral_ports_refusal
 from testbed.mosquitto import MISSING as MOSQUITTO_MISSING, find_mosquitto
 
 
@@ -127,6 +129,14 @@ def _open_files_problems(scenario: Scenario) -> list[str]:
             "fleet workers"]
 
 
+def _ephemeral_ports_problems(scenario: Scenario) -> list[str]:
+    """``devices: ...`` when this host's ephemeral port range cannot hold the connections of the emulated devices it
+    runs, by this host's plan of fleet workers (they would fail to connect, long after the start)."""
+    workers = len(planned_worker_shares(scenario, os.cpu_count() or 1))
+    problem = ephemeral_ports_refusal(len(local_emulated_devices(scenario)), workers + 1)
+    return [] if problem is None else [problem]
+
+
 def raise_open_files_limit(scenario: Scenario) -> None:
     """Raise this process's soft open-files limit towards its hard limit when the fleet needs more than the soft
     one (commonly 1024, which a few hundred emulated devices exceed)."""
@@ -173,7 +183,8 @@ def check_ports(scenario: Scenario, source: str = "<scenario>") -> None:
 def check_scenario(scenario: Scenario, source: str = "<scenario>") -> Scenario:
     """``scenario`` if its plugins accept it; otherwise one ScenarioError listing every problem by field path."""
     problems = (_strategy_problems(scenario) + _channel_problems(scenario) + _broker_problems(scenario)
-                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario) + _open_files_problems(scenario))
+                + _data_on_disk_problems(scenario) + _host_memory_problems(scenario) + _open_files_problems(scenario)
+                + _ephemeral_ports_problems(scenario))
     if problems:
         raise ScenarioError("\n".join([f"{source}: invalid scenario", *(f"  {problem}" for problem in problems)]))
     if scenario.broker.local_mosquitto and find_mosquitto() is None:

@@ -27,14 +27,14 @@ from testbed.core.mqtt import SERVER_CREDENTIALS_FIELDS, BrokerConnectionError, 
 from testbed.core.scenario import DeviceGroup, MetricsSpec, Scenario, ScenarioError
 from testbed.core.signing import TrustedKey
 from testbed.core.topics import Topics
-from testbed.core.fleet_checks import local_emulated_devices, planned_worker_shares
+from testbed.core.fleet_checks import planned_worker_shares
 from testbed.device_commands import advertised_host, device_command_line
 from testbed.fleet_commands import WorkerProcesses
 from testbed.fleet_worker import (REFRESH_WAIT_S, LinkReports, RemoteLink, WorkerDevice, link_report_period_s,
                                   device_link_seed, emulated_agent, remote_link)
 from testbed.inference import SharedModel
 from testbed.links import DeviceLinks
-from testbed.loopback_listeners import LoopbackListeners, ephemeral_ports_refusal, link_listen_address
+from testbed.loopback_listeners import LoopbackListeners, link_listen_address
 from testbed.metrics import MetricsExporter, RunMetrics
 from testbed.mosquitto import LocalMosquitto
 from testbed.prometheus_targets import register_run
@@ -220,7 +220,6 @@ class RunAssembly:
         scenario = self.scenario
         remote = scenario.remote_devices()
         self.worker_shares = planned_worker_shares(scenario, os.cpu_count() or 1)
-        self._check_ephemeral_ports()
         timed = scenario.channel.backend == "proxy"
         for index, share in enumerate(self.worker_shares):
             ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -232,12 +231,6 @@ class RunAssembly:
             self.external_devices[device_id] = ExternalDevice(device_id)
         for selector in scenario.fleet.remote:
             self.progress("waiting-for-fleet", {"devices": selector, "run_id": self.run_id})
-
-    def _check_ephemeral_ports(self) -> None:
-        """RunError (one line) when this host's ephemeral port range cannot hold its emulated devices' connections."""
-        problem = ephemeral_ports_refusal(len(local_emulated_devices(self.scenario)), len(self.worker_shares) + 1)
-        if problem is not None:
-            raise RunError(problem)
 
     async def fleet_workers(self, stack: AsyncExitStack, endpoint: MqttEndpoint) -> None:
         """Start the local worker processes (after the run's config is on the broker: they read it there) and read

@@ -147,3 +147,29 @@ def test_a_run_raises_its_soft_open_files_limit_to_the_hard_one(monkeypatch):
     calls.clear()
     raise_open_files_limit(load_scenario(LOWBAND))
     assert calls == []  # five devices fit in the soft limit: left alone
+
+
+def test_a_fleet_past_the_hosts_ephemeral_port_range_is_refused_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    """Each emulated device holds about two ports of the host's ephemeral range (its connection to its link, its
+    link's to the broker): a fleet past the range would fail to connect long after the start; `validate --resolve`
+    and `run` say so before anything starts, naming the sysctl that widens it."""
+    import testbed.loopback_listeners as loopback_listeners
+
+    port_range = tmp_path / "ip_local_port_range"
+    port_range.write_text("40000\t40999\n")  # 1,000 ports
+    monkeypatch.setattr(loopback_listeners, "PORT_RANGE_FILE", str(port_range))
+    many = ["--set", "devices=[{profile: rpi4, count: 600}]", "--set", "broker=mosquitto"]
+    assert main(["validate", str(LOWBAND), *many]) == EXIT_OK  # the file is fine; this host is not
+    capsys.readouterr()
+    assert main(["validate", str(LOWBAND), *many, "--resolve"]) == EXIT_BAD_SCENARIO
+    line = _error_line(capsys, "devices")
+    assert line.startswith("devices: 600 emulated devices on this host need about ")
+    assert "ports of its ephemeral range, which has 1,000 (40000-40999); widen it (sysctl -w " in line
+    out = tmp_path / "results"
+    assert main(["run", str(LOWBAND), *many, "--set", "metrics.port=0", "--out", str(out)]) == EXIT_BAD_SCENARIO
+    assert "which has 1,000 (40000-40999)" in _error_line(capsys, "devices")
+    assert not out.exists()  # refused before the run began: no broker, no data, no output folder
+    assert main(["validate", str(LOWBAND), "--set", "devices=[{profile: rpi4, count: 400}]", "--set",
+                 "broker=mosquitto", "--resolve"]) == EXIT_OK
+    port_range.write_text("1024\t65535\n")
+    assert main(["validate", str(LOWBAND), *many, "--resolve"]) == EXIT_OK
