@@ -58,7 +58,7 @@ def test_a_lossy_case_repeats_its_transfer_until_a_loss_is_expected_and_reports_
     def transfer(goodput: float, model: float, lost: int) -> dict[str, object]:
         return {"bulk_bytes": 100, "bulk_seconds": 2.0, "goodput_bps": goodput, "model_goodput_bps": model,
                 "release_lateness_p50_ms": 1.0, "release_lateness_p99_ms": 2.0 + lost,
-                "segment_attempts": 10 + lost, "lost_segments": lost}
+                "segment_attempts": 10 + lost, "lost_segments": lost, "timed_from": "first byte"}
 
     pooled = link_fidelity.pooled_bulks([transfer(100.0, 100.0, 0), transfer(80.0, 100.0, 1),
                                          transfer(90.0, 90.0, 0)], configured_bps=100.0)
@@ -81,3 +81,22 @@ def test_a_lossy_case_repeats_its_transfer_until_a_loss_is_expected_and_reports_
     target = link_fidelity.lossy_goodput_vs_tun(rows, "proxy")
     assert target is not None and target["met"]
     assert target["measured"].startswith("worst 1.040 of tun (a, means of 13 transfers)")
+
+    assert target["measured"].endswith("a: 1.040")
+    rows[0]["goodput_bps"] = None  # a case without a figure on either side is not a case met
+    unmeasured = link_fidelity.lossy_goodput_vs_tun(rows, "proxy")
+    assert unmeasured is not None and not unmeasured["met"] and unmeasured["measured"] == "no goodput for a"
+
+
+def test_a_transfer_whose_bytes_came_in_one_read_is_timed_from_its_connect() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import link_fidelity
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    spread = [(1.0, 1000), (2.0, 1000), (3.0, 1000)]
+    assert link_fidelity._goodput(spread, connected_s=0.5) == {"goodput_bps": 8000.0, "timed_from": "first byte"}
+    # the first segment lost, the rest held behind it: every byte in one read at 4 s, 3.5 s after the connect
+    assert link_fidelity._goodput([(4.0, 3000)], connected_s=0.5) == {"goodput_bps": 3000 * 8 / 3.5,
+                                                                      "timed_from": "connect"}
+    assert link_fidelity._goodput([], connected_s=0.5)["goodput_bps"] is None
