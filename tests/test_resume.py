@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tests.faults.matrix import RUN_TIMEOUT_S, FaultRun, assert_survived, fault_
 pytestmark = pytest.mark.timeout(600)
 
 KILL_WAIT_S = 180.0  # the killed run reaches the point it is killed at within this
+KILL_ATTEMPTS = 3  # runs started to catch one at the point it is killed at (see killed_run)
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +47,59 @@ def checkpoint_round(out: Path) -> int | None:
     return int(load_checkpoint(out / CHECKPOINT_NAME)["server"]["next_round"])
 
 
-def killed_run(tmp_path: Path, kill_when: Callable[[Path], bool], scenario: Scenario | None = None) -> Path:
+def killed_run(tmp_path: Path, next_round: int, scenario: Scenario | None = None) -> Path:
     """`testbed run` of `scenario` (the fault matrix's, no events, unless given) in its own process, SIGKILLed as soon
-    as `kill_when(out)` holds; its results folder."""
+    as its checkpoint says `next_round` is next; its results folder.
+
+    The run is frozen (SIGSTOP) whenever its checkpoint changes, while the test reads it. The window to kill in
+    lasts one round (less after the last). On a busy host this process may be starved through all of it: then the run
+    is started again in a fresh folder, up to KILL_ATTEMPTS times, each saying what it saw.
+    """
     scenario_file = tmp_path / "faults.yaml"
     scenario_file.write_text((scenario or fault_scenario([])).to_yaml())
-    out = tmp_path / "out"
+    missed = []
+    for attempt in range(1, KILL_ATTEMPTS + 1):
+        out = tmp_path / ("out" if attempt == 1 else f"out-{attempt}")
+        seen = _kill_at_checkpoint(scenario_file, out, next_round)
+        if seen == next_round:
+            return out
+        missed.append(f"attempt {attempt}: {seen}")
+    raise AssertionError(f"the run was never caught with round {next_round} next in its checkpoint: "
+                         + "; ".join(missed))
+
+
+def _kill_at_checkpoint(scenario_file: Path, out: Path, next_round: int) -> int | str:
+    """One run, SIGKILLed when its checkpoint says `next_round` is next: that round, or what was seen instead."""
     process = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(scenario_file), "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint, seen_version = out / CHECKPOINT_NAME, None
     try:
         deadline = time.monotonic() + KILL_WAIT_S
-        while not kill_when(out):
-            assert process.poll() is None, "the run ended before the point it was to be killed at"
-            assert time.monotonic() < deadline, "the run did not reach the point it was to be killed at"
+        while True:
+            ended = process.poll() is not None
+            try:
+                stat = checkpoint.stat()
+                version = (stat.st_ino, stat.st_mtime_ns)
+            except FileNotFoundError:
+                version = None
+            if version is not None and version != seen_version:
+                if not ended:
+                    os.killpg(process.pid, signal.SIGSTOP)  # no round ends while the checkpoint is read
+                seen_version, seen = version, checkpoint_round(out)
+                if seen == next_round and not ended:
+                    return next_round
+                if seen is not None and seen > next_round:
+                    return f"round {seen} next when first read"
+                if not ended:
+                    os.killpg(process.pid, signal.SIGCONT)
+            if ended:
+                return f"the run ended (exit {process.returncode}) with round {checkpoint_round(out)} next"
+            assert time.monotonic() < deadline, f"the run did not reach round {next_round} in {KILL_WAIT_S:g} s"
             time.sleep(0.02)
     finally:
-        process.send_signal(signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-    return out
 
 
 async def resumed(out: Path) -> FaultRun:
@@ -87,7 +123,7 @@ def assert_ends_like(faults: FaultRun, uninterrupted: dict[str, Any]) -> None:
 
 def test_killed_after_round_0s_checkpoint_it_resumes_to_the_uninterrupted_final_weights(
         tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
-    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 1)
+    out = killed_run(tmp_path, 1)
     run_id = read_resumable(out)[1].run_id
     faults = asyncio.run(resumed(out))
     assert_ends_like(faults, uninterrupted)
@@ -96,7 +132,7 @@ def test_killed_after_round_0s_checkpoint_it_resumes_to_the_uninterrupted_final_
 
 
 def test_killed_mid_round_its_half_recorded_round_is_redone_once(tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
-    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 2)  # in round 2, after round 1's checkpoint
+    out = killed_run(tmp_path, 2)  # in round 2, after round 1's checkpoint
     records = (out / "results.jsonl").read_text().splitlines()
     assert sorted({json.loads(line)["round"] for line in records}) == [0, 1]
     # What a kill between two of round 2's appends leaves: one whole record of it and one cut short
@@ -109,7 +145,7 @@ def test_killed_mid_round_its_half_recorded_round_is_redone_once(tmp_path: Path,
 
 def test_killed_after_the_last_round_it_writes_the_summary_with_devices_caught_up(
         tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
-    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 3)
+    out = killed_run(tmp_path, 3)
     (out / "summary.json").unlink(missing_ok=True)  # as if killed before it was written
     faults = asyncio.run(resumed(out))
     assert_ends_like(faults, uninterrupted)
@@ -129,7 +165,7 @@ def test_events_fired_before_the_checkpoint_do_not_fire_again_after_the_resume(t
     scenario = fault_scenario(EVENTS_ACROSS_THE_KILL, overrides=["rounds=4"])
     clean = asyncio.run(run_faults(scenario, tmp_path / "clean"))
     assert_survived(clean)
-    out = killed_run(tmp_path, lambda out: checkpoint_round(out) == 3, scenario)  # after round 2's checkpoint
+    out = killed_run(tmp_path, 3, scenario)  # after round 2's checkpoint
     before = [(record["index"], record["kind"], record["round"]) for record in read_events(out)]
     assert before[0] == (0, "fire", 1) and (0, "end") not in [entry[:2] for entry in before]
     faults = asyncio.run(resumed(out))
