@@ -228,17 +228,6 @@ def _after_warmup(events: list[tuple[float, int]], warmup: bool, payload_rate_bp
     return events[start:]
 
 
-def _goodput(window: list[tuple[float, int]], connected_s: float) -> dict[str, Any]:
-    """The transfer's goodput from its first to its last byte; where every byte came in one read (the first segment
-    was lost and the rest waited for it), from the connect instead (``timed_from``), which counts one segment's
-    airtime and delay more: the only span such a transfer has."""
-    goodput = goodput_first_to_last(window)
-    if goodput is not None or not window or window[-1][0] <= connected_s:
-        return {"goodput_bps": goodput, "timed_from": "first byte"}
-    return {"goodput_bps": sum(size for _, size in window) * 8.0 / (window[-1][0] - connected_s),
-            "timed_from": "connect"}
-
-
 def _from_byte(events: list[tuple[float, int]], offset: int) -> list[tuple[float, int]]:
     """``events`` from the one that carries byte ``offset`` (counted from 0) on: the model's window for the
     same bytes as the receiver's."""
@@ -286,19 +275,21 @@ def bulk_repeats(link: LinkParameters, target_s: float) -> int:
 
 def pooled_bulks(runs: list[dict[str, Any]], configured_bps: float | None) -> dict[str, Any]:
     """One case's bulk figures from its repeated transfers: the mean of their goodputs (as iperf3 runs repeated are
-    averaged) with a 95% t-interval of goodput/configured, bytes, seconds and counts summed, the worst lateness p99."""
+    averaged) with a 95% t-interval of goodput/configured, bytes, seconds and counts summed, the worst lateness p99.
+
+    A transfer whose bytes all came in one read (its first segment lost and the rest held behind it) has no span from
+    its first byte to its last, so no goodput: the mean is over the others, and ``untimed`` counts it.
+    """
     if len(runs) == 1:
         return {**runs[0], "bulk_repeats": 1}
-    goodputs = [run["goodput_bps"] for run in runs]
-    if any(goodput is None for goodput in goodputs):
-        return {**runs[0], "bulk_repeats": len(runs), "goodput_bps": None}
-    model_ratios = [run["goodput_bps"] / run["model_goodput_bps"] for run in runs
-                    if run["model_goodput_bps"] and run["timed_from"] == "first byte"]
+    timed = [run for run in runs if run["goodput_bps"] is not None]
+    goodputs = [run["goodput_bps"] for run in timed]
+    model_ratios = [run["goodput_bps"] / run["model_goodput_bps"] for run in timed if run["model_goodput_bps"]]
     pooled: dict[str, Any] = {
         "bulk_bytes": sum(run["bulk_bytes"] for run in runs), "bulk_seconds": sum(run["bulk_seconds"] for run in runs),
-        "goodput_bps": math.fsum(goodputs) / len(runs),
-        # the mean of meas/model (transfers timed from their first byte), as the model goodput it implies for the mean
-        "model_goodput_bps": (math.fsum(goodputs) / len(runs) * len(model_ratios) / math.fsum(model_ratios)
+        "goodput_bps": math.fsum(goodputs) / len(goodputs) if goodputs else None,
+        # the mean of meas/model, as the model goodput it implies for the mean goodput
+        "model_goodput_bps": (math.fsum(goodputs) / len(goodputs) * len(model_ratios) / math.fsum(model_ratios)
                               if model_ratios else None),
         "release_lateness_p50_ms": _median([run["release_lateness_p50_ms"] for run in runs]),
         "release_lateness_p99_ms": max((run["release_lateness_p99_ms"] for run in runs
@@ -306,9 +297,9 @@ def pooled_bulks(runs: list[dict[str, Any]], configured_bps: float | None) -> di
         "segment_attempts": sum(run["segment_attempts"] for run in runs),
         "lost_segments": sum(run["lost_segments"] for run in runs),
         "bulk_repeats": len(runs), "bulk_lost_per_repeat": [run["lost_segments"] for run in runs],
-        "timed_from_connect": sum(run["timed_from"] == "connect" for run in runs),
+        "untimed": len(runs) - len(timed),
     }
-    if configured_bps:
+    if configured_bps and len(goodputs) >= 2:
         ratios = [goodput / configured_bps for goodput in goodputs]
         _, low, high = t_interval(ratios)
         pooled.update(goodput_ratios=ratios, goodput_ratio_ci=[low, high])
@@ -345,7 +336,6 @@ async def measure_bulk(case: Case, seed: int, target_s: float, backend: str = "p
         recorder = SegmentRecorder(getattr(proxy, "downlink_model", None), backend)
         async with proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
-            connected_s = loop.time()
             try:
                 while data := await asyncio.wait_for(reader.read(1 << 20), read_timeout_s):
                     events.append((loop.time(), len(data)))
@@ -375,11 +365,9 @@ async def measure_bulk(case: Case, seed: int, target_s: float, backend: str = "p
     late_p50, late_p99 = _percentiles_ms(lateness)
     window = _after_warmup(events, warmup, configured, segment_bytes)
     window_bytes = sum(size for _, size in window)
-    goodput = _goodput(window, connected_s)
     return {"bulk_bytes": len(payload), "bulk_seconds": events[-1][0] - events[0][0],
-            **goodput,
-            "model_goodput_bps": None if goodput["timed_from"] == "connect"
-            else goodput_first_to_last(_from_byte(model_events, len(payload) - window_bytes)),
+            "goodput_bps": goodput_first_to_last(window),
+            "model_goodput_bps": goodput_first_to_last(_from_byte(model_events, len(payload) - window_bytes)),
             "release_lateness_p50_ms": late_p50, "release_lateness_p99_ms": late_p99,
             "segment_attempts": counters.segments + counters.retransmissions, "lost_segments": counters.lost_segments}
 
@@ -582,13 +570,13 @@ def _rate(rate_bps: float | None) -> str:
 
 
 def _repeats(row: dict[str, Any]) -> str:
-    """`` ×N [low, high]``: the mean of N transfers and its 95% t-interval, for a case measured more than once."""
+    """`` ×N [low, high]``: the mean of N transfers and its 95% t-interval, for a case measured more than once (and
+    how many of them came in one read, without a goodput)."""
     if row.get("bulk_repeats", 1) == 1:
         return ""
     interval = row.get("goodput_ratio_ci")
-    from_connect = f", {row['timed_from_connect']} from the connect" if row.get("timed_from_connect") else ""
-    return (f" ×{row['bulk_repeats']}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
-            + from_connect)
+    untimed = f", {row['untimed']} in one read" if row.get("untimed") else ""
+    return f" ×{row['bulk_repeats']}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "") + untimed
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:

@@ -58,7 +58,7 @@ def test_a_lossy_case_repeats_its_transfer_until_a_loss_is_expected_and_reports_
     def transfer(goodput: float, model: float, lost: int) -> dict[str, object]:
         return {"bulk_bytes": 100, "bulk_seconds": 2.0, "goodput_bps": goodput, "model_goodput_bps": model,
                 "release_lateness_p50_ms": 1.0, "release_lateness_p99_ms": 2.0 + lost,
-                "segment_attempts": 10 + lost, "lost_segments": lost, "timed_from": "first byte"}
+                "segment_attempts": 10 + lost, "lost_segments": lost}
 
     pooled = link_fidelity.pooled_bulks([transfer(100.0, 100.0, 0), transfer(80.0, 100.0, 1),
                                          transfer(90.0, 90.0, 0)], configured_bps=100.0)
@@ -88,15 +88,22 @@ def test_a_lossy_case_repeats_its_transfer_until_a_loss_is_expected_and_reports_
     assert unmeasured is not None and not unmeasured["met"] and unmeasured["measured"] == "no goodput for a"
 
 
-def test_a_transfer_whose_bytes_came_in_one_read_is_timed_from_its_connect() -> None:
+def test_a_transfer_whose_bytes_came_in_one_read_is_left_out_of_the_mean_and_counted() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import link_fidelity
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    spread = [(1.0, 1000), (2.0, 1000), (3.0, 1000)]
-    assert link_fidelity._goodput(spread, connected_s=0.5) == {"goodput_bps": 8000.0, "timed_from": "first byte"}
-    # the first segment lost, the rest held behind it: every byte in one read at 4 s, 3.5 s after the connect
-    assert link_fidelity._goodput([(4.0, 3000)], connected_s=0.5) == {"goodput_bps": 3000 * 8 / 3.5,
-                                                                      "timed_from": "connect"}
-    assert link_fidelity._goodput([], connected_s=0.5)["goodput_bps"] is None
+    assert link_fidelity.goodput_first_to_last([(4.0, 3000)]) is None  # the first segment lost, the rest behind it
+
+    def transfer(goodput: float | None) -> dict[str, object]:
+        return {"bulk_bytes": 100, "bulk_seconds": 2.0, "goodput_bps": goodput, "model_goodput_bps": goodput,
+                "release_lateness_p50_ms": None, "release_lateness_p99_ms": None, "segment_attempts": 10,
+                "lost_segments": 0 if goodput else 1}
+
+    pooled = link_fidelity.pooled_bulks([transfer(100.0), transfer(None), transfer(80.0)], configured_bps=100.0)
+    assert (pooled["goodput_bps"], pooled["untimed"], pooled["bulk_repeats"]) == (90.0, 1, 3)
+    assert pooled["goodput_ratios"] == [1.0, 0.8] and pooled["release_lateness_p99_ms"] is None
+    assert link_fidelity._repeats(pooled).endswith(", 1 in one read")
+    nothing = link_fidelity.pooled_bulks([transfer(None), transfer(None)], configured_bps=100.0)
+    assert nothing["goodput_bps"] is None and nothing["untimed"] == 2 and "goodput_ratio_ci" not in nothing
