@@ -278,6 +278,33 @@ def loop_ratios(results: list[ScaleResult]) -> list[str]:
     return lines
 
 
+def goal_medians(results: list[ScaleResult]) -> list[str]:
+    """For each setup and N run more than once: the medians over its runs (each run's figures in brackets) of lateness
+    p99 and p50 delivery / floor, each against its goal (timings are noisy; a goal is judged on the median of repeats)."""
+    lines = []
+    by_key: dict[tuple[ScaleSetup, int], list[ScaleResult]] = {}
+    for result in results:
+        by_key.setdefault((result.setup, result.devices), []).append(result)
+    for (setup, devices), group in by_key.items():
+        if len(group) < 2:
+            continue
+        verdicts = []
+        for name, label, goal, pattern in (("lateness_p99_ms", "lateness p99", GOAL_LATENESS_P99_MS, ".1f"),
+                                           ("p50_delivery_over_floor", "p50 delivery / floor",
+                                            GOAL_DELIVERY_OVER_FLOOR, ".2f")):
+            values = [getattr(result, name) for result in group]
+            if any(value is None for value in values):
+                verdicts.append(f"{label}: not measured in every run")
+                continue
+            median = statistics.median(values)
+            verdicts.append(f"{label} {median:{pattern}} ({', '.join(format(v, pattern) for v in values)}) "
+                            f"{'≤' if median <= goal else '>'} {goal:g}: {'met' if median <= goal else 'MISSED'}")
+        converged = sum(result.converged for result in group)
+        lines.append(f"median of {len(group)} runs, {setup.label}, N={devices}: {'; '.join(verdicts)}; "
+                     f"converged {converged} of {len(group)}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,300,1000", help="fleet sizes to try, in order (default %(default)s)")
@@ -327,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
           f"device on the server's final hash. Per-device RSS and CPU are marginal over the smallest fleet of the same "
           f"setup; RSS sums the run's process and its children (workers, Mosquitto).")
     print(table(results))
-    for line in loop_ratios(results):
+    for line in loop_ratios(results) + goal_medians(results):
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps([dict(vars(r), setup=dataclasses.asdict(r.setup)) for r in results],

@@ -89,6 +89,22 @@ def test_a_loop_ratio_without_lateness_on_one_side_is_a_dash() -> None:
     assert "p99 —, wall 0.50" in line
 
 
+def test_the_goals_are_judged_on_the_median_of_repeats_with_every_run_shown() -> None:
+    setup = scale.ScaleSetup()
+    results = [_result(setup, p99, 20.0) for p99 in (7.4, 10.7, 6.3)]
+    for result, ratio in zip(results, (1.01, 1.03, 1.02)):
+        result.p50_delivery_over_floor = ratio
+    results.append(_result(scale.ScaleSetup(loop="default"), 9.5, 20.0))  # run once: no median line
+    (line,) = scale.goal_medians(results)
+    assert line == ("median of 3 runs, embedded, 1 worker, testbed's loops, N=200: lateness p99 7.4 (7.4, 10.7, 6.3) "
+                    "≤ 10: met; p50 delivery / floor 1.02 (1.01, 1.03, 1.02) ≤ 1.1: met; converged 3 of 3")
+    results[0].lateness_p99_ms, results[2].converged = 12.0, False
+    (line,) = scale.goal_medians(results[:3])
+    assert "lateness p99 10.7 (12.0, 10.7, 6.3) > 10: MISSED" in line and line.endswith("converged 2 of 3")
+    results[1].p50_delivery_over_floor = None
+    assert "p50 delivery / floor: not measured in every run" in scale.goal_medians(results[:3])[0]
+
+
 def test_a_run_folder_is_summarised_into_convergence_and_delivery_over_floor(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps({
         "rounds": [{"round_seconds": 1.5}, {"round_seconds": 0.5}],
