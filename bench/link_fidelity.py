@@ -747,6 +747,12 @@ def main(argv: list[str] | None = None) -> int:
     print("#   Δdelay: MQTT one-way latency minus configured delay (publisher direct, subscriber behind the link);")
     print("#   late: release time minus the model's delivery time; loss: lost/attempted segments (proxy) or IP")
     print("#   packets (tun, both directions' data and ACKs alike) from the link's counters.")
+    if not args.quick:
+        print(f"#   A lossy case repeats its transfer (×N, seeds +{REPEAT_SEED_STRIDE}·r, the same for every backend)"
+              f" until one lost segment")
+        print(f"#   is expected in all (at most {MAX_BULK_REPEATS}); its goodput is their mean [95% t-interval], a "
+              "transfer delivered in one")
+        print("#   read (no span from first to last byte) left out and counted.")
     print_rows(result["rows"])
     print()
     for backend in result["backends"]:
