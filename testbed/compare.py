@@ -240,9 +240,13 @@ class CellStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(strategy, ratio, seed)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"scenario": self.scenario_hash, "rows": [asdict(row) for row in rows]}),
-                             encoding="utf-8")
-        os.replace(temporary, path)
+        try:
+            temporary.write_text(json.dumps({"scenario": self.scenario_hash, "rows": [asdict(row) for row in rows]}),
+                                 encoding="utf-8")
+            os.replace(temporary, path)
+        except BaseException:  # a Ctrl-C mid-write (the parent saves while its workers run) leaves no half cell
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 ProgressCallback = Callable[[CompareRow], None]

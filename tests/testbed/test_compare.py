@@ -328,3 +328,36 @@ def _processes_in_group(group: int) -> list[str]:
         if int(process_group) == group and state != "Z":
             found.append(command)
     return found
+
+
+@pytest.mark.parametrize("interrupted", ["writing", "renaming"])
+def test_a_ctrl_c_while_a_cell_is_saved_leaves_no_half_cell(tmp_path: Path, monkeypatch, rows, interrupted) -> None:
+    """The parent saves a finished cell while its workers run, so a Ctrl-C can land mid-save: the cell is then
+    either whole or absent, never a .tmp left behind (a group Ctrl-C in CI once left one)."""
+    import os
+
+    from testbed.compare import CellStore
+
+    store = CellStore(tmp_path, parse_scenario(SMALL))
+    cell = [row for row in rows if row.strategy == "dpu" and row.ratio == 0.05]
+
+    write_text = Path.write_text
+
+    def half_written(path: Path, text: str, encoding: str | None = None) -> int:
+        write_text(path, text[:len(text) // 2], encoding=encoding)
+        raise KeyboardInterrupt
+
+    def interrupt(*arguments: object) -> None:
+        raise KeyboardInterrupt
+
+    if interrupted == "writing":
+        monkeypatch.setattr(Path, "write_text", half_written)
+    else:
+        monkeypatch.setattr(os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        store.save("dpu", 0.05, 5, cell)
+    monkeypatch.undo()
+    assert list((tmp_path / "cells").iterdir()) == [] and store.load("dpu", 0.05, 5) is None
+    store.save("dpu", 0.05, 5, cell)
+    assert store.load("dpu", 0.05, 5) == cell and [path.name for path in (tmp_path / "cells").iterdir()] == [
+        "dpu_k0.05_seed5.json"]
