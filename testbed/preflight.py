@@ -105,11 +105,16 @@ def _host_memory_problems(scenario: Scenario) -> list[str]:
     return [problem.describe() for problem in memory_problems(scenario, host, budget, raisable=False)]
 
 
+def _host_fleet(scenario: Scenario) -> tuple[list[str], list[list[str]]]:
+    """The emulated devices this host runs, and this host's plan of fleet workers for them (none: in the run's
+    process)."""
+    return local_emulated_devices(scenario), planned_worker_shares(scenario, os.cpu_count() or 1)
+
+
 def _open_files_per_process(scenario: Scenario) -> tuple[int, int]:
     """What the busiest process of the run (its own, or its busiest fleet worker) needs, by this host's plan, and
     the number of workers in that plan (0: the devices run in the run's process)."""
-    local = local_emulated_devices(scenario)
-    shares = planned_worker_shares(scenario, os.cpu_count() or 1)
+    local, shares = _host_fleet(scenario)
     needed = open_files_needed(len(local), max(map(len, shares)) if shares else None, scenario.broker.embedded)
     return needed, len(shares)
 
@@ -132,8 +137,8 @@ def _open_files_problems(scenario: Scenario) -> list[str]:
 def _ephemeral_ports_problems(scenario: Scenario) -> list[str]:
     """``devices: ...`` when this host's ephemeral port range cannot hold the connections of the emulated devices it
     runs, by this host's plan of fleet workers (they would fail to connect, long after the start)."""
-    workers = len(planned_worker_shares(scenario, os.cpu_count() or 1))
-    problem = ephemeral_ports_refusal(len(local_emulated_devices(scenario)), workers + 1)
+    local, shares = _host_fleet(scenario)
+    problem = ephemeral_ports_refusal(len(local), len(shares) + 1)
     return [] if problem is None else [problem]
 
 
