@@ -258,12 +258,18 @@ def _median_ratio(values: list[float | None], references: list[float | None]) ->
     return statistics.median(measured[0]) / statistics.median(measured[1])
 
 
-def loop_ratios(results: list[ScaleResult]) -> list[str]:
-    """For each setup and N run with both loops: uvloop's median lateness p50, p99 and wall time over the default's."""
-    lines = []
+def _by_setup_and_size(results: list[ScaleResult]) -> dict[tuple[ScaleSetup, int], list[ScaleResult]]:
+    """The results of each setup and fleet size (its repeats), in the order they first ran."""
     by_key: dict[tuple[ScaleSetup, int], list[ScaleResult]] = {}
     for result in results:
         by_key.setdefault((result.setup, result.devices), []).append(result)
+    return by_key
+
+
+def loop_ratios(results: list[ScaleResult]) -> list[str]:
+    """For each setup and N run with both loops: uvloop's median lateness p50, p99 and wall time over the default's."""
+    lines = []
+    by_key = _by_setup_and_size(results)
     for (setup, devices), group in by_key.items():
         if setup.loop != "uvloop":
             continue
@@ -282,9 +288,7 @@ def goal_medians(results: list[ScaleResult]) -> list[str]:
     """For each setup and N run more than once: the medians over its runs (each run's figures in brackets) of lateness
     p99 and p50 delivery / floor, each against its goal (timings are noisy; a goal is judged on the median of repeats)."""
     lines = []
-    by_key: dict[tuple[ScaleSetup, int], list[ScaleResult]] = {}
-    for result in results:
-        by_key.setdefault((result.setup, result.devices), []).append(result)
+    by_key = _by_setup_and_size(results)
     for (setup, devices), group in by_key.items():
         if len(group) < 2:
             continue
