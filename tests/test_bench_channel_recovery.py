@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+try:
+    import link_fidelity
+finally:
+    sys.path.remove(str(ROOT / "bench"))
 
 
 def bench(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -22,12 +27,6 @@ def test_an_unknown_backend_is_a_one_line_error() -> None:
 
 
 def test_the_lossy_target_compares_each_lossy_grid_case_with_tun_both_ways() -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import link_fidelity
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-
     def row(backend: str, case: str, loss: float, goodput: float) -> dict[str, object]:
         return {"backend": backend, "case": case, "profile": "custom", "configured_loss": loss, "goodput_bps": goodput}
 
@@ -42,11 +41,6 @@ def test_the_lossy_target_compares_each_lossy_grid_case_with_tun_both_ways() -> 
 
 
 def test_a_lossy_case_repeats_its_transfer_until_a_loss_is_expected_and_reports_the_mean_with_its_interval() -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import link_fidelity
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
     from channel.link import LinkParameters
 
     slow = LinkParameters(rate_bps=10_000, delay_s=0.05, loss=0.01)  # 8 segments in 10 s: 0.08 losses a transfer
@@ -89,11 +83,6 @@ def test_a_lossy_case_repeats_its_transfer_until_a_loss_is_expected_and_reports_
 
 
 def test_a_transfer_whose_bytes_came_in_one_read_is_left_out_of_the_mean_and_counted() -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import link_fidelity
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
     assert link_fidelity.goodput_first_to_last([(4.0, 3000)]) is None  # the first segment lost, the rest behind it
 
     def transfer(goodput: float | None) -> dict[str, object]:
